@@ -1,0 +1,202 @@
+"""Typed, frozen run configuration: YAML files plus dotted overrides (`train.lr=1e-5`).
+
+Unknown keys and values of the wrong type are errors at construction, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from lfdist.errors import UserError
+
+TASKS = ("lm", "classify")
+ENGINES = ("ddp", "fsdp1", "fsdp2", "deepspeed", "single")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    spec: str = "tiny:llama"  # HF id or folder, tiny:<arch>, pkg:smollm2-135m, pkg:minilm-l6
+    task: str = "lm"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        _choice("model.task", self.task, TASKS)
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    spec: str = "synthetic:lm"  # file/folder, datasets name, pkg:bbc-news, pkg:python-docs, synthetic:*
+    eval_spec: str | None = None  # held-out data; default: the held-out split of `spec`
+    seq_len: int = 64
+    text_column: str = "text"
+    label_column: str = "label"
+    heldout_fraction: float = 0.1
+    max_examples: int | None = None  # cap the training examples (quick runs)
+
+    def __post_init__(self):
+        _positive("data.seq_len", self.seq_len)
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise UserError(f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    samples: int = 256
+    batch_size: int = 8
+    orchestrator: str = "local"
+    workers: int = 1
+
+    def __post_init__(self):
+        _positive("probe.samples", self.samples)
+        _positive("probe.batch_size", self.batch_size)
+        _positive("probe.workers", self.workers)
+        _choice("probe.orchestrator", self.orchestrator, ("local", "ray"))
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    strategy: str = "top"
+    budget: dict[str, float] = field(default_factory=dict)  # blocks, params, gib, flops
+    options: dict[str, Any] = field(default_factory=dict)  # strategy-specific, e.g. n for top
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    engine: str = "fsdp2"
+    zero_stage: int = 2
+    nproc: int = 2
+    steps: int = 20
+    batch_size: int = 4  # micro-batch per rank
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    activation_checkpointing: bool = False
+    save_every: int = 0  # 0: save only at the end
+    log_every: int = 1
+    deepspeed_config: str | None = None  # user JSON; "auto" values are filled from here
+
+    def __post_init__(self):
+        _choice("train.engine", self.engine, ENGINES)
+        _choice("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        for name in ("nproc", "steps", "batch_size", "grad_accum"):
+            _positive(f"train.{name}", getattr(self, name))
+        if self.lr <= 0:
+            raise UserError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str = "runs/default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise UserError(f"{name}={value!r} is not allowed; use one of {', '.join(map(str, allowed))}")
+
+
+def _positive(name: str, value: int) -> None:
+    if value is None or value <= 0:
+        raise UserError(f"{name} must be a positive number, got {value!r}")
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check a YAML value against a field's type hint (int -> float is allowed)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config key {name} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint) or (
+        hint in (int, float) and isinstance(value, bool)
+    ):
+        raise UserError(f"config key {name} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"config section {prefix or 'top level'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise UserError(
+            f"unknown config key {where}{unknown[0]}; known keys here: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        name = f"{prefix}.{key}" if prefix else key
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, name)
+        else:
+            kwargs[key] = _coerce(name, value, hint)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"override {text!r} must look like section.key=value, e.g. train.lr=1e-5")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads 1e-5 as a string (no dot); numbers written that way are meant as floats.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") and value[0].isdigit() else value
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any] | None, overrides: list[str] = ()) -> RunConfig:
+    return _build(RunConfig, merge_overrides(data or {}, list(overrides)), "")
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    from lfdist.plan import read_yaml
+
+    data = read_yaml(path, "config file") if path else {}
+    return config_from_dict(data, overrides)

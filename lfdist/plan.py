@@ -1,0 +1,150 @@
+"""The plan: which blocks train and how, as a YAML file a person can read and edit.
+
+A plan is bound to one model by its fingerprint (architecture, block count, hash of
+parameter names and shapes); loading it against another model is an error naming both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from lfdist.errors import UserError
+
+TREATMENTS = ("frozen", "full", "bias", "lora", "mask")
+MODULE_GROUPS = ("embeddings", "final_norm", "head")
+DEFAULT_MODULES = {"embeddings": "frozen", "final_norm": "full", "head": "full"}
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    architecture: str
+    n_blocks: int
+    params_hash: str
+
+    def short(self) -> str:
+        return f"{self.architecture}/{self.n_blocks} blocks/{self.params_hash[:12]}"
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    index: int
+    name: str
+    treatment: str
+    score: float | None = None
+
+    def __post_init__(self):
+        if self.treatment not in TREATMENTS:
+            raise UserError(
+                f"block {self.index}: unknown treatment {self.treatment!r}; use one of {', '.join(TREATMENTS)}"
+            )
+
+
+@dataclass(frozen=True)
+class Plan:
+    strategy: str
+    fingerprint: Fingerprint
+    blocks: tuple[BlockPlan, ...]
+    modules: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_MODULES))
+    budget: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, Any] = field(default_factory=dict)  # curves the strategy used
+    predicted: dict[str, Any] = field(default_factory=dict)  # cost model output
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. lora rank, lisa period
+
+    def __post_init__(self):
+        for group, treatment in self.modules.items():
+            if group not in MODULE_GROUPS:
+                raise UserError(f"plan modules: unknown group {group!r}; use {', '.join(MODULE_GROUPS)}")
+            if treatment not in ("frozen", "full"):
+                raise UserError(f"plan modules.{group}: treatment must be frozen or full, got {treatment!r}")
+        if [b.index for b in self.blocks] != list(range(len(self.blocks))):
+            raise UserError("plan blocks must be listed in order 0..L-1 with no gaps")
+        if len(self.blocks) != self.fingerprint.n_blocks:
+            raise UserError(
+                f"plan lists {len(self.blocks)} blocks but its fingerprint says {self.fingerprint.n_blocks}"
+            )
+
+    @property
+    def treatments(self) -> list[str]:
+        return [b.treatment for b in self.blocks]
+
+    @property
+    def trainable_blocks(self) -> list[int]:
+        return [b.index for b in self.blocks if b.treatment != "frozen"]
+
+    @property
+    def boundary(self) -> int:
+        """Index of the lowest trainable block (L when none trains): backward stops here."""
+        trainable = self.trainable_blocks
+        return trainable[0] if trainable else len(self.blocks)
+
+    def check_model(self, fingerprint: Fingerprint) -> None:
+        if fingerprint != self.fingerprint:
+            raise UserError(
+                f"plan was made for model {self.fingerprint.short()} but this model is "
+                f"{fingerprint.short()}; run `lfdist probe` and `lfdist select` on this model"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["blocks"] = [{k: v for k, v in b.items() if v is not None} for b in d["blocks"]]
+        return {"version": PLAN_VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        if not isinstance(d, dict):
+            raise UserError("plan file is not a mapping; write it with `lfdist select`")
+        d = dict(d)
+        version = d.pop("version", PLAN_VERSION)
+        if version != PLAN_VERSION:
+            raise UserError(f"plan format version {version} is not supported (this lfdist reads {PLAN_VERSION})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"plan has unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
+        try:
+            fp = Fingerprint(**d.pop("fingerprint"))
+            blocks = tuple(BlockPlan(**b) for b in d.pop("blocks"))
+        except (KeyError, TypeError) as e:
+            raise UserError(f"plan is missing or has malformed fields ({e}); write it with `lfdist select`") from None
+        return cls(fingerprint=fp, blocks=blocks, **d)
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_plan(plan: Plan, path: str) -> None:
+    atomic_write_text(path, "# lfdist plan: edit treatments by hand if you like; the fingerprint binds it to one model\n"
+                      + dump_yaml(plan.to_dict()))
+
+
+def read_yaml(path: str, what: str) -> Any:
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path!r} does not exist; check the path")
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where else ""
+        raise UserError(f"{what} {path!r} is not valid YAML{at}; fix the syntax") from None
+
+
+def load_plan(path: str) -> Plan:
+    return Plan.from_dict(read_yaml(path, "plan file"))
