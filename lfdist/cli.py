@@ -1,0 +1,189 @@
+"""The `lfdist` command line: parse, build the config, call one function in lfdist.pipeline.
+
+Bad input ends with one line `lfdist: error: ...` and exit code 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lfdist.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own usage errors: one line, exit 2
+        raise UserError(f"{message}; see `{self.prog} --help`")
+
+
+def _common_model_data(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help="HF id or folder, tiny:<arch>, pkg:smollm2-135m, pkg:minilm-l6")
+    p.add_argument("--data", required=required, help="file/folder, datasets name, pkg:bbc-news, pkg:python-docs, synthetic:lm|classify")
+    p.add_argument("--task", choices=["lm", "classify"], default=None, help="default: lm (classify for encoders)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per example")
+    p.add_argument("--config", default=None, help="YAML run config to start from")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lfdist", description="Decide where to fine-tune, then train only there.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    q = sub.add_parser("probe", help="forward-only probe: per-layer statistics -> probe.json")
+    _common_model_data(q)
+    q.add_argument("--samples", type=int, default=None)
+    q.add_argument("--orchestrator", choices=["local", "ray"], default=None)
+    q.add_argument("--workers", type=int, default=None)
+    q.add_argument("--out", required=True)
+
+    s = sub.add_parser("select", help="turn probe statistics into a plan with a strategy and budget")
+    s.add_argument("--probe", required=True)
+    s.add_argument("--strategy", required=True)
+    s.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE", help="blocks=N params=F gib=X flops=F")
+    s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="strategy option, e.g. n=4")
+    s.add_argument("--out", required=True)
+
+    pl = sub.add_parser("plan", help="inspect a plan")
+    plsub = pl.add_subparsers(dest="plan_command", required=True, parser_class=_Parser)
+    show = plsub.add_parser("show", help="print a per-layer table, optionally a PNG")
+    show.add_argument("plan")
+    show.add_argument("--probe", default=None, help="probe.json to plot the deviation trace from")
+    show.add_argument("--png", default=None)
+
+    t = sub.add_parser("train", help="fine-tune with a plan on ddp, fsdp1, fsdp2 or deepspeed")
+    _common_model_data(t)
+    t.add_argument("--plan", required=True)
+    t.add_argument("--engine", choices=["ddp", "fsdp1", "fsdp2", "deepspeed", "single"], default=None)
+    t.add_argument("--zero-stage", type=int, choices=[1, 2, 3], default=None)
+    t.add_argument("--nproc", type=int, default=None)
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--eval-data", default=None, help="held-out data (default: held-out split of --data)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--dry-run", action="store_true", help="print the launch command and exit")
+    t.add_argument("--nnodes", type=int, default=1)
+    t.add_argument("--node-rank", type=int, default=0)
+    t.add_argument("--rdzv-endpoint", default=None, help="host:port of node 0 (multi-node)")
+    t.add_argument("--hostfile", default=None, help="deepspeed hostfile (multi-node)")
+
+    r = sub.add_parser("run", help="probe -> select -> train as a YAML config says")
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*")
+    r.add_argument("--compare-full", action="store_true", help="also train all blocks and report savings")
+    r.add_argument("--resume", action="store_true")
+
+    e = sub.add_parser("export", help="write a standard HF folder from a checkpoint")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--out", required=True)
+
+    ev = sub.add_parser("eval", help="held-out loss, perplexity or accuracy as JSON")
+    _common_model_data(ev)
+
+    b = sub.add_parser("bench", help="benchmarks: memory, quality, probe")
+    b.add_argument("kind", choices=["memory", "quality", "probe"])
+    b.add_argument("--tiny", action="store_true", help="tiny models, minutes on CPU")
+    b.add_argument("--out", required=True)
+    return p
+
+
+def _kv(items: list[str], what: str) -> dict:
+    from lfdist.config import parse_override
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"{what} {item!r} must look like key=value")
+        path, value = parse_override(item)
+        out[".".join(path)] = value
+    return out
+
+
+def _config(args, sections: dict[str, dict]) -> object:
+    from lfdist.config import config_from_dict, load_config
+    from lfdist.pipeline import with_model_data
+
+    base = load_config(args.config, args.overrides).to_dict()
+    for section, values in sections.items():
+        base[section].update({k: v for k, v in values.items() if v is not None})
+    cfg = config_from_dict(base)
+    task = args.task
+    if task is None and args.model and _is_encoder(args.model):
+        task = "classify"
+    return with_model_data(cfg, args.model, args.data, task, args.seq_len)
+
+
+def _is_encoder(spec: str) -> bool:
+    return spec in ("pkg:minilm-l6",) or spec.split(":")[-1] in ("bert", "roberta", "mpnet")
+
+
+def dispatch(args) -> int:
+    from lfdist import pipeline
+
+    if args.command == "probe":
+        cfg = _config(args, {"probe": {"samples": args.samples, "orchestrator": args.orchestrator, "workers": args.workers}})
+        pipeline.probe(cfg, args.out)
+        print(f"wrote {args.out}")
+    elif args.command == "select":
+        plan = pipeline.select(args.probe, args.strategy, _kv(args.budget, "--budget"), _kv(args.option, "--option"), args.out)
+        from lfdist.report import plan_table
+
+        print(plan_table(plan))
+        print(f"wrote {args.out}")
+    elif args.command == "plan":
+        from lfdist.plan import load_plan
+        from lfdist.probe import load_probe
+        from lfdist.report import plan_table, plot_plan
+
+        plan = load_plan(args.plan)
+        probe = load_probe(args.probe) if args.probe else None
+        print(plan_table(plan, probe))
+        if args.png:
+            plot_plan(plan, args.png, probe)
+            print(f"wrote {args.png}")
+    elif args.command == "train":
+        from lfdist.launch.commands import Nodes
+
+        cfg = _config(args, {"train": {"engine": args.engine, "zero_stage": args.zero_stage,
+                                       "nproc": args.nproc, "steps": args.steps},
+                             "data": {"eval_spec": args.eval_data}})
+        nodes = Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint, args.hostfile)
+        metrics = pipeline.train(cfg, args.plan, args.out, resume=args.resume, dry_run=args.dry_run, nodes=nodes)
+        if metrics is not None:
+            from lfdist.summary import train_summary
+
+            print(train_summary(metrics))
+            print(f"wrote {args.out}/metrics.json")
+    elif args.command == "run":
+        from lfdist.config import load_config
+        from lfdist.summary import run_summary
+
+        cfg = load_config(args.config, args.overrides)
+        print(run_summary(pipeline.run(cfg, compare_full=args.compare_full, resume=args.resume)))
+    elif args.command == "export":
+        from lfdist.train.export import export
+
+        print(f"wrote {export(args.checkpoint, args.out)}")
+    elif args.command == "eval":
+        print(json.dumps(pipeline.evaluate_model(_config(args, {})), indent=1))
+    elif args.command == "bench":
+        from lfdist.bench import run_bench
+
+        print(f"wrote {run_bench(args.kind, args.out, tiny=args.tiny)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        code = dispatch(args)
+    except UserError as e:
+        print(f"lfdist: error: {e}", file=sys.stderr)
+        code = UserError.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""DDP (and a single process): the reference engines. Frozen parameters are replicated."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from lfdist.engines.native import NativeEngine
+
+
+def build(model, cfg, world):
+    model = model.to(world.device)
+    if cfg.engine == "ddp" and dist.is_initialized() and world.world_size > 1:
+        device_ids = [world.device.index] if world.device.type == "cuda" else None
+        # DDP only registers hooks on parameters that require grad, so frozen blocks cost no
+        # gradient buckets and no all-reduce.
+        model = DistributedDataParallel(model, device_ids=device_ids)
+    return NativeEngine(cfg.engine, model, cfg, world)

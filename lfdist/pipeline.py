@@ -1,0 +1,123 @@
+"""The user-facing operations behind the CLI: probe, select, train, run, eval, export.
+
+Each takes typed config and paths, validates before writing, and returns what it made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+from lfdist.config import RunConfig
+from lfdist.errors import UserError
+from lfdist.plan import Plan, atomic_write_text, save_plan
+
+
+def _refuse_overwrite(path: str, what: str) -> None:
+    if os.path.exists(path):
+        raise UserError(f"{what} {path!r} already exists; choose another --out or delete it first")
+
+
+def _check_parent(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"folder {parent!r} for {path!r} does not exist; create it or choose another --out")
+
+
+def probe(cfg: RunConfig, out: str, overwrite: bool = False, progress: bool = True):
+    """Forward-only probe of the model on calibration data; writes probe.json."""
+    from lfdist.probe import run_probe
+    from lfdist.train.prepare import prepare
+
+    if not overwrite:
+        _refuse_overwrite(out, "probe file")
+    _check_parent(out)
+    if cfg.probe.orchestrator == "ray":
+        from lfdist.orchestrate.probe import ray_probe
+
+        result = ray_probe(cfg, progress=progress)
+    else:
+        prepared = prepare(cfg)
+        result = run_probe(
+            prepared.loaded.model, prepared.train, cfg.model.task, batch_size=cfg.probe.batch_size,
+            samples=cfg.probe.samples, progress=progress,
+            data_fingerprint=prepared.data_info.get("fingerprint"),
+        )
+    result.save(out)
+    return result
+
+
+def select(probe_path: str, strategy: str, budget: dict, options: dict, out: str,
+           overwrite: bool = False) -> Plan:
+    from lfdist.probe import load_probe
+    from lfdist.select import select_plan
+
+    if not overwrite:
+        _refuse_overwrite(out, "plan file")
+    _check_parent(out)
+    plan = select_plan(load_probe(probe_path), strategy, budget, options)
+    save_plan(plan, out)
+    return plan
+
+
+def train(cfg: RunConfig, plan_path: str, out: str, resume: bool = False, dry_run: bool = False,
+          nodes=None) -> dict | None:
+    from lfdist.launch.commands import Nodes
+    from lfdist.launch.run import launch_training
+
+    return launch_training(cfg, plan_path, out, resume=resume, dry_run=dry_run, nodes=nodes or Nodes())
+
+
+def evaluate_model(cfg: RunConfig) -> dict:
+    from lfdist.train.evaluate import evaluate
+    from lfdist.train.prepare import prepare
+
+    prepared = prepare(cfg)
+    return evaluate(prepared.loaded.model, prepared.heldout, cfg.model.task, cfg.train.batch_size)
+
+
+def run(cfg: RunConfig, compare_full: bool = False, resume: bool = False) -> dict:
+    """probe -> select -> train as configured, all under cfg.out."""
+    out = cfg.out
+    if os.path.exists(os.path.join(out, "plan.yaml")) and not resume:
+        raise UserError(f"output folder {out!r} already holds a run; pass --resume or choose another out=")
+    os.makedirs(out, exist_ok=True)
+    probe_path, plan_path = os.path.join(out, "probe.json"), os.path.join(out, "plan.yaml")
+    if not os.path.exists(plan_path):
+        probe(cfg, probe_path, overwrite=True)
+        select(probe_path, cfg.select.strategy, cfg.select.budget, _select_options(cfg), plan_path, overwrite=True)
+    result = {"plan": plan_path, "train": train(cfg, plan_path, os.path.join(out, "train"), resume=resume)}
+    if compare_full:
+        result["full"] = train_full_reference(cfg, probe_path, out)
+    atomic_write_text(os.path.join(out, "summary.json"), json.dumps(result, indent=1, default=str))
+    return result
+
+
+def train_full_reference(cfg: RunConfig, probe_path: str, out: str) -> dict:
+    """Full fine-tuning on the same engine, steps and data: the baseline savings are measured against."""
+    full_plan = os.path.join(out, "plan-all.yaml")
+    select(probe_path, "all", {}, {}, full_plan, overwrite=True)
+    return train(cfg, full_plan, os.path.join(out, "train-all"))
+
+
+def _select_options(cfg: RunConfig) -> dict:
+    # The cost model prices the plan for the engine and batch the run will use.
+    costing = {"engine": cfg.train.engine, "zero_stage": cfg.train.zero_stage,
+               "world_size": cfg.train.nproc, "batch_size": cfg.train.batch_size,
+               "seq_len": cfg.data.seq_len, "dtype": cfg.model.dtype}
+    return {**costing, **cfg.select.options}
+
+
+def with_model_data(cfg: RunConfig, model: str | None, data: str | None, task: str | None,
+                    seq_len: int | None = None) -> RunConfig:
+    m, d = cfg.model, cfg.data
+    if model:
+        m = replace(m, spec=model)
+    if task:
+        m = replace(m, task=task)
+    if data:
+        d = replace(d, spec=data)
+    if seq_len:
+        d = replace(d, seq_len=seq_len)
+    return replace(cfg, model=m, data=d)

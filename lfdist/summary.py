@@ -1,0 +1,72 @@
+"""Plain-text summaries of training metrics and of plan-versus-full savings."""
+
+from __future__ import annotations
+
+import statistics
+
+
+def _median_step(metrics: dict) -> float:
+    times = metrics["step_times"][1:] or metrics["step_times"]  # the first step warms up
+    return statistics.median(times)
+
+
+def _rank0(metrics: dict, key: str) -> int:
+    return metrics["per_rank"][0]["after_step"][key]
+
+
+def train_summary(metrics: dict) -> str:
+    losses = list(metrics["losses"].values())
+    lines = [
+        f"engine {metrics['engine']} x{metrics['world_size']}: {len(losses)} steps, "
+        f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, median step {_median_step(metrics):.3f}s",
+        f"trainable {metrics['params']['trainable']:,} of "
+        f"{metrics['params']['trainable'] + metrics['params']['frozen']:,} parameters; "
+        f"backward reached blocks {_ranges(metrics['per_rank'][0].get('backward_blocks', []))}",
+    ]
+    if metrics.get("eval"):
+        ev = metrics["eval"]
+        q = f"perplexity {ev['perplexity']:.2f}" if "perplexity" in ev else f"accuracy {ev['accuracy']:.3f}"
+        lines.append(f"held-out loss {ev['loss']:.4f}, {q} ({ev['examples']} examples)")
+    return "\n".join(lines)
+
+
+def _ranges(xs: list[int]) -> str:
+    if not xs:
+        return "none"
+    return f"{xs[0]}..{xs[-1]}" if xs == list(range(xs[0], xs[-1] + 1)) else ",".join(map(str, xs))
+
+
+def savings_table(plan_m: dict, full_m: dict) -> str:
+    """Measured side by side in one run: the plan against full fine-tuning, same engine."""
+    rows = [
+        ("trainable parameters", plan_m["params"]["trainable"], full_m["params"]["trainable"]),
+        ("optimizer-state elements (rank 0)", _rank0(plan_m, "optimizer_state_elements"),
+         _rank0(full_m, "optimizer_state_elements")),
+        ("gradient elements (rank 0)", plan_m["per_rank"][0]["after_backward"]["grad_elements"],
+         full_m["per_rank"][0]["after_backward"]["grad_elements"]),
+        ("peak memory bytes (rank 0)", _peak(plan_m), _peak(full_m)),
+        ("median step seconds", _median_step(plan_m), _median_step(full_m)),
+    ]
+    if plan_m.get("eval") and full_m.get("eval"):
+        key = "perplexity" if "perplexity" in plan_m["eval"] else "accuracy"
+        rows.append((f"held-out {key}", plan_m["eval"][key], full_m["eval"][key]))
+    width = max(len(r[0]) for r in rows)
+    out = [f"{'measured':<{width}}  {'plan':>14}  {'full':>14}  {'plan/full':>9}"]
+    for name, a, b in rows:
+        ratio = a / b if b else float("nan")
+        fmt = (lambda v: f"{v:14.4f}") if isinstance(a, float) else (lambda v: f"{v:14,}")
+        out.append(f"{name:<{width}}  {fmt(a)}  {fmt(b)}  {ratio:9.3f}")
+    return "\n".join(out)
+
+
+def _peak(m: dict) -> int:
+    mem = m["per_rank"][0]["memory"]
+    return mem.get("cuda_max_allocated", mem.get("peak_rss", 0))
+
+
+def run_summary(result: dict) -> str:
+    lines = [f"plan: {result['plan']}", train_summary(result["train"])]
+    if result.get("full"):
+        lines += ["", "full fine-tuning (same engine, steps, data):", train_summary(result["full"]), "",
+                  savings_table(result["train"], result["full"])]
+    return "\n".join(lines)

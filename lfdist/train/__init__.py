@@ -1,0 +1,1 @@
+"""Training: one explicit loop (loop.py), data feeding, checkpoints, export, evaluation."""

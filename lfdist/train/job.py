@@ -1,0 +1,100 @@
+"""Wires one rank: model + plan + data + engine + loop + checkpoints + metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+
+from lfdist.config import config_from_dict
+from lfdist.engines import build_engine
+from lfdist.model.apply import apply_plan
+from lfdist.model.blocks import find_blocks
+from lfdist.plan import atomic_write_text, load_plan
+from lfdist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lfdist.train.evaluate import evaluate
+from lfdist.train.feed import StepFeeder
+from lfdist.train.loop import train_loop
+from lfdist.train.measure import BackwardTracer, peak_memory_bytes, tensor_bytes
+from lfdist.train.prepare import prepare
+
+
+def _gather(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def run_training(job: dict, world) -> None:
+    cfg = config_from_dict(job["config"])
+    tc = cfg.train
+    out = job["out"]
+    ckpt_root = os.path.join(out, "checkpoints")
+    random.seed(tc.seed)
+    torch.manual_seed(tc.seed)
+
+    prepared = prepare(cfg)
+    model = prepared.loaded.model
+    plan = load_plan(job["plan"])
+    applied = apply_plan(model, plan)
+    tracer = BackwardTracer(find_blocks(model).blocks(model))
+    t_build = time.perf_counter()
+    engine = build_engine(tc.engine, model, tc, world)
+    build_s = time.perf_counter() - t_build
+    feeder = StepFeeder(prepared.train, tc.batch_size, tc.grad_accum, world.world_size, world.rank, tc.seed)
+
+    start = 0
+    if job.get("resume"):
+        folder = latest_checkpoint(ckpt_root)
+        if folder is not None:
+            start = load_checkpoint(folder, engine, world)["step"]
+    if world.is_main:
+        os.makedirs(ckpt_root, exist_ok=True)
+
+    def save(step: int) -> None:
+        extra = {"engine": tc.engine, "model": dataclasses.asdict(cfg.model),
+                 "num_labels": int(getattr(model.config, "num_labels", 2))}
+        save_checkpoint(ckpt_root, step, engine, world, job["plan"], extra)
+
+    result = train_loop(engine, feeder, tc, world, start, save, tracer)
+    tracer.remove()
+    save(tc.steps)
+    memory = {**tensor_bytes(engine.model, getattr(engine, "optimizer", None)), **peak_memory_bytes(world.device)}
+    per_rank = _gather({"rank": world.rank, **result["counts"], "memory": memory})
+    quality = None
+    if job.get("evaluate", True) and len(prepared.heldout.get("input_ids", [])):
+        quality = evaluate(engine.model, prepared.heldout, cfg.model.task, tc.batch_size, world.device)
+    if world.is_main:
+        metrics = {
+            "engine": tc.engine,
+            "zero_stage": tc.zero_stage if tc.engine == "deepspeed" else None,
+            "world_size": world.world_size,
+            "device": str(world.device),
+            "plan": {"strategy": plan.strategy, "treatments": plan.treatments, "boundary": plan.boundary},
+            "params": {"trainable": applied.trainable, "frozen": applied.frozen},
+            "losses": {str(k): v for k, v in result["losses"].items()},
+            "step_times": result["step_times"],
+            "engine_build_seconds": build_s,
+            "per_rank": per_rank,
+            "data": prepared.data_info,
+            "eval": quality,
+            "resumed_from": start,
+        }
+        _merge_metrics(os.path.join(out, "metrics.json"), metrics)
+
+
+def _merge_metrics(path: str, metrics: dict) -> None:
+    # A resumed run extends the losses of the run it continues.
+    if metrics["resumed_from"] and os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        metrics["losses"] = {**{k: v for k, v in old.get("losses", {}).items()
+                                if int(k) < metrics["resumed_from"]}, **metrics["losses"]}
+    atomic_write_text(path, json.dumps(metrics, indent=1, default=str))

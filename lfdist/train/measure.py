@@ -1,0 +1,59 @@
+"""What training measures about itself: backward reach, memory, step times."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+from torch import nn
+
+
+class BackwardTracer:
+    """Records which blocks backward actually runs through.
+
+    A forward hook attaches a gradient hook to each block's output when it requires grad;
+    the gradient hook fires only if autograd really propagates through that block. Blocks
+    below the boundary never get one, because nothing there requires grad.
+    """
+
+    def __init__(self, blocks: nn.ModuleList):
+        self.reached: set[int] = set()
+        self.enabled = True
+        self._handles = [b.register_forward_hook(self._forward_hook(i)) for i, b in enumerate(blocks)]
+
+    def _forward_hook(self, index: int):
+        def hook(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple | list) else output
+            if self.enabled and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                hidden.register_hook(lambda grad: self.reached.add(index))
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def peak_memory_bytes(device: torch.device) -> dict[str, int]:
+    if device.type == "cuda":
+        return {"cuda_max_allocated": torch.cuda.max_memory_allocated(device)}
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss": rss_kib * (1 if sys.platform == "darwin" else 1024)}
+
+
+def tensor_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
+    """Exact bytes this rank holds in parameters, gradients and optimizer states."""
+    from lfdist.engines.base import local_numel
+
+    out = {"param_bytes": 0, "grad_bytes": 0, "optimizer_bytes": 0}
+    for p in model.parameters():
+        out["param_bytes"] += local_numel(p) * p.element_size()
+        if p.grad is not None:
+            out["grad_bytes"] += local_numel(p.grad) * p.grad.element_size()
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for k, v in state.items():
+                if k != "step" and isinstance(v, torch.Tensor):
+                    out["optimizer_bytes"] += local_numel(v) * v.element_size()
+    return out
