@@ -7,12 +7,15 @@ FSDP1 refuses mixed units (its flat parameters cannot mix requires_grad cleanly)
 from __future__ import annotations
 
 import functools
+import logging
 
 from torch import nn
 
 from lfdist.engines.native import NativeEngine
 from lfdist.errors import UserError
 from lfdist.model.blocks import find_blocks
+
+log = logging.getLogger(__name__)
 
 
 def _mixed_units(blocks: nn.ModuleList) -> list[int]:
@@ -34,18 +37,46 @@ def _fsdp1(model: nn.Module, world) -> nn.Module:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
-    blocks = find_blocks(model).blocks(model)
+    bmap = find_blocks(model)
+    blocks = bmap.blocks(model)
     mixed = _mixed_units(blocks)
     if mixed:
         raise UserError(
             f"fsdp1 cannot shard block {mixed[0]}: it mixes frozen and trainable parameters; "
             "use --engine fsdp2 for bias/partial treatments"
         )
-    block_ids = {id(b) for b in blocks}
-    policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: id(m) in block_ids)
-    device_id = world.device if world.device.type == "cuda" else None
-    return FSDP(model, auto_wrap_policy=policy, use_orig_params=True, device_id=device_id,
-                sync_module_states=False)
+    # Units: every block, every embedding outside the blocks, and the root with the rest.
+    units = {id(b) for b in blocks}
+    tied = _tied_param_ids(model)
+    units |= {id(m) for n, m in model.named_modules()
+              if isinstance(m, nn.Embedding) and bmap.block_of(n + ".weight") is None
+              and id(m.weight) not in tied}
+    root_params = _root_params(model, units)
+    if len({p.requires_grad for p in root_params}) > 1:
+        if not tied:
+            raise UserError(
+                "fsdp1 cannot shard the root unit: the modules outside the blocks mix frozen and "
+                "trainable parameters; use --engine fsdp2"
+            )
+        # A tied embedding cannot be its own FSDP1 unit (the head shares it), so the root
+        # unit mixes it with the trainable head/norm: FSDP1 then keeps a zero gradient for it.
+        log.warning("fsdp1: tied embeddings share the root unit with trainable modules; "
+                    "fsdp2 avoids the extra gradient memory")
+    policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: id(m) in units)
+    # An explicit device (CPU included) is what lets FSDP1 run on CPU with gloo.
+    return FSDP(model, auto_wrap_policy=policy, use_orig_params=True, device_id=world.device)
+
+
+def _tied_param_ids(model: nn.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {i for i, n in seen.items() if n > 1}
+
+
+def _root_params(model: nn.Module, units: set[int]) -> list[nn.Parameter]:
+    inside = {id(p) for m in model.modules() if id(m) in units for p in m.parameters()}
+    return [p for p in model.parameters() if id(p) not in inside]
 
 
 def build(model, cfg, world):

@@ -60,7 +60,9 @@ class NativeEngine:
         return counts
 
     def _options(self, **kw) -> StateDictOptions:
-        return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True, **kw)
+        # Offloading to CPU what already lives on CPU crashes FSDP1's state-dict hooks.
+        offload = self.world.device.type != "cpu"
+        return StateDictOptions(full_state_dict=True, cpu_offload=offload, ignore_frozen_params=True, **kw)
 
     def full_trainable_state(self) -> dict[str, torch.Tensor]:
         state = get_model_state_dict(self.model, options=self._options())
