@@ -96,9 +96,9 @@ def param_counts(model: nn.Module) -> dict[str, int]:
 
 def clean_name(name: str) -> str:
     """Original parameter name from a wrapped one (DDP, FSDP1, checkpoint wrappers)."""
-    for junk in ("module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+    for junk in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
         name = name.replace(junk, "")
-    return name
+    return name.removeprefix("module.")  # DDP and DeepSpeed wrap the model as .module
 
 
 def micro_forward(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:

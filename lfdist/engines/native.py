@@ -68,6 +68,13 @@ class NativeEngine:
         state = get_model_state_dict(self.model, options=self._options())
         return {clean_name(k): v for k, v in state.items()}
 
+    def full_frozen_state(self) -> dict[str, torch.Tensor]:
+        """Full values of the frozen parameters (collective): what tests compare bit for bit."""
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=self._options().cpu_offload)
+        state = {clean_name(k): v for k, v in get_model_state_dict(self.model, options=opts).items()}
+        frozen = {clean_name(n) for n, p in self.model.named_parameters() if not p.requires_grad}
+        return {k: v for k, v in state.items() if k in frozen}
+
     def save(self, folder: str) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
         if self.world.is_main:

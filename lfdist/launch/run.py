@@ -47,7 +47,7 @@ def build_command(cfg: RunConfig, job_path: str, nodes: Nodes, cuda: bool):
 
 def launch_training(cfg: RunConfig, plan_path: str, out: str, resume: bool = False,
                     dry_run: bool = False, nodes: Nodes = Nodes(), evaluate: bool = True,
-                    validate_first: bool = True) -> dict | None:
+                    validate_first: bool = True, job_extra: dict | None = None) -> dict | None:
     import torch
 
     cuda = torch.cuda.is_available()
@@ -63,7 +63,7 @@ def launch_training(cfg: RunConfig, plan_path: str, out: str, resume: bool = Fal
     if os.path.exists(error_file):
         os.remove(error_file)
     job = {"config": cfg.to_dict(), "plan": os.path.abspath(plan_path), "out": os.path.abspath(out),
-           "resume": resume, "evaluate": evaluate}
+           "resume": resume, "evaluate": evaluate, **(job_extra or {})}
     with open(job_path, "w") as f:
         json.dump(job, f, indent=1)
     proc = subprocess.run(argv, env={**os.environ, **env})

@@ -43,11 +43,9 @@ def tiny_config(arch: str, num_labels: int = 2):
     if arch not in TINY:
         raise UserError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(sorted(TINY))}")
     cls_name, kwargs = TINY[arch]
-    cfg = getattr(transformers, cls_name)(**kwargs, num_labels=num_labels)
-    if arch not in ("opt", "roberta", "mpnet"):
-        cfg.pad_token_id = 256
-    cfg.bos_token_id, cfg.eos_token_id = 257, 258  # the ByteTokenizer's ids
-    return cfg
+    # Special ids are the ByteTokenizer's (set at construction: configs validate them).
+    ids = {"pad_token_id": 256, "bos_token_id": 257, "eos_token_id": 258}
+    return getattr(transformers, cls_name)(**{**ids, **kwargs}, num_labels=num_labels)
 
 
 def build_tiny(arch: str, task: str, num_labels: int = 2, seed: int = 0):

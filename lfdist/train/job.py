@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
 import time
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -45,6 +47,8 @@ def run_training(job: dict, world) -> None:
     plan = load_plan(job["plan"])
     applied = apply_plan(model, plan)
     tracer = BackwardTracer(find_blocks(model).blocks(model))
+    frozen_before = _digest({n: p for n, p in model.named_parameters() if not p.requires_grad}) \
+        if job.get("check_frozen") else None
     t_build = time.perf_counter()
     engine = build_engine(tc.engine, model, tc, world)
     build_s = time.perf_counter() - t_build
@@ -63,9 +67,11 @@ def run_training(job: dict, world) -> None:
                  "num_labels": int(getattr(model.config, "num_labels", 2))}
         save_checkpoint(ckpt_root, step, engine, world, job["plan"], extra)
 
-    result = train_loop(engine, feeder, tc, world, start, save, tracer)
+    last = min(tc.steps, job.get("stop_after") or tc.steps)  # stop_after: a simulated preemption
+    result = train_loop(engine, feeder, replace(tc, steps=last), world, start, save, tracer)
     tracer.remove()
-    save(tc.steps)
+    save(last)
+    frozen_after = _digest(engine.full_frozen_state()) if job.get("check_frozen") else None
     memory = {**tensor_bytes(engine.model, getattr(engine, "optimizer", None)), **peak_memory_bytes(world.device)}
     per_rank = _gather({"rank": world.rank, **result["counts"], "memory": memory})
     quality = None
@@ -86,8 +92,17 @@ def run_training(job: dict, world) -> None:
             "data": prepared.data_info,
             "eval": quality,
             "resumed_from": start,
+            "frozen_digest": {"before": frozen_before, "after": frozen_after},
         }
         _merge_metrics(os.path.join(out, "metrics.json"), metrics)
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _merge_metrics(path: str, metrics: dict) -> None:

@@ -1,0 +1,379 @@
+"""DeepSpeed ZeRO-1/2/3 behind the Engine protocol (deepspeed is imported inside functions).
+
+The plan is applied before `build`: the optimizer (torch AdamW) gets the trainable
+parameters only, so DeepSpeed's flat fp32 partitions, and the AdamW states on them, cover
+the trainable parameters and nothing else. Frozen parameters stay replicated under ZeRO-1/2;
+ZeRO-3 partitions them too, unless `zero3_replicate_frozen` keeps them out of its reach
+(see `_keep_frozen_out_of_zero3`).
+
+Config: the user's DeepSpeed JSON (`train.deepspeed_config`) or our template for the stage;
+"auto" values come from TrainConfig, and an explicit value that disagrees raises (`fill_config`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lfdist.engines.base import make_optimizer, make_scheduler, trainable_parameters
+from lfdist.errors import UserError
+
+TAG = "deepspeed"  # the checkpoint tag inside the folder lfdist hands to save()/load()
+TEMPLATES = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def template(stage: int) -> dict[str, Any]:
+    """Our template for a ZeRO stage; configs/deepspeed/zero{stage}.json ship the same dicts."""
+    zero: dict[str, Any] = {"stage": stage}
+    if stage >= 2:
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size="auto")
+    if stage == 3:
+        zero.update(stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto",
+                    stage3_gather_16bit_weights_on_model_save=False)
+    return {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "zero_optimization": zero,
+        "steps_per_print": 1_000_000,
+        "wall_clock_breakdown": False,
+    }
+
+
+def read_config(cfg) -> dict[str, Any]:
+    """The user's JSON when given, else the shipped template (or the built-in one)."""
+    path = cfg.deepspeed_config
+    if path is None:
+        shipped = TEMPLATES / f"zero{cfg.zero_stage}.json"
+        if not shipped.is_file():
+            return template(cfg.zero_stage)
+        path = str(shipped)
+    if not os.path.isfile(path):
+        raise UserError(f"deepspeed config {path!r} does not exist; fix train.deepspeed_config")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"deepspeed config {path!r} is not valid JSON ({e}); fix the file") from e
+    if not isinstance(data, dict):
+        raise UserError(f"deepspeed config {path!r} must be a JSON object")
+    return data
+
+
+def _drop_comments(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _drop_comments(v) for k, v in d.items() if not k.startswith("_comment")}
+    return d
+
+
+def _settle(where: str, user: Any, ours: Any, our_name: str, fix: str) -> Any:
+    """'auto' (or absent) takes ours; an explicit value must equal ours."""
+    if user is None or user == "auto":
+        return ours
+    if user != ours:
+        shown = json.dumps(user)
+        raise UserError(f"deepspeed config {where}={shown} conflicts with {our_name}={ours}; {fix}")
+    return user
+
+
+def fill_config(user: dict | None, cfg, world_size: int, dtype: str = "float32",
+                hidden_size: int | None = None) -> dict[str, Any]:
+    """A complete DeepSpeed config: 'auto' filled from `cfg`, conflicts raised as UserError.
+
+    Pure function (no process group): `user` is the parsed JSON or None for our template.
+    `hidden_size` fills the bucket/persistence "auto" values the way accelerate does; without
+    it those keys are dropped so DeepSpeed's defaults apply.
+    """
+    ds = _drop_comments(copy.deepcopy(user if user is not None else template(cfg.zero_stage)))
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise UserError(
+                f"deepspeed config has an {section!r} section, but lfdist builds AdamW and its "
+                "schedule from train.lr, train.weight_decay and train.warmup_steps; remove the section"
+            )
+    fix = "set one of them to auto"
+    micro = _settle("train_micro_batch_size_per_gpu", ds.get("train_micro_batch_size_per_gpu"),
+                    cfg.batch_size, "train.batch_size", fix)
+    accum = _settle("gradient_accumulation_steps", ds.get("gradient_accumulation_steps"),
+                    cfg.grad_accum, "train.grad_accum", fix)
+    total = micro * accum * world_size
+    given = ds.get("train_batch_size")
+    if given not in (None, "auto") and given != total:
+        raise UserError(
+            f"deepspeed config train_batch_size={given} does not match train.batch_size={micro} x "
+            f"train.grad_accum={accum} x world size {world_size} = {total} (world-size mismatch); "
+            f"set train_batch_size to auto or launch {given // max(1, micro * accum)} ranks"
+        )
+    ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
+              train_batch_size=total)
+    ds["gradient_clipping"] = float(_settle("gradient_clipping", ds.get("gradient_clipping"),
+                                            float(cfg.max_grad_norm or 0.0), "train.max_grad_norm", fix))
+    for key, wanted in (("bf16", dtype == "bfloat16"), ("fp16", dtype == "float16")):
+        section = ds.setdefault(key, {})
+        section["enabled"] = _settle(f"{key}.enabled", section.get("enabled"), wanted, "model.dtype="
+                                     f"{dtype} ({key} enabled)", f"set {key}.enabled to auto")
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage"] = _settle("zero_optimization.stage", zero.get("stage"), cfg.zero_stage,
+                            "train.zero_stage", "set one of them to auto")
+    sized = {"reduce_bucket_size": 1.0, "stage3_prefetch_bucket_size": 0.9}
+    for key, factor in sized.items():
+        if zero.get(key) == "auto":
+            _fill_or_drop(zero, key, None if hidden_size is None else int(factor * hidden_size**2))
+    if zero.get("stage3_param_persistence_threshold") == "auto":
+        _fill_or_drop(zero, "stage3_param_persistence_threshold",
+                      None if hidden_size is None else 10 * hidden_size)
+    left = _auto_keys(ds)
+    if left:
+        raise UserError(f"deepspeed config key {left[0]} is 'auto' but lfdist cannot fill it; set a value")
+    return ds
+
+
+def _fill_or_drop(section: dict, key: str, value: int | None) -> None:
+    if value is None:
+        del section[key]
+    else:
+        section[key] = value
+
+
+def _auto_keys(d: Any, prefix: str = "") -> list[str]:
+    if isinstance(d, dict):
+        return [k for key, v in d.items() for k in _auto_keys(v, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if d == "auto" else []
+
+
+def _model_dtype(model: nn.Module) -> str:
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return DTYPES.get(next(iter(dtypes)), "float32") if len(dtypes) == 1 else "float32"
+
+
+# --------------------------------------------------------------------------- ZeRO-3 frozen prefix
+
+
+def _keep_frozen_out_of_zero3(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """Turn every frozen parameter into a non-persistent buffer before ZeRO-3 sees the model.
+
+    ZeRO-3 converts every `nn.Parameter` of the module it is given and re-partitions all of
+    them at each optimizer step (`_partition_all_parameters`, even `ds_persist` ones, which it
+    all-gathers again in `_post_step`), so a frozen prefix costs an all-gather per forward, or
+    per step when persistent. A buffer is not a parameter: DeepSpeed leaves it whole on every
+    rank, and the forward reads `module.weight` the same way. Tied weights stay one tensor.
+    """
+    moved, seen = [], {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or p.requires_grad:
+                continue
+            tensor = seen.setdefault(id(p), p.detach())
+            del module._parameters[name]
+            module.register_buffer(name, tensor, persistent=False)
+            moved.append((module, name, tensor))
+    return moved
+
+
+def _restore_frozen(moved: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+    params: dict[int, nn.Parameter] = {}
+    for module, name, tensor in moved:
+        del module._buffers[name]
+        module._non_persistent_buffers_set.discard(name)
+        p = params.setdefault(id(tensor), nn.Parameter(tensor, requires_grad=False))
+        module.register_parameter(name, p)
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def _storage_elements(tensors) -> int:
+    """Elements of the distinct storages behind `tensors` (views of one flat buffer count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.numel() > 0:
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes() // t.element_size()
+    return sum(seen.values())
+
+
+class DeepSpeedEngineAdapter:
+    name = "deepspeed"
+
+    def __init__(self, engine, optimizer: torch.optim.Optimizer, scheduler, cfg, world, stage: int,
+                 frozen_buffers: list):
+        self.model = engine  # a DeepSpeedEngine: an nn.Module whose forward is the model's
+        self.optimizer = optimizer  # the torch AdamW: its state lives on DeepSpeed's flat fp32 partitions
+        self.scheduler = scheduler
+        self.cfg = cfg
+        self.world = world
+        self.stage = stage
+        self.frozen_buffers = frozen_buffers
+        self._accum = engine.gradient_accumulation_steps()
+        managed = getattr(engine, "managed_gradient_accumulation", lambda: True)
+        self._managed = bool(managed())
+        self._micro = 0
+
+    # -- training
+
+    def micro_step(self, batch, scale: float) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        # DeepSpeed already divides by gradient_accumulation_steps; honour any other scale.
+        factor = scale * self._accum
+        self.model.backward(loss if abs(factor - 1.0) < 1e-12 else loss * factor)
+        self._micro += 1
+        if self._managed and self._micro % self._accum:
+            # Not a boundary: step() only advances DeepSpeed's micro-step counter, which
+            # decides when backward reduces gradients. The boundary step is optimizer_step().
+            self.model.step()
+        return loss.detach()
+
+    def optimizer_step(self) -> None:
+        if self._micro % self._accum:
+            raise RuntimeError(f"optimizer_step after {self._micro} micro-steps; "
+                               f"gradient_accumulation_steps is {self._accum}")
+        # Clips, steps AdamW on the partitions, steps the scheduler, zeroes the gradients.
+        self.model.step()
+
+    # -- what this rank holds
+
+    def local_counts(self) -> dict[str, int]:
+        counts = self._param_counts()
+        counts["grad_elements"] = self._grad_elements()
+        counts.update(self._optimizer_counts())
+        return counts
+
+    def _param_counts(self) -> dict[str, int]:
+        counts = {"trainable_params": 0, "frozen_params": 0}
+        for p in self.model.module.parameters():
+            key = "trainable_params" if p.requires_grad else "frozen_params"
+            # Under ZeRO-3 a parameter holds its partition (ds_tensor) and, while gathered
+            # or persistent, the full data as well; otherwise just the data.
+            held = p.data.numel()
+            ds_tensor = getattr(p, "ds_tensor", None)
+            if ds_tensor is not None:
+                held += ds_tensor.numel()
+            counts[key] += held
+        counts["frozen_params"] += _storage_elements(t for _, _, t in self.frozen_buffers)
+        return counts
+
+    def _grad_elements(self) -> int:
+        opt = self.model.optimizer  # DeepSpeed's ZeRO optimizer (or the bare one at stage 0)
+        tensors = [p.grad for p in self.model.module.parameters() if p.grad is not None]
+        if self.stage in (1, 2):
+            tensors.append(getattr(opt, "grads_in_partition", None))
+            for value in (getattr(opt, "averaged_gradients", None) or {}).values():
+                tensors.extend(value if isinstance(value, list | tuple) else [value])
+            tensors += [g.grad for g in getattr(opt, "single_partition_of_fp32_groups", [])]
+        elif self.stage == 3:
+            tensors.append(getattr(opt, "grad_partitions_flat_buffer", None))
+            tensors += [g.grad for g in getattr(opt, "fp32_partitioned_groups_flat", [])]
+        return _storage_elements(t for t in tensors if t is not None)
+
+    def _optimizer_counts(self) -> dict[str, int]:
+        """AdamW states on this rank's flat partitions, with the alignment padding in them.
+
+        ZeRO-1/2 pad each group to a multiple of 2 x world size and the last rank's partition
+        carries the padding; ZeRO-3 pads each parameter to a multiple of the world size.
+        """
+        states = [v for s in self.optimizer.state.values() for k, v in s.items()
+                  if k != "step" and isinstance(v, torch.Tensor)]
+        kinds = max(1, len({k for s in self.optimizer.state.values() for k in s if k != "step"}))
+        padding = self.partition_padding()
+        total = sum(t.numel() for t in states)
+        return {
+            "optimizer_state_elements": total,
+            "optimizer_state_elements_unpadded": total - kinds * padding if states else 0,
+            "partition_padding_elements": padding,
+            "master_weight_elements": self._master_elements(),
+        }
+
+    def partition_elements(self) -> int:
+        """Elements of this rank's fp32 partitions of the trainable parameters (with padding)."""
+        opt = self.model.optimizer
+        if self.stage in (1, 2):
+            return sum(int(n) for n in opt.partition_size)
+        if self.stage == 3:
+            return sum(p.ds_tensor.numel() for p in trainable_parameters(self.model.module))
+        return sum(p.numel() for p in trainable_parameters(self.model.module))
+
+    def partition_padding(self) -> int:
+        """Padding elements in this rank's partitions (alignment, not model parameters)."""
+        opt = self.model.optimizer
+        if self.stage in (1, 2):
+            return sum(int(n) for n in opt.groups_padding)
+        if self.stage == 3:
+            return sum(_ds_padding(p, self.world) for p in trainable_parameters(self.model.module))
+        return 0
+
+    def _master_elements(self) -> int:
+        """fp32 master partitions that are a separate copy (ZeRO-3 in fp32 updates in place)."""
+        opt = self.model.optimizer
+        groups = getattr(opt, "single_partition_of_fp32_groups", None)
+        if groups is None:
+            groups = getattr(opt, "fp32_partitioned_groups_flat", [])
+        owned = {g.untyped_storage().data_ptr() for g in getattr(opt, "fp16_partitioned_groups_flat", [])
+                 if g is not None and g.numel()}
+        return sum(g.numel() for g in groups if g.untyped_storage().data_ptr() not in owned)
+
+    # -- weights and checkpoints
+
+    def full_trainable_state(self) -> dict[str, torch.Tensor]:
+        import deepspeed
+
+        named = [(n, p) for n, p in self.model.module.named_parameters() if p.requires_grad]
+        if self.stage == 3:
+            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+                return {n: p.detach().to("cpu", copy=True) for n, p in named}
+        return {n: p.detach().to("cpu", copy=True) for n, p in named}
+
+    def save(self, folder: str) -> None:
+        # Frozen weights come back from the base model: keep them out of the files.
+        self.model.save_checkpoint(folder, tag=TAG, save_latest=False, exclude_frozen_parameters=True)
+
+    def load(self, folder: str) -> None:
+        if not os.path.isdir(os.path.join(folder, TAG)):
+            raise UserError(f"checkpoint {folder!r} has no DeepSpeed state ({TAG}/); it was written by "
+                            "another engine: resume with the engine that wrote it")
+        path, _ = self.model.load_checkpoint(folder, tag=TAG, load_module_strict=False,
+                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise UserError(f"DeepSpeed could not load the checkpoint in {folder!r}")
+        self._micro = 0
+
+
+def _ds_padding(p, world) -> int:
+    """ZeRO-3 pads a parameter to partition size x world size; the tail lands on the last ranks."""
+    size = p.ds_tensor.numel()
+    start = size * world.rank
+    return max(0, min(size, start + size - p.ds_numel))
+
+
+def build(model: nn.Module, cfg, world) -> DeepSpeedEngineAdapter:
+    import deepspeed
+
+    stage = cfg.zero_stage
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    ds_config = fill_config(read_config(cfg), cfg, world.world_size, _model_dtype(model), hidden)
+    params = trainable_parameters(model)
+    if not params:
+        raise UserError("the plan leaves no trainable parameter; train at least one block")
+    replicate = _replicate_frozen(cfg, stage)
+    frozen_buffers = _keep_frozen_out_of_zero3(model) if replicate else []
+    if stage < 3 or replicate:
+        model = model.to(world.device)
+    optimizer = make_optimizer(params, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    return DeepSpeedEngineAdapter(engine, optimizer, scheduler, cfg, world, stage, frozen_buffers)
+
+
+def _replicate_frozen(cfg, stage: int) -> bool:
+    value = getattr(cfg, "zero3_replicate_frozen", False)
+    return stage == 3 and bool(value)

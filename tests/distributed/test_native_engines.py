@@ -1,0 +1,111 @@
+"""2-rank gloo runs of DDP, FSDP1 and FSDP2 through the real launcher and worker.
+
+Exact facts: optimizer state only for trainable parameters (sharded by FSDP), no gradient on
+frozen ones, frozen weights bit-identical, backward never below the boundary, losses equal to
+a single-process run with the same global batch, exact resume, exported folder loads.
+"""
+
+import json
+
+import pytest
+import torch
+
+from lfdist.config import config_from_dict
+from lfdist.errors import UserError
+from lfdist.launch.run import launch_training
+from lfdist.model.tiny import build_tiny
+from lfdist.plan import save_plan
+from tests.helpers import make_plan
+
+PREFIX = ["frozen"] * 5 + ["full"] * 3
+GAPPY = ["frozen", "full", "frozen", "frozen", "full", "frozen", "full", "frozen"]
+
+
+def _cfg(engine, nproc=2, steps=3, batch_size=2, **train):
+    return config_from_dict({
+        "model": {"spec": "tiny:llama"},
+        "data": {"spec": "synthetic:lm:200", "seq_len": 32},
+        "train": {"engine": engine, "nproc": nproc, "steps": steps, "batch_size": batch_size,
+                  "lr": 1e-3, **train},
+    })
+
+
+def _plan(tmp_path, treatments, name="plan.yaml"):
+    path = str(tmp_path / name)
+    save_plan(make_plan(build_tiny("llama", "lm"), treatments), path)
+    return path
+
+
+def _train(tmp_path, engine, treatments, out="run", **kw):
+    extra = {"check_frozen": True, **kw.pop("job_extra", {})}
+    return launch_training(_cfg(engine, **kw), _plan(tmp_path, treatments), str(tmp_path / out),
+                           job_extra=extra)
+
+
+def _trainable_elements(treatments):
+    model = build_tiny("llama", "lm")
+    from lfdist.model.apply import apply_plan
+
+    return apply_plan(model, make_plan(model, treatments)).trainable
+
+
+@pytest.fixture(scope="module")
+def single_reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("single")
+    return {name: launch_training(_cfg("single", nproc=1, batch_size=4), _plan(tmp, t, f"{name}.yaml"),
+                                  str(tmp / name), job_extra={"check_frozen": True})
+            for name, t in (("prefix", PREFIX), ("gappy", GAPPY))}
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp1"])
+@pytest.mark.parametrize("plan_name, treatments", [("prefix", PREFIX), ("gappy", GAPPY)])
+def test_engine_exact_facts(tmp_path, single_reference, engine, plan_name, treatments):
+    m = _train(tmp_path, engine, treatments)
+    trainable = _trainable_elements(treatments)
+    ranks = m["per_rank"]
+    assert len(ranks) == 2
+    opt = [r["after_step"]["optimizer_state_elements"] for r in ranks]
+    grads = [r["after_backward"]["grad_elements"] for r in ranks]
+    if engine == "ddp":
+        assert opt == [2 * trainable] * 2  # AdamW: exp_avg + exp_avg_sq, replicated
+        assert grads == [trainable] * 2
+    else:
+        assert sum(opt) == 2 * trainable  # sharded: each rank holds its share only
+        assert sum(grads) == trainable
+        assert all(o < 2 * trainable for o in opt)
+    assert m["frozen_digest"]["before"] == m["frozen_digest"]["after"]
+    lowest = treatments.index("full")
+    assert ranks[0]["backward_blocks"] == list(range(lowest, 8))  # never below the boundary
+    ref = single_reference[plan_name]["losses"]
+    for step, loss in m["losses"].items():
+        assert loss == pytest.approx(ref[step], rel=1e-5), step
+    # Trainable weights changed (the checkpoint holds them, the base does not).
+    assert m["params"]["trainable"] == trainable
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_resume_is_exact(tmp_path, engine):
+    straight = _train(tmp_path, engine, PREFIX, out="straight", steps=6)
+    _train(tmp_path, engine, PREFIX, out="resumed", steps=6, job_extra={"stop_after": 3})
+    resumed = launch_training(_cfg(engine, steps=6), str(tmp_path / "plan.yaml"), str(tmp_path / "resumed"),
+                              resume=True)
+    assert resumed["resumed_from"] == 3
+    assert list(resumed["losses"]) == [str(i) for i in range(6)]
+    for step in straight["losses"]:
+        assert resumed["losses"][step] == pytest.approx(straight["losses"][step], rel=1e-6, abs=1e-7)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "straight/checkpoints/step-000006/trainable.safetensors"))
+    b = load_file(str(tmp_path / "resumed/checkpoints/step-000006/trainable.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6)
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    _train(tmp_path, "ddp", PREFIX, steps=1)
+    before = (tmp_path / "run/metrics.json").read_text()
+    with pytest.raises(UserError, match="already holds a run"):
+        _train(tmp_path, "ddp", PREFIX, steps=1)
+    assert (tmp_path / "run/metrics.json").read_text() == before
+    assert json.loads(before)["losses"]
