@@ -17,6 +17,7 @@ from lfdist.config import config_from_dict
 from lfdist.engines import build_engine
 from lfdist.model.apply import apply_plan
 from lfdist.model.blocks import find_blocks
+from lfdist.model.checkpointing import checkpoint_trainable_blocks
 from lfdist.plan import atomic_write_text, load_plan
 from lfdist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lfdist.train.evaluate import evaluate
@@ -49,6 +50,7 @@ def run_training(job: dict, world) -> None:
     tracer = BackwardTracer(find_blocks(model).blocks(model))
     frozen_before = _digest({n: p for n, p in model.named_parameters() if not p.requires_grad}) \
         if job.get("check_frozen") else None
+    checkpointed = checkpoint_trainable_blocks(model) if tc.activation_checkpointing else []
     t_build = time.perf_counter()
     engine = build_engine(tc.engine, model, tc, world)
     build_s = time.perf_counter() - t_build
@@ -92,6 +94,7 @@ def run_training(job: dict, world) -> None:
             "data": prepared.data_info,
             "eval": quality,
             "resumed_from": start,
+            "checkpointed_blocks": checkpointed,
             "frozen_digest": {"before": frozen_before, "after": frozen_after},
         }
         _merge_metrics(os.path.join(out, "metrics.json"), metrics)

@@ -109,3 +109,14 @@ def test_existing_run_is_not_overwritten(tmp_path):
         _train(tmp_path, "ddp", PREFIX, steps=1)
     assert (tmp_path / "run/metrics.json").read_text() == before
     assert json.loads(before)["losses"]
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_activation_checkpointing_keeps_losses_and_boundary(tmp_path, single_reference, engine):
+    m = _train(tmp_path, engine, PREFIX, activation_checkpointing=True)
+    assert m["checkpointed_blocks"] == [5, 6, 7]
+    assert m["per_rank"][0]["backward_blocks"] == [5, 6, 7]
+    assert m["frozen_digest"]["before"] == m["frozen_digest"]["after"]
+    ref = single_reference["prefix"]["losses"]
+    for step, loss in m["losses"].items():
+        assert loss == pytest.approx(ref[step], rel=1e-5), step
