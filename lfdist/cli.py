@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--samples", type=int, default=None)
     q.add_argument("--orchestrator", choices=["local", "ray"], default=None)
     q.add_argument("--workers", type=int, default=None)
+    q.add_argument("--gradnorm", action="store_true", default=None, help="also one backward pass (gradnorm strategy)")
     q.add_argument("--out", required=True)
 
     s = sub.add_parser("select", help="turn probe statistics into a plan with a strategy and budget")
@@ -121,14 +122,16 @@ def dispatch(args) -> int:
     from lfdist import pipeline
 
     if args.command == "probe":
-        cfg = _config(args, {"probe": {"samples": args.samples, "orchestrator": args.orchestrator, "workers": args.workers}})
+        cfg = _config(args, {"probe": {"samples": args.samples, "orchestrator": args.orchestrator, "workers": args.workers,
+                                       "gradnorm": args.gradnorm}})
         pipeline.probe(cfg, args.out)
         print(f"wrote {args.out}")
     elif args.command == "select":
         plan = pipeline.select(args.probe, args.strategy, _kv(args.budget, "--budget"), _kv(args.option, "--option"), args.out)
+        from lfdist.probe import load_probe
         from lfdist.report import plan_table
 
-        print(plan_table(plan))
+        print(plan_table(plan, load_probe(args.probe)))
         print(f"wrote {args.out}")
     elif args.command == "plan":
         from lfdist.plan import load_plan

@@ -52,6 +52,7 @@ class ProbeConfig:
     batch_size: int = 8
     orchestrator: str = "local"
     workers: int = 1
+    gradnorm: bool = False  # one backward pass too, for the gradnorm strategy
 
     def __post_init__(self):
         _positive("probe.samples", self.samples)

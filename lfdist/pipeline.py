@@ -41,7 +41,7 @@ def probe(cfg: RunConfig, out: str, overwrite: bool = False, progress: bool = Tr
         prepared = prepare(cfg)
         result = run_probe(
             prepared.loaded.model, prepared.train, cfg.model.task, batch_size=cfg.probe.batch_size,
-            samples=cfg.probe.samples, progress=progress,
+            samples=cfg.probe.samples, progress=progress, gradnorm=cfg.probe.gradnorm,
             data_fingerprint=prepared.data_info.get("fingerprint"),
         )
     result.save(out)
@@ -85,6 +85,8 @@ def run(cfg: RunConfig, compare_full: bool = False, resume: bool = False) -> dic
     os.makedirs(out, exist_ok=True)
     probe_path, plan_path = os.path.join(out, "probe.json"), os.path.join(out, "plan.yaml")
     if not os.path.exists(plan_path):
+        if cfg.select.strategy == "gradnorm":  # it ranks blocks by gradients: probe them too
+            cfg = replace(cfg, probe=replace(cfg.probe, gradnorm=True))
         probe(cfg, probe_path, overwrite=True)
         select(probe_path, cfg.select.strategy, cfg.select.budget, _select_options(cfg), plan_path, overwrite=True)
     result = {"plan": plan_path, "train": train(cfg, plan_path, os.path.join(out, "train"), resume=resume)}

@@ -44,6 +44,7 @@ def savings_table(plan_m: dict, full_m: dict) -> str:
          _rank0(full_m, "optimizer_state_elements")),
         ("gradient elements (rank 0)", plan_m["per_rank"][0]["after_backward"]["grad_elements"],
          full_m["per_rank"][0]["after_backward"]["grad_elements"]),
+        ("params+grads+optimizer bytes (rank 0)", _state_bytes(plan_m), _state_bytes(full_m)),
         ("peak memory bytes (rank 0)", _peak(plan_m), _peak(full_m)),
         ("median step seconds", _median_step(plan_m), _median_step(full_m)),
     ]
@@ -51,12 +52,25 @@ def savings_table(plan_m: dict, full_m: dict) -> str:
         key = "perplexity" if "perplexity" in plan_m["eval"] else "accuracy"
         rows.append((f"held-out {key}", plan_m["eval"][key], full_m["eval"][key]))
     width = max(len(r[0]) for r in rows)
+    note = ("(peak memory is CUDA max_memory_allocated)" if "cuda_max_allocated" in plan_m["per_rank"][0]["memory"]
+            else "(peak memory is the process peak RSS: Python, libraries and data included)")
     out = [f"{'measured':<{width}}  {'plan':>14}  {'full':>14}  {'plan/full':>9}"]
     for name, a, b in rows:
         ratio = a / b if b else float("nan")
         fmt = (lambda v: f"{v:14.4f}") if isinstance(a, float) else (lambda v: f"{v:14,}")
         out.append(f"{name:<{width}}  {fmt(a)}  {fmt(b)}  {ratio:9.3f}")
+    predicted = plan_m["plan"].get("predicted") or {}
+    if "flops_fraction" in predicted:
+        out.append(f"predicted training FLOPs plan/full: {predicted['flops_fraction']:.3f} (cost model)")
+    out.append(note)
     return "\n".join(out)
+
+
+def _state_bytes(m: dict) -> int:
+    """Training state one rank holds at its peak: parameters, gradients, optimizer states."""
+    r = m["per_rank"][0]
+    return (r["after_step"].get("param_bytes", 0) + r["after_backward"].get("grad_bytes", 0)
+            + r["after_step"].get("optimizer_state_bytes", 0))
 
 
 def _peak(m: dict) -> int:

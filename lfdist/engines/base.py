@@ -75,22 +75,27 @@ def local_numel(t: torch.Tensor) -> int:
     return to_local().numel() if to_local is not None else t.numel()
 
 
-def optimizer_state_elements(optimizer: torch.optim.Optimizer) -> int:
-    total = 0
+def optimizer_state_counts(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Elements and bytes of optimizer state on this rank (the step counters excluded)."""
+    out = {"optimizer_state_elements": 0, "optimizer_state_bytes": 0}
     for state in optimizer.state.values():
         for key, value in state.items():
             if key != "step" and isinstance(value, torch.Tensor):
-                total += local_numel(value)
-    return total
+                out["optimizer_state_elements"] += local_numel(value)
+                out["optimizer_state_bytes"] += local_numel(value) * value.element_size()
+    return out
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:
-    counts = {"trainable_params": 0, "frozen_params": 0, "grad_elements": 0}
+    """Elements and bytes of parameters and gradients on this rank, walking the tensors."""
+    counts = dict.fromkeys(("trainable_params", "frozen_params", "grad_elements", "param_bytes", "grad_bytes"), 0)
     for p in model.parameters():
         key = "trainable_params" if p.requires_grad else "frozen_params"
         counts[key] += local_numel(p)
+        counts["param_bytes"] += local_numel(p) * p.element_size()
         if p.grad is not None:
             counts["grad_elements"] += local_numel(p.grad)
+            counts["grad_bytes"] += local_numel(p.grad) * p.grad.element_size()
     return counts
 
 

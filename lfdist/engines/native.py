@@ -23,7 +23,7 @@ from lfdist.engines.base import (
     clean_name,
     make_optimizer,
     make_scheduler,
-    optimizer_state_elements,
+    optimizer_state_counts,
     param_counts,
     trainable_parameters,
 )
@@ -56,8 +56,7 @@ class NativeEngine:
 
     def local_counts(self) -> dict[str, int]:
         counts = param_counts(self.model)
-        counts["optimizer_state_elements"] = optimizer_state_elements(self.optimizer)
-        return counts
+        return {**counts, **optimizer_state_counts(self.optimizer)}
 
     def _options(self, **kw) -> StateDictOptions:
         # Offloading to CPU what already lives on CPU crashes FSDP1's state-dict hooks.

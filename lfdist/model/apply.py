@@ -33,7 +33,7 @@ class Applied:
         return self.trainable / max(1, self.trainable + self.frozen)
 
 
-def _bias_like(block: nn.Module) -> set[str]:
+def bias_like(block: nn.Module) -> set[str]:
     names = {n for n, _ in block.named_parameters() if n.endswith("bias")}
     if not names:
         names = {n for n, _ in block.named_parameters() if any(h in n.lower() for h in _NORM_HINTS)}
@@ -52,7 +52,7 @@ def apply_plan(model: nn.Module, plan: Plan, check_fingerprint: bool = True) -> 
             f"treatment {sorted(unsupported)[0]!r} is not available in this build yet; "
             "use frozen, full or bias treatments"
         )
-    bias_sets = {b.index: _bias_like(blocks[b.index]) for b in plan.blocks if b.treatment == "bias"}
+    bias_sets = {b.index: bias_like(blocks[b.index]) for b in plan.blocks if b.treatment == "bias"}
     trainable, frozen, names = 0, 0, []
     for name, p in model.named_parameters():
         i = bmap.block_of(name)

@@ -23,7 +23,7 @@ from lfdist.train.checkpoint import latest_checkpoint, load_checkpoint, save_che
 from lfdist.train.evaluate import evaluate
 from lfdist.train.feed import StepFeeder
 from lfdist.train.loop import train_loop
-from lfdist.train.measure import BackwardTracer, peak_memory_bytes, tensor_bytes
+from lfdist.train.measure import BackwardTracer, peak_memory_bytes
 from lfdist.train.prepare import prepare
 
 
@@ -74,7 +74,7 @@ def run_training(job: dict, world) -> None:
     tracer.remove()
     save(last)
     frozen_after = _digest(engine.full_frozen_state()) if job.get("check_frozen") else None
-    memory = {**tensor_bytes(engine.model, getattr(engine, "optimizer", None)), **peak_memory_bytes(world.device)}
+    memory = peak_memory_bytes(world.device)
     per_rank = _gather({"rank": world.rank, **result["counts"], "memory": memory})
     quality = None
     if job.get("evaluate", True) and len(prepared.heldout.get("input_ids", [])):
@@ -85,7 +85,8 @@ def run_training(job: dict, world) -> None:
             "zero_stage": tc.zero_stage if tc.engine == "deepspeed" else None,
             "world_size": world.world_size,
             "device": str(world.device),
-            "plan": {"strategy": plan.strategy, "treatments": plan.treatments, "boundary": plan.boundary},
+            "plan": {"strategy": plan.strategy, "treatments": plan.treatments, "boundary": plan.boundary,
+                     "predicted": plan.predicted},
             "params": {"trainable": applied.trainable, "frozen": applied.frozen},
             "losses": {str(k): v for k, v in result["losses"].items()},
             "step_times": result["step_times"],

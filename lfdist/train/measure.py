@@ -40,20 +40,3 @@ def peak_memory_bytes(device: torch.device) -> dict[str, int]:
         return {"cuda_max_allocated": torch.cuda.max_memory_allocated(device)}
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_rss": rss_kib * (1 if sys.platform == "darwin" else 1024)}
-
-
-def tensor_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
-    """Exact bytes this rank holds in parameters, gradients and optimizer states."""
-    from lfdist.engines.base import local_numel
-
-    out = {"param_bytes": 0, "grad_bytes": 0, "optimizer_bytes": 0}
-    for p in model.parameters():
-        out["param_bytes"] += local_numel(p) * p.element_size()
-        if p.grad is not None:
-            out["grad_bytes"] += local_numel(p.grad) * p.grad.element_size()
-    if optimizer is not None:
-        for state in optimizer.state.values():
-            for k, v in state.items():
-                if k != "step" and isinstance(v, torch.Tensor):
-                    out["optimizer_bytes"] += local_numel(v) * v.element_size()
-    return out

@@ -1,0 +1,250 @@
+"""run_probe: one forward-only pass over calibration data, statistics per latent space.
+
+Optionally one backward pass (gradnorm=True) records per-block gradient norms for the
+`gradnorm` strategy, so that `select` stays a pure function of the probe file.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lfdist.errors import UserError
+from lfdist.model.apply import bias_like  # the rule apply_plan uses for the `bias` treatment
+from lfdist.model.blocks import block_param_counts, find_blocks, fingerprint
+from lfdist.probe.deviation import derive_curves
+from lfdist.probe.hooks import LatentHooks, find_final_norm, logit_lens, target_positions
+from lfdist.probe.result import ProbeResult
+from lfdist.probe.stats import SKETCH_DIM, ProbeStats, sketch_matrix
+
+TASKS = ("lm", "classify")
+_LENS_ELEMENTS = 2**26  # logits computed in chunks of at most this many elements (256 MB fp32)
+
+
+def _hidden_size(model: nn.Module) -> int:
+    cfg = model.config
+    for key in ("hidden_size", "n_embd", "d_model", "dim"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    return model.get_input_embeddings().weight.shape[1]
+
+
+def model_info(model: nn.Module, task: str) -> dict:
+    """Everything select and the cost model need to know about the model, as plain data."""
+    bmap = find_blocks(model)
+    per_block, groups = block_param_counts(model)
+    blocks = bmap.blocks(model)
+    cfg = model.config
+    params = list(model.parameters())
+    head = model.get_output_embeddings() if task == "lm" else None
+    head_matmul = sum(p.numel() for p in head.parameters()) if head is not None else groups["head"]
+    return {
+        "fingerprint": vars(fingerprint(model)).copy(),
+        "architecture": type(model).__name__,
+        "model_type": getattr(cfg, "model_type", None),
+        "task": task,
+        "n_blocks": bmap.n_blocks,
+        "block_path": bmap.path,
+        "block_names": [f"{bmap.path}.{i}" for i in range(bmap.n_blocks)],
+        "per_block_params": per_block,
+        "per_block_bias_params": [
+            sum(p.numel() for n, p in b.named_parameters() if n in bias_like(b)) for b in blocks
+        ],
+        "group_params": groups,
+        "total_params": sum(per_block) + sum(groups.values()),
+        "head_matmul_params": head_matmul,
+        "hidden_size": _hidden_size(model),
+        "vocab_size": getattr(cfg, "vocab_size", None),
+        "num_attention_heads": getattr(cfg, "num_attention_heads", None)
+        or getattr(cfg, "n_head", None),
+        "num_labels": cfg.num_labels if task == "classify" else None,
+        "dtype": str(params[0].dtype).replace("torch.", "") if params else "float32",
+    }
+
+
+def _check_data(
+    data: dict[str, torch.Tensor], task: str, num_labels: int | None
+) -> dict[str, torch.Tensor]:
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r}; use lm or classify")
+    if "input_ids" not in data:
+        raise UserError("calibration data has no input_ids; tokenize it first")
+    ids = data["input_ids"]
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise UserError(
+            f"calibration data is empty or not [N, T] (input_ids shape {tuple(ids.shape)}); "
+            "give at least one tokenized example"
+        )
+    mask = data.get("attention_mask", torch.ones_like(ids))
+    labels = data.get("labels")
+    if labels is None and task == "lm":  # next-token targets wherever the mask keeps a token
+        labels = ids.masked_fill(mask == 0, -100)
+    if labels is None:
+        raise UserError("classification data has no labels; give one class id per example")
+    if task == "classify":
+        labels = labels.reshape(-1)
+        if labels.shape[0] != ids.shape[0] or labels.min() < 0 or labels.max() >= num_labels:
+            raise UserError(
+                f"classification labels must be one id in 0..{num_labels - 1} per example; "
+                "set num_labels to the number of classes"
+            )
+    elif labels.shape != ids.shape:
+        raise UserError(
+            f"lm labels shape {tuple(labels.shape)} differs from input_ids {tuple(ids.shape)}"
+        )
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _batches(data: dict, n: int, batch_size: int, device) -> Iterator[tuple[int, dict]]:
+    for start in range(0, n, batch_size):
+        yield start, {k: v[start : start + batch_size].to(device) for k, v in data.items()}
+
+
+def _forward_pass(model, bmap, data, task, n, batch_size, offset, bar) -> ProbeStats:
+    num_labels = model.config.num_labels if task == "classify" else 0
+    stats = ProbeStats.empty(task, bmap.n_blocks + 1, _hidden_size(model), num_labels, SKETCH_DIM)
+    device = next(model.parameters()).device
+    lens = logit_lens(model, bmap) if task == "lm" else None
+    norm = find_final_norm(model, bmap) if task == "classify" else None
+    proj = sketch_matrix(stats.hidden, stats.sketch_dim) if task == "classify" else None
+    norm_device = next(norm.parameters(), torch.empty(0)).device if norm is not None else None
+    vocab = model.get_output_embeddings().weight.shape[0] if task == "lm" else 1
+    chunk = max(1, _LENS_ELEMENTS // vocab)
+    batch_state: dict = {}
+
+    def on_latent(layer: int, h: torch.Tensor) -> None:
+        stats.add_latent(layer, h)
+        y = batch_state["targets"]
+        if task == "lm":
+            for i in range(0, h.shape[0], chunk):
+                logits = lens(h[i : i + chunk]).double()
+                target = y[i : i + chunk].to(logits.device)
+                stats.ce_sum[layer] += F.cross_entropy(logits, target, reduction="sum").cpu()
+        else:
+            stats.add_classes(layer, h, y)
+            z = norm(h.to(norm_device)) if norm is not None else h  # the features the head reads
+            z = z.double().cpu()  # a handful of rows per batch: project on the CPU
+            batch_state["feats"].append(z @ proj if proj is not None else z)
+
+    with LatentHooks(model, bmap, on_latent) as hooks:
+        for start, batch in _batches(data, n, batch_size, device):
+            bi, ti, y = target_positions(
+                task, model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+            )
+            batch_state.update(targets=y, feats=[])
+            hooks.run(
+                model,
+                (bi, ti),
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+            )
+            if task == "classify":
+                index = offset + start + torch.arange(len(y))
+                stats.add_sketch(torch.stack(batch_state["feats"], 1), index, y)
+            stats.examples += len(batch["input_ids"])
+            bar.update(len(batch["input_ids"]))
+    return stats
+
+
+def _gradient_pass(model, bmap, data, n, batch_size, stats: ProbeStats) -> list[float]:
+    """One backward per batch of the model's own loss; per-block sum of ||grad||^2.
+
+    torch.autograd.grad returns the gradients instead of storing .grad, so the model is left
+    exactly as it was (requires_grad flags are restored too).
+    """
+    blocks = bmap.blocks(model)
+    params = [list(b.parameters()) for b in blocks]
+    flat = [p for ps in params for p in ps]
+    saved = [p.requires_grad for p in flat]
+    stats.grad_sq_sum = torch.zeros(len(params), dtype=torch.float64)
+    device = flat[0].device
+    try:
+        for p in flat:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for _, batch in _batches(data, n, batch_size, device):
+                loss = model(**batch).loss
+                grads = iter(torch.autograd.grad(loss, flat, allow_unused=True))
+                for i, ps in enumerate(params):
+                    sq = sum(
+                        float(g.double().pow(2).sum())
+                        for g in (next(grads) for _ in ps)
+                        if g is not None
+                    )
+                    stats.grad_sq_sum[i] += sq
+                stats.grad_batches += 1
+    finally:
+        for p, flag in zip(flat, saved):
+            p.requires_grad_(flag)
+    with torch.no_grad():
+        return [float(sum(p.double().pow(2).sum() for p in ps) ** 0.5) for ps in params]
+
+
+def run_probe(
+    model: nn.Module,
+    data: dict[str, torch.Tensor],
+    task: str,
+    batch_size: int = 8,
+    samples: int | None = 256,
+    reduce: Callable[[ProbeStats], ProbeStats] | None = None,
+    progress: bool = True,
+    gradnorm: bool = False,
+    data_fingerprint: str | None = None,
+    example_offset: int = 0,
+) -> ProbeResult:
+    """Probe `model` on `samples` evenly spaced examples of `data` (all when None).
+
+    `reduce` combines this rank's statistics with the other ranks' (e.g. an all-gather then
+    `merge_all`); the probe never imports torch.distributed itself. `example_offset` is this
+    shard's first global example index: the classifier deviation splits halves by it.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    info = model_info(model, task)
+    data = _check_data(data, task, info["num_labels"])
+    n_total = data["input_ids"].shape[0]
+    n = n_total if samples is None else min(int(samples), n_total)
+    if batch_size < 1 or n < 1:
+        raise UserError(
+            f"probe needs batch_size >= 1 and samples >= 1 (got {batch_size}, {samples})"
+        )
+    if n < n_total:
+        # Evenly spaced, not the first n: data sorted by class or document must still be
+        # represented (the first 256 articles of a topic-sorted corpus are one topic).
+        pick = torch.arange(n) * n_total // n
+        data = {k: v[pick] for k, v in data.items()}
+    bmap = find_blocks(model)
+    was_training = model.training
+    model.eval()  # no dropout: the statistics must not depend on the RNG
+    bar = tqdm(total=n, desc="probe", unit="ex", disable=not progress or not sys.stderr.isatty())
+    timings = {}
+    try:
+        with torch.no_grad():
+            stats = _forward_pass(model, bmap, data, task, n, batch_size, example_offset, bar)
+        timings["forward_s"] = time.perf_counter() - t0
+        if gradnorm:
+            t1 = time.perf_counter()
+            info["per_block_weight_norm"] = _gradient_pass(model, bmap, data, n, batch_size, stats)
+            timings["gradnorm_s"] = time.perf_counter() - t1
+    finally:
+        bar.close()
+        model.train(was_training)
+    if reduce is not None:
+        t2 = time.perf_counter()
+        stats = reduce(stats)
+        timings["reduce_s"] = time.perf_counter() - t2
+    data_info = {
+        "fingerprint": data_fingerprint,
+        "n_samples": stats.examples,
+        "seq_len": int(data["input_ids"].shape[1]),
+        "n_targets": stats.count,
+    }
+    curves = derive_curves(stats, info)
+    timings["total_s"] = time.perf_counter() - t0
+    return ProbeResult(task, stats, info, data_info, timings, curves)

@@ -1,0 +1,243 @@
+"""Strategies and budgets on hand-built statistics where the right answer is known."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lfdist.errors import UserError
+from lfdist.plan import Plan, load_plan, save_plan
+from lfdist.probe import ProbeResult, ProbeStats
+from lfdist.registry import strategy_names
+from lfdist.select import select_plan
+from lfdist.select.salf import trace_gain
+
+L = 8
+
+
+def fake_probe(deviation=None, gradnorm=None, head=0) -> ProbeResult:
+    """8 blocks of 100 elements, embeddings 100: a block is 1/9 of the model (1/10 with head=100)."""
+    info = {
+        "fingerprint": {"architecture": "Fake", "n_blocks": L, "params_hash": "0" * 64},
+        "architecture": "Fake",
+        "task": "classify",
+        "n_blocks": L,
+        "block_names": [f"layers.{i}" for i in range(L)],
+        "per_block_params": [100] * L,
+        "per_block_bias_params": [10] * L,
+        "group_params": {"embeddings": 100, "final_norm": 0, "head": head},
+        "head_matmul_params": head,
+        "hidden_size": 1,
+        "vocab_size": 0,
+        "dtype": "float32",
+    }
+    curves = {"deviation": deviation if deviation is not None else [1.0] * (L + 1)}
+    if gradnorm is not None:
+        curves["gradnorm"] = gradnorm
+    stats = ProbeStats.empty("lm", L + 1, 1)
+    return ProbeResult("classify", stats, info, {"seq_len": 1, "n_samples": 1}, {}, curves)
+
+
+def trained(plan: Plan) -> list[int]:
+    return plan.trainable_blocks
+
+
+# ddp, one rank, fp32, one token, H=1: bytes = 900·4 params + n·100·(4 + 8) + n·34·1·1·4/2 acts
+COST = {"engine": "ddp", "world_size": 1, "batch_size": 1, "seq_len": 1, "dtype": "float32"}
+
+
+def gib_for(n: int) -> float:
+    return (3600 + n * 1200 + n * 68) / 2**30
+
+
+def test_all_strategies_registered():
+    assert strategy_names() == ["all", "bottom", "gradnorm", "random", "salf", "top"]
+
+
+def test_top_bottom_all_random():
+    p = fake_probe()
+    assert trained(select_plan(p, "top")) == [4, 5, 6, 7]  # default: half
+    assert trained(select_plan(p, "top", options={"n": 3})) == [5, 6, 7]
+    assert trained(select_plan(p, "bottom", options={"n": 3})) == [0, 1, 2]
+    assert trained(select_plan(p, "all")) == list(range(L))
+    drawn = random.Random(7).sample(range(L), 3)
+    plan = select_plan(p, "random", options={"n": 3, "seed": 7})
+    assert trained(plan) == sorted(drawn) and plan.options["seed"] == 7
+    assert trained(select_plan(p, "random", options={"n": 3, "seed": 7})) == sorted(drawn)  # seeded
+
+
+def test_gradnorm_picks_largest_ratios():
+    ratio = [0.1, 0.5, 0.2, 0.9, 0.3, 0.9, 0.05, 0.4]
+    plan = select_plan(fake_probe(gradnorm=ratio), "gradnorm", options={"n": 3})
+    assert trained(plan) == [1, 3, 5]
+    assert [b.score for b in plan.blocks] == ratio and plan.scores["gradnorm"] == ratio
+    # the budget drops the weakest first; ties keep the deeper block
+    assert trained(
+        select_plan(fake_probe(gradnorm=ratio), "gradnorm", {"blocks": 1}, {"n": 3})
+    ) == [5]
+    with pytest.raises(UserError, match="gradnorm"):
+        select_plan(fake_probe(), "gradnorm")
+
+
+@pytest.mark.parametrize(
+    "strategy,options,budget,expected",
+    [
+        ("top", {}, {"blocks": 2}, [6, 7]),
+        ("top", {}, {"params": 0.3}, [6, 7]),  # 100n/900 <= 0.3 -> n = 2
+        ("top", {}, {"flops": 0.5}, [6, 7]),  # (2 + 4n/8)/6 <= 0.5 -> n <= 2
+        ("top", {}, {"blocks": 3, "params": 0.3}, [6, 7]),  # both hold
+        ("top", COST, {"gib": gib_for(2)}, [6, 7]),
+        ("top", COST, {"gib": gib_for(3) * 0.999}, [6, 7]),
+        ("all", {}, {"params": 0.45}, [4, 5, 6, 7]),  # freezes from the bottom
+        ("bottom", {"n": 3}, {"blocks": 2}, [0, 1]),  # keeps its own preference, the lowest
+        # bottom trains blocks 0..n-1, so backward runs through all 8: (3200 + 200n)/4800 <= 0.75 -> n <= 2
+        ("bottom", {}, {"flops": 0.75}, [0, 1]),
+    ],
+)
+def test_budgets_trim_in_preference_order(strategy, options, budget, expected):
+    plan = select_plan(fake_probe(), strategy, budget, options)
+    assert trained(plan) == expected
+    assert plan.budget == budget
+
+
+def test_budget_with_cost_keys_in_the_budget_dict():
+    plan = select_plan(fake_probe(), "top", {"gib": gib_for(1), **COST})
+    assert trained(plan) == [7]
+    assert plan.predicted["engine"] == "ddp" and plan.predicted["gib_per_rank"] == pytest.approx(
+        gib_for(1)
+    )
+
+
+@pytest.mark.parametrize(
+    "strategy,budget,options,message",
+    [
+        (
+            "top",
+            {"params": 0.1},
+            {},
+            "budget params=0.1 is infeasible: the smallest plan that trains one block needs params>=0.112",
+        ),
+        ("top", {"blocks": 0}, {}, "needs blocks>=1"),
+        ("top", {"flops": 0.3}, {}, "needs flops>=0.417"),  # (2 + 4/8)/6 = 0.41667
+        ("bottom", {"flops": 0.5}, {}, "needs flops>=0.709"),  # (3200 + 200)/4800 = 0.70833
+        ("top", {"gib": 1e-6}, COST, "needs gib>=4.54e-06"),  # gib_for(1) = 4.5337e-06, rounded up
+        ("salf", {"flops": 0.3}, {"decision": "budget"}, "needs flops>=0.417"),
+    ],
+)
+def test_infeasible_budget_names_the_smallest_feasible_value(strategy, budget, options, message):
+    with pytest.raises(UserError) as e:
+        select_plan(fake_probe(), strategy, budget, options)
+    assert message in str(e.value)
+
+
+def test_unknown_budget_key_and_option():
+    with pytest.raises(UserError, match="budget keys: blocks, params, gib, flops"):
+        select_plan(fake_probe(), "top", {"memory": 3})
+    with pytest.raises(UserError, match="has no option 'm'; its options: n"):
+        select_plan(fake_probe(), "top", options={"m": 1})
+    with pytest.raises(UserError, match="1..8"):
+        select_plan(fake_probe(), "top", options={"n": 9})
+    with pytest.raises(UserError, match="unknown strategy"):
+        select_plan(fake_probe(), "nope")
+
+
+# --- SALF, estimator trace: gains and picks computed by hand ---
+
+FALLING = [5, 5, 5, 5, 5, 4, 3, 2, 1]  # flat, then falls: G = 1,1,1,1,1,.75,.5,.25
+LINEAR = [8, 7, 6, 5, 4, 3, 2, 1, 0]  # G(k) = (8 - k)/8
+LATE = [5] * 8 + [1]  # only the last block moves: G = 1 everywhere
+BUMPY = [5, 6, 5, 5, 4, 4, 2, 2, 1]  # running max 6,6,5,5,4,4,2,2: G = 1,1,.8,.8,.6,.6,.2,.2
+RISING = list(range(1, 10))  # no fall: uniform fallback G = (8 - k)/8
+
+
+def test_trace_gain_by_hand():
+    assert trace_gain(FALLING) == ([1, 1, 1, 1, 1, 0.75, 0.5, 0.25], False)
+    assert trace_gain(LINEAR)[0] == [(8 - k) / 8 for k in range(8)]
+    assert trace_gain(BUMPY)[0] == pytest.approx([1, 1, 0.8, 0.8, 0.6, 0.6, 0.2, 0.2])
+    assert trace_gain(RISING) == ([(8 - k) / 8 for k in range(8)], True)
+
+
+def salf_k(deviation, budget=None, **options) -> int:
+    plan = select_plan(fake_probe(deviation), "salf", budget, options)
+    assert plan.trainable_blocks == list(range(plan.boundary, L))  # always a frozen prefix
+    return plan.boundary
+
+
+@pytest.mark.parametrize(
+    "trace,options,k",
+    [
+        (FALLING, {}, 4),  # target: last k with G >= 0.98
+        (LINEAR, {}, 0),  # G(1) = 0.875 < 0.98
+        (LINEAR, {"epsilon": 0.3}, 2),  # (8 - k)/8 >= 0.7 -> k <= 2.4
+        (BUMPY, {}, 1),
+        (RISING, {}, 0),
+        (FALLING, {"decision": "ratio"}, 4),  # G/C: k=4 -> 1/(4/6) = 1.5, k=5 -> .75/(3.5/6) = 1.29
+        (LINEAR, {"decision": "ratio"}, 0),  # 1.5n/(4 + n) grows with n = 8 - k
+        (LATE, {}, 6),  # target would take k = 7: never L-1 unless forced
+        (LATE, {"decision": "ratio"}, 6),
+    ],
+)
+def test_salf_decisions_by_hand(trace, options, k):
+    assert salf_k(trace, **options) == k
+
+
+def test_salf_budget_decision():
+    # flops (2 + 4(8-k)/8)/6 <= 0.5 -> k >= 6; best G among k = 6, 7 is G(6) = 0.5
+    assert salf_k(FALLING, {"flops": 0.5}, decision="budget") == 6
+    assert salf_k(LINEAR, {"blocks": 5}, decision="budget") == 3  # k >= 3 fits; G falls with k
+    # G ties at 1 for every k <= 4: the cheapest of them
+    assert salf_k(FALLING, {"blocks": 5}, decision="budget") == 4
+    assert salf_k(LATE, {"blocks": 1}, decision="budget") == 7  # forced by the budget
+    assert salf_k(LATE, {"blocks": 1}) == 7  # target, then trimmed by the budget
+    with pytest.raises(UserError, match="needs a budget"):
+        salf_k(FALLING, decision="budget")
+
+
+def test_salf_options_and_scores():
+    plan = select_plan(fake_probe(FALLING), "salf")
+    assert plan.scores["gain"] == [1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    assert plan.scores["deviation"] == FALLING and plan.scores["split"] == 4
+    assert plan.scores["cost"][0] == 1.0 and plan.scores["knee"] == 4
+    assert plan.options["estimator"] == "trace" and plan.options["epsilon"] == 0.02
+    for options, message in [
+        ({"estimator": "pilot"}, "estimator=trace"),
+        ({"decision": "x"}, "target"),
+        ({"epsilon": 2}, "epsilon"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            select_plan(fake_probe(FALLING), "salf", options=options)
+
+
+def test_plan_round_trip_with_predictions(tmp_path):
+    plan = select_plan(fake_probe(FALLING, head=100), "salf", {"flops": 0.9}, COST)
+    assert plan.predicted["flops_fraction"] <= 0.9
+    assert plan.fingerprint.n_blocks == L and plan.strategy == "salf"
+    save_plan(plan, str(tmp_path / "plan.yaml"))
+    assert load_plan(str(tmp_path / "plan.yaml")) == plan
+
+
+def test_report_table_and_plot(tmp_path):
+    from lfdist.report import plan_table, plot_plan
+
+    probe = fake_probe(FALLING, gradnorm=[0.1] * L)
+    plan = select_plan(probe, "salf")
+    table = plan_table(plan, probe)
+    lines = table.splitlines()
+    assert lines[0].split() == [
+        "#",
+        "block",
+        "treatment",
+        "params",
+        "gain",
+        "gradnorm",
+        "d_out",
+        "score",
+    ]
+    assert lines[2].split()[:4] == ["0", "layers.0", "frozen", "100"]
+    assert lines[-1].startswith("strategy salf: 4/8 blocks train, backward stops at block 4")
+    assert "saves" in lines[-1]
+    assert "params" in plan_table(select_plan(probe, "top"))  # works without the probe too
+    png = plot_plan(plan, str(tmp_path / "plan.png"), probe)
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
