@@ -53,6 +53,11 @@ class ProbeConfig:
     orchestrator: str = "local"
     workers: int = 1
     gradnorm: bool = False  # one backward pass too, for the gradnorm strategy
+    ray_address: str | None = None  # join a Ray cluster; None: RAY_ADDRESS or a local Ray
+    stream_layers: bool = False  # layer-streamed probe for models larger than one device
+    pilot_steps: int = 0  # salf pilot fine-tunes per depth (0: none)
+    pilot_depths: str = "auto"  # "auto" (1, 2, 4, ... L) or a comma list such as "1,2,4,8"
+    critical_steps: int = 0  # critical: steps of the all-block pilot fine-tune (0: none)
 
     def __post_init__(self):
         _positive("probe.samples", self.samples)
@@ -85,10 +90,12 @@ class TrainConfig:
     save_every: int = 0  # 0: save only at the end
     log_every: int = 1
     deepspeed_config: str | None = None  # user JSON; "auto" values are filled from here
+    launcher: str = "auto"  # auto: torchrun, or the deepspeed launcher for deepspeed; ray: Ray Train
 
     def __post_init__(self):
         _choice("train.engine", self.engine, ENGINES)
         _choice("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _choice("train.launcher", self.launcher, ("auto", "ray"))
         for name in ("nproc", "steps", "batch_size", "grad_accum"):
             _positive(f"train.{name}", getattr(self, name))
         if self.lr <= 0:
