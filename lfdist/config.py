@@ -39,6 +39,7 @@ class DataConfig:
     label_column: str = "label"
     heldout_fraction: float = 0.1
     max_examples: int | None = None  # cap the training examples (quick runs)
+    max_eval_examples: int | None = 256  # held-out examples evaluated (evenly spaced); None: all
 
     def __post_init__(self):
         _positive("data.seq_len", self.seq_len)
@@ -90,6 +91,7 @@ class TrainConfig:
     save_every: int = 0  # 0: save only at the end
     log_every: int = 1
     deepspeed_config: str | None = None  # user JSON; "auto" values are filled from here
+    zero3_replicate_frozen: bool = False  # ZeRO-3: keep frozen params whole on every rank (no all-gather)
     launcher: str = "auto"  # auto: torchrun, or the deepspeed launcher for deepspeed; ray: Ray Train
 
     def __post_init__(self):

@@ -1,6 +1,6 @@
 """Engine adapters: the only code that knows ZeRO stages, FSDP units and partitioned shapes.
 
-Each engine module exposes `build(model, params, cfg, world) -> Engine` (see base.Engine).
+Each engine module exposes `build(model, cfg, world) -> Engine` (see base.Engine).
 """
 
 from __future__ import annotations

@@ -3,11 +3,15 @@
 The plan is applied before `build`: the optimizer (torch AdamW) gets the trainable
 parameters only, so DeepSpeed's flat fp32 partitions, and the AdamW states on them, cover
 the trainable parameters and nothing else. Frozen parameters stay replicated under ZeRO-1/2;
-ZeRO-3 partitions them too, unless `zero3_replicate_frozen` keeps them out of its reach
-(see `_keep_frozen_out_of_zero3`).
+ZeRO-3 partitions them too, unless the config flag `zero3_replicate_frozen` keeps them out of
+its reach (`_keep_frozen_out_of_zero3`): then they are never all-gathered.
 
 Config: the user's DeepSpeed JSON (`train.deepspeed_config`) or our template for the stage;
 "auto" values come from TrainConfig, and an explicit value that disagrees raises (`fill_config`).
+
+`local_counts` walks what DeepSpeed really allocated on this rank, padding included, and adds
+`optimizer_state_elements_unpadded`, `partition_padding_elements` (alignment padding in this
+rank's partition) and `master_weight_elements` (the fp32 copy of the partition).
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ from lfdist.errors import UserError
 TAG = "deepspeed"  # the checkpoint tag inside the folder lfdist hands to save()/load()
 TEMPLATES = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPE_OF = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 def template(stage: int) -> dict[str, Any]:
     """Our template for a ZeRO stage; configs/deepspeed/zero{stage}.json ship the same dicts."""
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 2:
-        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size="auto")
+        zero.update(reduce_bucket_size="auto")
     if stage == 3:
         zero.update(stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto",
                     stage3_gather_16bit_weights_on_model_save=False)
@@ -76,13 +81,12 @@ def _drop_comments(d: Any) -> Any:
     return d
 
 
-def _settle(where: str, user: Any, ours: Any, our_name: str, fix: str) -> Any:
+def _settle(where: str, user: Any, ours: Any, ours_named: str, fix: str = "set one of them to auto") -> Any:
     """'auto' (or absent) takes ours; an explicit value must equal ours."""
     if user is None or user == "auto":
         return ours
     if user != ours:
-        shown = json.dumps(user)
-        raise UserError(f"deepspeed config {where}={shown} conflicts with {our_name}={ours}; {fix}")
+        raise UserError(f"deepspeed config {where}={json.dumps(user)} conflicts with {ours_named}; {fix}")
     return user
 
 
@@ -101,30 +105,31 @@ def fill_config(user: dict | None, cfg, world_size: int, dtype: str = "float32",
                 f"deepspeed config has an {section!r} section, but lfdist builds AdamW and its "
                 "schedule from train.lr, train.weight_decay and train.warmup_steps; remove the section"
             )
-    fix = "set one of them to auto"
     micro = _settle("train_micro_batch_size_per_gpu", ds.get("train_micro_batch_size_per_gpu"),
-                    cfg.batch_size, "train.batch_size", fix)
+                    cfg.batch_size, f"train.batch_size={cfg.batch_size}")
     accum = _settle("gradient_accumulation_steps", ds.get("gradient_accumulation_steps"),
-                    cfg.grad_accum, "train.grad_accum", fix)
+                    cfg.grad_accum, f"train.grad_accum={cfg.grad_accum}")
     total = micro * accum * world_size
     given = ds.get("train_batch_size")
     if given not in (None, "auto") and given != total:
         raise UserError(
             f"deepspeed config train_batch_size={given} does not match train.batch_size={micro} x "
             f"train.grad_accum={accum} x world size {world_size} = {total} (world-size mismatch); "
-            f"set train_batch_size to auto or launch {given // max(1, micro * accum)} ranks"
+            f"set train_batch_size to auto or launch {given // (micro * accum)} ranks"
         )
     ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
               train_batch_size=total)
-    ds["gradient_clipping"] = float(_settle("gradient_clipping", ds.get("gradient_clipping"),
-                                            float(cfg.max_grad_norm or 0.0), "train.max_grad_norm", fix))
+    clip = float(cfg.max_grad_norm or 0.0)
+    ds["gradient_clipping"] = float(_settle("gradient_clipping", ds.get("gradient_clipping"), clip,
+                                            f"train.max_grad_norm={clip}"))
     for key, wanted in (("bf16", dtype == "bfloat16"), ("fp16", dtype == "float16")):
         section = ds.setdefault(key, {})
-        section["enabled"] = _settle(f"{key}.enabled", section.get("enabled"), wanted, "model.dtype="
-                                     f"{dtype} ({key} enabled)", f"set {key}.enabled to auto")
+        section["enabled"] = _settle(f"{key}.enabled", section.get("enabled"), wanted,
+                                     f"model.dtype={dtype}",
+                                     f"set {key}.enabled to auto or model.dtype={DTYPE_OF[key]}")
     zero = ds.setdefault("zero_optimization", {})
     zero["stage"] = _settle("zero_optimization.stage", zero.get("stage"), cfg.zero_stage,
-                            "train.zero_stage", "set one of them to auto")
+                            f"train.zero_stage={cfg.zero_stage}")
     sized = {"reduce_bucket_size": 1.0, "stage3_prefetch_bucket_size": 0.9}
     for key, factor in sized.items():
         if zero.get(key) == "auto":
@@ -178,15 +183,6 @@ def _keep_frozen_out_of_zero3(model: nn.Module) -> list[tuple[nn.Module, str, to
             module.register_buffer(name, tensor, persistent=False)
             moved.append((module, name, tensor))
     return moved
-
-
-def _restore_frozen(moved: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
-    params: dict[int, nn.Parameter] = {}
-    for module, name, tensor in moved:
-        del module._buffers[name]
-        module._non_persistent_buffers_set.discard(name)
-        p = params.setdefault(id(tensor), nn.Parameter(tensor, requires_grad=False))
-        module.register_parameter(name, p)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -246,6 +242,13 @@ class DeepSpeedEngineAdapter:
         counts = self._param_counts()
         counts["grad_elements"] = self._grad_elements()
         counts.update(self._optimizer_counts())
+        # Bytes as the savings table reads them: params and grads in the model dtype,
+        # optimizer states (and DeepSpeed's fp32 master partition) in fp32.
+        size = next(p for p in self.model.module.parameters()).element_size()
+        counts["param_bytes"] = (counts["trainable_params"] + counts["frozen_params"]) * size
+        counts["grad_bytes"] = counts["grad_elements"] * size
+        counts["optimizer_state_bytes"] = 4 * (counts["optimizer_state_elements"]
+                                               + counts.get("master_weight_elements", 0))
         return counts
 
     def _param_counts(self) -> dict[str, int]:
@@ -266,9 +269,13 @@ class DeepSpeedEngineAdapter:
         opt = self.model.optimizer  # DeepSpeed's ZeRO optimizer (or the bare one at stage 0)
         tensors = [p.grad for p in self.model.module.parameters() if p.grad is not None]
         if self.stage in (1, 2):
+            # ZeRO-1 keeps full .grad until the boundary; ZeRO-2 accumulates the gradients
+            # of the parameters in its partition (all_grad_tensors); at the boundary both
+            # hold averaged_gradients, views of one buffer (grads_in_partition on some paths).
             tensors.append(getattr(opt, "grads_in_partition", None))
-            for value in (getattr(opt, "averaged_gradients", None) or {}).values():
-                tensors.extend(value if isinstance(value, list | tuple) else [value])
+            for name in ("all_grad_tensors", "averaged_gradients"):
+                for value in (getattr(opt, name, None) or {}).values():
+                    tensors.extend(value if isinstance(value, list | tuple) else [value])
             tensors += [g.grad for g in getattr(opt, "single_partition_of_fp32_groups", [])]
         elif self.stage == 3:
             tensors.append(getattr(opt, "grad_partitions_flat_buffer", None))
@@ -293,15 +300,6 @@ class DeepSpeedEngineAdapter:
             "master_weight_elements": self._master_elements(),
         }
 
-    def partition_elements(self) -> int:
-        """Elements of this rank's fp32 partitions of the trainable parameters (with padding)."""
-        opt = self.model.optimizer
-        if self.stage in (1, 2):
-            return sum(int(n) for n in opt.partition_size)
-        if self.stage == 3:
-            return sum(p.ds_tensor.numel() for p in trainable_parameters(self.model.module))
-        return sum(p.numel() for p in trainable_parameters(self.model.module))
-
     def partition_padding(self) -> int:
         """Padding elements in this rank's partitions (alignment, not model parameters)."""
         opt = self.model.optimizer
@@ -312,7 +310,8 @@ class DeepSpeedEngineAdapter:
         return 0
 
     def _master_elements(self) -> int:
-        """fp32 master partitions that are a separate copy (ZeRO-3 in fp32 updates in place)."""
+        """fp32 master partitions, where they are a copy of this rank's partitioned weights
+        (DeepSpeed keeps one even in fp32: ZeRO-1/2 always, ZeRO-3 unless they share storage)."""
         opt = self.model.optimizer
         groups = getattr(opt, "single_partition_of_fp32_groups", None)
         if groups is None:
@@ -365,8 +364,7 @@ def build(model: nn.Module, cfg, world) -> DeepSpeedEngineAdapter:
         raise UserError("the plan leaves no trainable parameter; train at least one block")
     replicate = _replicate_frozen(cfg, stage)
     frozen_buffers = _keep_frozen_out_of_zero3(model) if replicate else []
-    if stage < 3 or replicate:
-        model = model.to(world.device)
+    # DeepSpeed moves the module (buffers included) to its device itself.
     optimizer = make_optimizer(params, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -375,5 +373,4 @@ def build(model: nn.Module, cfg, world) -> DeepSpeedEngineAdapter:
 
 
 def _replicate_frozen(cfg, stage: int) -> bool:
-    value = getattr(cfg, "zero3_replicate_frozen", False)
-    return stage == 3 and bool(value)
+    return stage == 3 and cfg.zero3_replicate_frozen

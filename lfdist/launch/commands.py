@@ -52,7 +52,8 @@ def deepspeed_command(job_path: str, nproc: int, nodes: Nodes = Nodes(),
             argv += ["--master_addr", host] + (["--master_port", port] if port else [])
     else:
         argv += ["--master_port", str(_free_port())]
-    argv += ["--module", "lfdist.launch.worker", job_path]
+    # --no_local_rank: the worker reads LOCAL_RANK from the environment, like under torchrun.
+    argv += ["--no_local_rank", "--module", "lfdist.launch.worker", job_path]
     return argv, base_env(nproc, "deepspeed", cuda)
 
 

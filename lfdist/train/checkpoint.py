@@ -69,7 +69,7 @@ def save_checkpoint(root: str, step: int, engine, world, plan_path: str, extra: 
             json.dump({"step": step, "data_position": step, "world_size": world.world_size, **extra}, f)
     _barrier()
     if world.is_main:
-        sums = {f: _sha256(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp)) if os.path.isfile(os.path.join(tmp, f))}
+        sums = {f: _sha256(os.path.join(tmp, f)) for f in _all_files(tmp)}
         with open(os.path.join(tmp, CHECKSUMS), "w") as f:
             json.dump(sums, f, indent=1)
         shutil.rmtree(final, ignore_errors=True)
@@ -79,6 +79,14 @@ def save_checkpoint(root: str, step: int, engine, world, plan_path: str, extra: 
         os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
     _barrier()
     return final
+
+
+def _all_files(folder: str) -> list[str]:
+    """Every file below folder (engines such as DeepSpeed write subfolders), relative, sorted."""
+    out = []
+    for root, _, files in os.walk(folder):
+        out += [os.path.relpath(os.path.join(root, f), folder) for f in files]
+    return sorted(f for f in out if f != CHECKSUMS)
 
 
 def verify(folder: str) -> None:

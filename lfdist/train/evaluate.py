@@ -8,33 +8,55 @@ import torch
 import torch.nn.functional as F
 
 
+def _sums(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """(loss sum, target count, correct count) of one batch, in float64."""
+    labels = batch.pop("labels")
+    logits = model(**batch).logits.float()
+    if task == "lm":
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+        mask = shift_labels != -100
+        loss = F.cross_entropy(shift_logits[mask], shift_labels[mask], reduction="sum")
+        return torch.tensor([loss.item(), float(mask.sum()), 0.0], dtype=torch.float64)
+    loss = F.cross_entropy(logits, labels, reduction="sum")
+    correct = float((logits.argmax(-1) == labels).sum())
+    return torch.tensor([loss.item(), float(len(labels)), correct], dtype=torch.float64)
+
+
 @torch.no_grad()
 def evaluate(model, data: dict[str, torch.Tensor], task: str, batch_size: int = 8,
              device: torch.device | None = None) -> dict[str, float]:
-    """Sums over the whole held-out set. Under FSDP every rank must call this with the same data."""
+    """Held-out sums, sharded over the ranks of a process group (a strided share each).
+
+    Every rank runs the same number of forwards (FSDP and ZeRO-3 forwards are collective):
+    a rank whose share ran out repeats a batch and drops its sums.
+    """
+    import torch.distributed as dist
+
     device = device or torch.device("cpu")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = model.training
     model.eval()
-    loss_sum, count, correct = 0.0, 0, 0
     n = len(data["input_ids"])
-    for i in range(0, n, batch_size):
-        batch = {k: v[i : i + batch_size].to(device) for k, v in data.items()}
-        labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
-        if task == "lm":
-            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-            mask = shift_labels != -100
-            loss_sum += F.cross_entropy(shift_logits[mask], shift_labels[mask], reduction="sum").item()
-            count += int(mask.sum())
-        else:
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += int((logits.argmax(-1) == labels).sum())
-            count += len(labels)
+    mine = torch.arange(rank, n, world)
+    n_batches = math.ceil(math.ceil(n / world) / batch_size)
+    totals = torch.zeros(3, dtype=torch.float64)
+    for b in range(n_batches):
+        idx = mine[b * batch_size : (b + 1) * batch_size]
+        real = len(idx) > 0
+        idx = idx if real else torch.arange(min(batch_size, n))
+        sums = _sums(model, {k: v[idx].to(device) for k, v in data.items()}, task)
+        if real:
+            totals += sums
+    if world > 1:
+        totals = totals.to(device)
+        dist.all_reduce(totals)
+        totals = totals.cpu()
     model.train(was_training)
+    loss_sum, count, correct = totals.tolist()
     if count == 0:
         return {"examples": n, "loss": float("nan")}
     loss = loss_sum / count
-    out = {"examples": n, "targets": count, "loss": loss}
+    out = {"examples": n, "targets": int(count), "loss": loss}
     if task == "lm":
         out["perplexity"] = math.exp(min(loss, 50.0))
     else:

@@ -34,4 +34,14 @@ def prepare(cfg: RunConfig, with_model: bool = True) -> Prepared:
         text_column=d.text_column, label_column=d.label_column, max_examples=d.max_examples,
         eval_spec=d.eval_spec,
     )
-    return Prepared(loaded, train, heldout, dict(info))
+    heldout = _evenly_spaced(heldout, d.max_eval_examples)
+    return Prepared(loaded, train, heldout, {**info, "n_eval": len(heldout.get("input_ids", []))})
+
+
+def _evenly_spaced(data: dict[str, torch.Tensor], limit: int | None) -> dict[str, torch.Tensor]:
+    """At most `limit` examples spread over the whole set (splits keep class order)."""
+    n = len(data.get("input_ids", []))
+    if limit is None or n <= limit:
+        return data
+    idx = torch.linspace(0, n - 1, limit).round().long()
+    return {k: v[idx] for k, v in data.items()}
