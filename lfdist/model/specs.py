@@ -35,6 +35,17 @@ def resolve_folder(spec: str) -> str | None:
     return None
 
 
+def _tokenizer(folder: str):
+    import transformers
+
+    # Exported tiny models carry a note instead of an HF tokenizer: they use the byte tokenizer.
+    if os.path.isfile(os.path.join(str(folder), "lfdist_tokenizer.json")):
+        from lfdist.model.tokenizer import ByteTokenizer
+
+        return ByteTokenizer()
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
 def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 2)[-1] or spec.count("/") > 1
 
@@ -62,8 +73,8 @@ def load_model(spec: str, task: str = "lm", num_labels: int = 2, dtype: str = "f
     kwargs = {"num_labels": num_labels} if task == "classify" else {}
     try:
         model = auto.from_pretrained(folder, dtype=getattr(torch, DTYPES[dtype]), **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    except OSError as e:
+        tokenizer = _tokenizer(folder)
+    except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
