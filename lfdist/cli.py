@@ -172,6 +172,8 @@ def dispatch(args) -> int:
     elif args.command == "bench":
         from lfdist.bench import run_bench
 
+        if not args.tiny and args.kind == "memory":
+            raise UserError("bench memory runs on tiny models only for now; pass --tiny")
         print(f"wrote {run_bench(args.kind, args.out, tiny=args.tiny)}")
     return 0
 

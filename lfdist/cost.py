@@ -5,8 +5,9 @@ candidate plan in microseconds and benchmarks can print predicted next to measur
 
 Assumptions (each is a number a benchmark can check):
 - parameters and gradients are held in `dtype`; AdamW keeps 2 fp32 states (8 bytes) per
-  trainable element, and the optimizer only ever sees trainable parameters; DeepSpeed with a
-  16-bit dtype also keeps an fp32 master copy (4 bytes) per trainable element.
+  trainable element, and the optimizer only ever sees trainable parameters; DeepSpeed's ZeRO
+  optimizers also keep an fp32 master copy (4 bytes) of their partition, in fp32 runs too
+  (measured: `lfdist bench memory`).
 - frozen parameters get no gradient and no optimizer state on any engine.
 - sharding: ddp/single replicate everything; fsdp1/fsdp2 shard parameters (frozen included),
   gradients and optimizer states by world size; ZeRO-1 partitions optimizer states, ZeRO-2
@@ -34,7 +35,7 @@ DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, 
 ENGINES = ("single", "ddp", "fsdp1", "fsdp2", "deepspeed")
 GIB = 2**30
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq in fp32
-MASTER_BYTES = 4  # DeepSpeed's fp32 master weights under bf16/fp16
+MASTER_BYTES = 4  # DeepSpeed's fp32 master partition (kept whatever the dtype)
 ACT_BYTES_PER_TOKEN_HIDDEN_16BIT = 34
 DEFAULT_LORA_RANK = 8
 
@@ -137,7 +138,9 @@ def _memory(
     shard_params = fsdp or zero >= 3
     shard_grads = fsdp or zero >= 2
     shard_optim = fsdp or zero >= 1
-    opt_per_el = ADAM_STATE_BYTES + (MASTER_BYTES if engine == "deepspeed" and b < 4 else 0)
+    # ZeRO (stage >= 1) keeps an fp32 master partition even in fp32; stage 0 only with 16 bits.
+    master = engine == "deepspeed" and (zero_stage >= 1 or b < 4)
+    opt_per_el = ADAM_STATE_BYTES + (MASTER_BYTES if master else 0)
     params = (total + adapters) * b / (w if shard_params else 1)
     grads = trainable * b / (w if shard_grads else 1)
     optim = trainable * opt_per_el / (w if shard_optim else 1)

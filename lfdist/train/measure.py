@@ -40,3 +40,13 @@ def peak_memory_bytes(device: torch.device) -> dict[str, int]:
         return {"cuda_max_allocated": torch.cuda.max_memory_allocated(device)}
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_rss": rss_kib * (1 if sys.platform == "darwin" else 1024)}
+
+
+def make_plan_for(model: nn.Module, treatments: list[str], strategy: str):
+    """A plan with given block treatments for `model` (benchmarks and tests build these)."""
+    from lfdist.model.blocks import find_blocks, fingerprint
+    from lfdist.plan import BlockPlan, Plan
+
+    bmap = find_blocks(model)
+    blocks = tuple(BlockPlan(i, f"{bmap.path}.{i}", t) for i, t in enumerate(treatments))
+    return Plan(strategy=strategy, fingerprint=fingerprint(model), blocks=blocks)

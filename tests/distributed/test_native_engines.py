@@ -79,8 +79,21 @@ def test_engine_exact_facts(tmp_path, single_reference, engine, plan_name, treat
     ref = single_reference[plan_name]["losses"]
     for step, loss in m["losses"].items():
         assert loss == pytest.approx(ref[step], rel=1e-5), step
-    # Trainable weights changed (the checkpoint holds them, the base does not).
     assert m["params"]["trainable"] == trainable
+    # The cost model's gradient and optimizer-state bytes are what the ranks hold.
+    pred = _predicted(treatments, engine)
+    assert sum(r["after_backward"]["grad_bytes"] for r in ranks) == 2 * pred["grads"]
+    assert sum(r["after_step"]["optimizer_state_bytes"] for r in ranks) == 2 * pred["optimizer"]
+
+
+def _predicted(treatments, engine):
+    from lfdist.cost import predict
+    from lfdist.plan import DEFAULT_MODULES
+    from lfdist.probe import model_info
+
+    info = model_info(build_tiny("llama", "lm"), "lm")
+    return predict(info, treatments, DEFAULT_MODULES, engine=engine, world_size=2, dtype="float32",
+                   batch_size=2, seq_len=32)["bytes"]
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])

@@ -42,9 +42,10 @@ def _bytes(engine, zero_stage=0, world_size=2, dtype="float32"):
         ("ddp", 0, dict(params=2000, grads=1000, optimizer=2000, transient=0)),
         ("single", 0, dict(params=2000, grads=1000, optimizer=2000, transient=0)),
         ("deepspeed", 0, dict(params=2000, grads=1000, optimizer=2000, transient=0)),
-        ("deepspeed", 1, dict(params=2000, grads=1000, optimizer=1000, transient=0)),
-        ("deepspeed", 2, dict(params=2000, grads=500, optimizer=1000, transient=0)),
-        ("deepspeed", 3, dict(params=1000, grads=500, optimizer=1000, transient=400)),
+        # ZeRO keeps an fp32 master partition (4 B per trainable element) even in fp32
+        ("deepspeed", 1, dict(params=2000, grads=1000, optimizer=1500, transient=0)),
+        ("deepspeed", 2, dict(params=2000, grads=500, optimizer=1500, transient=0)),
+        ("deepspeed", 3, dict(params=1000, grads=500, optimizer=1500, transient=400)),
         ("fsdp2", 0, dict(params=1000, grads=500, optimizer=1000, transient=400)),
         ("fsdp1", 0, dict(params=1000, grads=500, optimizer=1000, transient=400)),
     ],
