@@ -24,9 +24,10 @@ def train_summary(metrics: dict) -> str:
         f"backward reached blocks {_ranges(metrics['per_rank'][0].get('backward_blocks', []))}",
     ]
     if metrics.get("eval"):
-        ev = metrics["eval"]
-        q = f"perplexity {ev['perplexity']:.2f}" if "perplexity" in ev else f"accuracy {ev['accuracy']:.3f}"
-        lines.append(f"held-out loss {ev['loss']:.4f}, {q} ({ev['examples']} examples)")
+        ev, before = metrics["eval"], metrics.get("eval_before")
+        key = "perplexity" if "perplexity" in ev else "accuracy"
+        was = f" (before training {before[key]:.3f})" if before else ""
+        lines.append(f"held-out loss {ev['loss']:.4f}, {key} {ev[key]:.3f}{was} ({ev['examples']} examples)")
     return "\n".join(lines)
 
 

@@ -69,6 +69,10 @@ def run_training(job: dict, world) -> None:
                  "num_labels": int(getattr(model.config, "num_labels", 2))}
         save_checkpoint(ckpt_root, step, engine, world, job["plan"], extra)
 
+    do_eval = job.get("evaluate", True) and len(prepared.heldout.get("input_ids", []))
+    # The base model's quality on the same held-out set: the reference the run is judged by.
+    before = evaluate(engine.model, prepared.heldout, cfg.model.task, tc.batch_size, world.device) \
+        if do_eval and start == 0 else None
     last = min(tc.steps, job.get("stop_after") or tc.steps)  # stop_after: a simulated preemption
     result = train_loop(engine, feeder, replace(tc, steps=last), world, start, save, tracer)
     tracer.remove()
@@ -77,7 +81,7 @@ def run_training(job: dict, world) -> None:
     memory = peak_memory_bytes(world.device)
     per_rank = _gather({"rank": world.rank, **result["counts"], "memory": memory})
     quality = None
-    if job.get("evaluate", True) and len(prepared.heldout.get("input_ids", [])):
+    if do_eval:
         quality = evaluate(engine.model, prepared.heldout, cfg.model.task, tc.batch_size, world.device)
     if world.is_main:
         metrics = {
@@ -94,6 +98,7 @@ def run_training(job: dict, world) -> None:
             "per_rank": per_rank,
             "data": prepared.data_info,
             "eval": quality,
+            "eval_before": before,
             "resumed_from": start,
             "checkpointed_blocks": checkpointed,
             "frozen_digest": {"before": frozen_before, "after": frozen_after},
