@@ -331,6 +331,24 @@ class DeepSpeedEngineAdapter:
                 return {n: p.detach().to("cpu", copy=True) for n, p in named}
         return {n: p.detach().to("cpu", copy=True) for n, p in named}
 
+    def full_frozen_state(self) -> dict[str, torch.Tensor]:
+        """Full frozen weights by original name (collective under ZeRO-3): tests compare them."""
+        import deepspeed
+
+        module = self.model.module
+        named = [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
+        if self.stage == 3 and named:
+            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+                out = {n: p.detach().to("cpu", copy=True) for n, p in named}
+        else:
+            out = {n: p.detach().to("cpu", copy=True) for n, p in named}
+        # Frozen weights kept whole as buffers (zero3_replicate_frozen) under their own names.
+        qualname = {id(m): n for n, m in module.named_modules()}
+        for owner, name, tensor in self.frozen_buffers:
+            prefix = qualname[id(owner)]
+            out.setdefault(f"{prefix}.{name}" if prefix else name, tensor.detach().to("cpu", copy=True))
+        return out
+
     def save(self, folder: str) -> None:
         # Frozen weights come back from the base model: keep them out of the files.
         self.model.save_checkpoint(folder, tag=TAG, save_latest=False, exclude_frozen_parameters=True)
