@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-data", default=None, help="held-out data (default: held-out split of --data)")
     t.add_argument("--out", required=True)
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--cache-frozen-prefix", action="store_true", default=None,
+                   help="replay the frozen prefix's outputs after the first epoch (skips its forward)")
+    t.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="non-reentrant checkpointing of the trainable blocks only")
     t.add_argument("--dry-run", action="store_true", help="print the launch command and exit")
     t.add_argument("--nnodes", type=int, default=1)
     t.add_argument("--node-rank", type=int, default=0)
@@ -148,7 +152,9 @@ def dispatch(args) -> int:
         from lfdist.launch.commands import Nodes
 
         cfg = _config(args, {"train": {"engine": args.engine, "zero_stage": args.zero_stage,
-                                       "nproc": args.nproc, "steps": args.steps},
+                                       "nproc": args.nproc, "steps": args.steps,
+                                       "cache_frozen_prefix": args.cache_frozen_prefix,
+                                       "activation_checkpointing": args.activation_checkpointing},
                              "data": {"eval_spec": args.eval_data}})
         nodes = Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint, args.hostfile)
         metrics = pipeline.train(cfg, args.plan, args.out, resume=args.resume, dry_run=args.dry_run, nodes=nodes)

@@ -91,6 +91,8 @@ class TrainConfig:
     save_every: int = 0  # 0: save only at the end
     log_every: int = 1
     deepspeed_config: str | None = None  # user JSON; "auto" values are filled from here
+    cache_frozen_prefix: bool = False  # replay the frozen prefix's outputs after the first epoch
+    cache_max_gib: float = 4.0  # host memory the prefix cache may use
     zero3_replicate_frozen: bool = False  # ZeRO-3: keep frozen params whole on every rank (no all-gather)
     launcher: str = "auto"  # auto: torchrun, or the deepspeed launcher for deepspeed; ray: Ray Train
 

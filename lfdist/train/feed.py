@@ -46,9 +46,9 @@ class StepFeeder:
         start = within * self.global_batch + self.rank * self.micro * self.accum
         return self._permutation(epoch)[start : start + self.micro * self.accum]
 
-    def micro_batches(self, step: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    def micro_indices(self, step: int) -> list[torch.Tensor]:
         idx = self.indices(step)
-        return [
-            {k: v[idx[i : i + self.micro]].to(device) for k, v in self.data.items()}
-            for i in range(0, len(idx), self.micro)
-        ]
+        return [idx[i : i + self.micro] for i in range(0, len(idx), self.micro)]
+
+    def micro_batches(self, step: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+        return [{k: v[idx].to(device) for k, v in self.data.items()} for idx in self.micro_indices(step)]

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lfdist.config import config_from_dict
+from lfdist.errors import UserError
 from lfdist.engines import build_engine
 from lfdist.model.apply import apply_plan
 from lfdist.model.blocks import find_blocks
@@ -51,6 +52,7 @@ def run_training(job: dict, world) -> None:
     frozen_before = _digest({n: p for n, p in model.named_parameters() if not p.requires_grad}) \
         if job.get("check_frozen") else None
     checkpointed = checkpoint_trainable_blocks(model) if tc.activation_checkpointing else []
+    cache = _prefix_cache(model, plan, prepared, cfg) if tc.cache_frozen_prefix else None
     t_build = time.perf_counter()
     engine = build_engine(tc.engine, model, tc, world)
     build_s = time.perf_counter() - t_build
@@ -74,13 +76,16 @@ def run_training(job: dict, world) -> None:
     before = evaluate(engine.model, prepared.heldout, cfg.model.task, tc.batch_size, world.device) \
         if do_eval and start == 0 else None
     last = min(tc.steps, job.get("stop_after") or tc.steps)  # stop_after: a simulated preemption
-    result = train_loop(engine, feeder, replace(tc, steps=last), world, start, save, tracer)
+    result = train_loop(engine, feeder, replace(tc, steps=last), world, start, save, tracer,
+                        before_micro=cache.select if cache else None)
     tracer.remove()
     save(last)
     frozen_after = _digest(engine.full_frozen_state()) if job.get("check_frozen") else None
     memory = peak_memory_bytes(world.device)
     per_rank = _gather({"rank": world.rank, **result["counts"], "memory": memory})
     quality = None
+    if cache is not None:
+        cache.off()
     if do_eval:
         quality = evaluate(engine.model, prepared.heldout, cfg.model.task, tc.batch_size, world.device)
     if world.is_main:
@@ -101,9 +106,22 @@ def run_training(job: dict, world) -> None:
             "eval_before": before,
             "resumed_from": start,
             "checkpointed_blocks": checkpointed,
+            "prefix_cache": {"hits": cache.hits, "misses": cache.misses} if cache else None,
             "frozen_digest": {"before": frozen_before, "after": frozen_after},
         }
         _merge_metrics(os.path.join(out, "metrics.json"), metrics)
+
+
+def _prefix_cache(model, plan, prepared, cfg):
+    from lfdist.train.prefix_cache import install_prefix_cache
+
+    if cfg.train.engine == "deepspeed" and cfg.train.zero_stage == 3:
+        raise UserError("--cache-frozen-prefix is not supported with ZeRO-3 (its parameter fetch "
+                        "follows the module trace); use ZeRO-1/2, FSDP2 or DDP")
+    n, seq = prepared.train["input_ids"].shape
+    element = next(model.parameters()).element_size()
+    return install_prefix_cache(find_blocks(model).blocks(model), plan.boundary, n, seq,
+                                model.config.hidden_size, element, int(cfg.train.cache_max_gib * 2**30))
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:

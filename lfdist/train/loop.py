@@ -22,7 +22,8 @@ def _mean_across_ranks(value: float, device: torch.device) -> float:
 
 
 def train_loop(engine, feeder: StepFeeder, cfg, world, start_step: int,
-               save: Callable[[int], None], tracer=None, log: Callable[[str], None] = print) -> dict:
+               save: Callable[[int], None], tracer=None, log: Callable[[str], None] = print,
+               before_micro: Callable | None = None) -> dict:
     """Runs steps start_step..cfg.steps-1. Returns per-step losses, times and first-step counts."""
     losses, times, counts = {}, [], {}
     engine.model.train()
@@ -30,7 +31,11 @@ def train_loop(engine, feeder: StepFeeder, cfg, world, start_step: int,
     progress = _progress(cfg.steps, start_step, world)
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
-        micro_losses = [engine.micro_step(b, scale) for b in feeder.micro_batches(step, world.device)]
+        micro_losses = []
+        for idx, batch in zip(feeder.micro_indices(step), feeder.micro_batches(step, world.device)):
+            if before_micro is not None:
+                before_micro(idx)  # e.g. tell the prefix cache which examples come next
+            micro_losses.append(engine.micro_step(batch, scale))
         if step == start_step:
             counts["after_backward"] = engine.local_counts()
             if tracer is not None:

@@ -159,3 +159,34 @@ def test_deepspeed_zero3_resume_is_exact(tmp_path):
     assert resumed["resumed_from"] == 3
     for step in straight["losses"]:
         assert resumed["losses"][step] == pytest.approx(straight["losses"][step], rel=1e-6, abs=1e-7)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="loss became nan at step"):
+        launch_training(_cfg("ddp", steps=4, save_every=1, lr=1e30, max_grad_norm=0.0),
+                        _plan(tmp_path, PREFIX), str(tmp_path / "run"))
+    ckpts = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir() if p.name.startswith("step-"))
+    assert ckpts and (tmp_path / "run/checkpoints/latest").read_text() == ckpts[-1]
+    from lfdist.train.checkpoint import verify
+
+    verify(str(tmp_path / "run/checkpoints" / ckpts[-1]))  # complete and checksummed
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_prefix_cache_gives_the_same_losses_over_two_epochs(tmp_path, engine):
+    def run(out, **kw):
+        cfg = config_from_dict({
+            "model": {"spec": "tiny:llama"},
+            "data": {"spec": "synthetic:lm:30", "seq_len": 32, "max_examples": 20},
+            "train": {"engine": engine, "nproc": 2, "steps": 2 * 5 + 1, "batch_size": 2, "lr": 1e-3, **kw},
+        })
+        return launch_training(cfg, _plan(tmp_path, PREFIX), str(tmp_path / out), job_extra={"evaluate": True})
+
+    plain = run("plain")
+    assert plain["data"]["n_examples"] >= 20  # capped to 20: 5 steps an epoch, 11 steps span 3 epochs
+    cached = run("cached", cache_frozen_prefix=True)
+    # Epoch 1 records (each rank keeps every rank's examples), later epochs replay.
+    assert cached["prefix_cache"] == {"hits": 12, "misses": 10}
+    for step, loss in plain["losses"].items():
+        assert cached["losses"][step] == pytest.approx(loss, rel=1e-5), step
+    assert cached["eval"]["loss"] == pytest.approx(plain["eval"]["loss"], rel=1e-5)
