@@ -79,7 +79,7 @@ def _in_process(info, plans) -> list[dict]:
         apply_plan(model, make_plan_for(model, treatments, name))
         saved: dict[tuple, int] = {}
 
-        def pack(t):
+        def pack(t, saved=saved):
             # A tensor saved by several ops is stored once: count each storage once; weights
             # saved for backward are parameters, not activations.
             if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):

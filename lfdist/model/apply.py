@@ -3,6 +3,7 @@
 Runs before any engine wraps the model, so FSDP units and ZeRO partitions see the final
 trainable set. Never calls enable_input_require_grads: with embeddings frozen, autograd
 records nothing below the lowest trainable block, which is what truncates backward.
+The `lora` and `mask` treatments first change the blocks' modules (lfdist.model.treatments).
 """
 
 from __future__ import annotations
@@ -46,12 +47,11 @@ def apply_plan(model: nn.Module, plan: Plan, check_fingerprint: bool = True) -> 
         plan.check_model(fingerprint(model))
     bmap = find_blocks(model)
     blocks = bmap.blocks(model)
-    unsupported = {b.treatment for b in plan.blocks} & {"lora", "mask"}
-    if unsupported:
-        raise UserError(
-            f"treatment {sorted(unsupported)[0]!r} is not available in this build yet; "
-            "use frozen, full or bias treatments"
-        )
+    structural = {}  # block -> local names the lora / mask treatments train
+    if {b.treatment for b in plan.blocks} & {"lora", "mask"}:
+        from lfdist.model.treatments import apply_treatments
+
+        structural = apply_treatments(model, plan, bmap.path)
     bias_sets = {b.index: bias_like(blocks[b.index]) for b in plan.blocks if b.treatment == "bias"}
     trainable, frozen, names = 0, 0, []
     for name, p in model.named_parameters():
@@ -61,7 +61,11 @@ def apply_plan(model: nn.Module, plan: Plan, check_fingerprint: bool = True) -> 
         else:
             t = plan.blocks[i].treatment
             local = name[len(bmap.path) + 1 :].split(".", 1)[1]
-            on = t == "full" or (t == "bias" and local in bias_sets[i])
+            on = (
+                t == "full"
+                or (t == "bias" and local in bias_sets[i])
+                or local in structural.get(i, ())
+            )
         p.requires_grad_(on)
         if on:
             trainable += p.numel()

@@ -26,7 +26,7 @@ class ProbeResult:
     model_info: dict[str, Any]
     data_info: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
-    curves: dict[str, list[float]] = field(default_factory=dict)
+    curves: dict[str, Any] = field(default_factory=dict)  # per-layer lists; pilot records
 
     @property
     def n_blocks(self) -> int:

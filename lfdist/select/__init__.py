@@ -13,7 +13,18 @@ from lfdist.errors import UserError
 from lfdist.plan import DEFAULT_MODULES, BlockPlan, Plan
 from lfdist.probe.result import ProbeResult
 from lfdist.registry import get_strategy
-from lfdist.select import all_blocks, bottom, gradnorm, random_blocks, salf, top  # noqa: F401  (register)
+from lfdist.select import (  # noqa: F401  (register)
+    all_blocks,
+    bottom,
+    critical,
+    gradnorm,
+    lisa,
+    mask,
+    random_blocks,
+    salf,
+    spafit,
+    top,
+)
 from lfdist.select.base import Choice, Context
 from lfdist.select.budget import COST_KEYS, apply_budget, split_settings
 

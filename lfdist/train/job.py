@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from lfdist.config import config_from_dict
-from lfdist.errors import UserError
 from lfdist.engines import build_engine
+from lfdist.errors import UserError
 from lfdist.model.apply import apply_plan
 from lfdist.model.blocks import find_blocks
 from lfdist.model.checkpointing import checkpoint_trainable_blocks
