@@ -1,10 +1,12 @@
 """Small builders shared by tests."""
 
-from lfdist.model.blocks import find_blocks, fingerprint
-from lfdist.plan import BlockPlan, Plan
+from dataclasses import replace
+
+from lfdist.train.measure import make_plan_for
 
 
 def make_plan(model, treatments, strategy="test", **fields):
-    bmap = find_blocks(model)
-    blocks = tuple(BlockPlan(i, f"{bmap.path}.{i}", t, score=float(i)) for i, t in enumerate(treatments))
-    return Plan(strategy=strategy, fingerprint=fingerprint(model), blocks=blocks, **fields)
+    """A plan with these block treatments (block i scored i, so scores round-trip too)."""
+    plan = make_plan_for(model, treatments, strategy)
+    blocks = tuple(replace(b, score=float(b.index)) for b in plan.blocks)
+    return replace(plan, blocks=blocks, **fields)

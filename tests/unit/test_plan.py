@@ -5,13 +5,12 @@ from lfdist.model.apply import apply_plan
 from lfdist.model.blocks import find_blocks, fingerprint
 from lfdist.model.tiny import build_tiny
 from lfdist.plan import BlockPlan, Plan, load_plan, save_plan
+from tests import helpers
 
 
 def make_plan(model, treatments, strategy="test"):
-    bmap = find_blocks(model)
-    blocks = tuple(BlockPlan(i, f"{bmap.path}.{i}", t, score=float(i)) for i, t in enumerate(treatments))
-    return Plan(strategy=strategy, fingerprint=fingerprint(model), blocks=blocks,
-                budget={"blocks": 4}, scores={"gain": [0.1] * len(treatments)}, predicted={"flops_fraction": 0.5})
+    return helpers.make_plan(model, treatments, strategy, budget={"blocks": 4},
+                             scores={"gain": [0.1] * len(treatments)}, predicted={"flops_fraction": 0.5})
 
 
 def test_round_trip(tmp_path):
