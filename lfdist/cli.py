@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--orchestrator", choices=["local", "ray"], default=None)
     q.add_argument("--workers", type=int, default=None)
     q.add_argument("--gradnorm", action="store_true", default=None, help="also one backward pass (gradnorm strategy)")
+    q.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS or a local Ray)")
+    q.add_argument("--stream-layers", action="store_true", default=None,
+                   help="load one block at a time (models larger than one device); with --orchestrator ray")
+    q.add_argument("--pilot-steps", type=int, default=None, help="salf pilot fine-tunes of this many steps per depth")
+    q.add_argument("--critical-steps", type=int, default=None, help="all-block pilot for the critical strategy")
     q.add_argument("--out", required=True)
 
     s = sub.add_parser("select", help="turn probe statistics into a plan with a strategy and budget")
@@ -77,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*")
     r.add_argument("--compare-full", action="store_true", help="also train all blocks and report savings")
     r.add_argument("--resume", action="store_true")
+    r.add_argument("--orchestrator", choices=["local", "ray"], default=None,
+                   help="ray: probe with Ray actors and train through Ray Train")
+    r.add_argument("--ray-address", default=None)
 
     e = sub.add_parser("export", help="write a standard HF folder from a checkpoint")
     e.add_argument("--checkpoint", required=True)
@@ -127,7 +135,9 @@ def dispatch(args) -> int:
 
     if args.command == "probe":
         cfg = _config(args, {"probe": {"samples": args.samples, "orchestrator": args.orchestrator, "workers": args.workers,
-                                       "gradnorm": args.gradnorm}})
+                                       "gradnorm": args.gradnorm, "ray_address": args.ray_address,
+                                       "stream_layers": args.stream_layers, "pilot_steps": args.pilot_steps,
+                                       "critical_steps": args.critical_steps}})
         pipeline.probe(cfg, args.out)
         print(f"wrote {args.out}")
     elif args.command == "select":
@@ -167,7 +177,12 @@ def dispatch(args) -> int:
         from lfdist.config import load_config
         from lfdist.summary import run_summary
 
-        cfg = load_config(args.config, args.overrides)
+        extra = []
+        if args.orchestrator == "ray":
+            extra += ["probe.orchestrator=ray", "train.launcher=ray"]
+        if args.ray_address:
+            extra.append(f"probe.ray_address={args.ray_address}")
+        cfg = load_config(args.config, [*args.overrides, *extra])
         print(run_summary(pipeline.run(cfg, compare_full=args.compare_full, resume=args.resume)))
     elif args.command == "export":
         from lfdist.train.export import export

@@ -33,6 +33,7 @@ def probe(cfg: RunConfig, out: str, overwrite: bool = False, progress: bool = Tr
     if not overwrite:
         _refuse_overwrite(out, "probe file")
     _check_parent(out)
+    prepared = None
     if cfg.probe.orchestrator == "ray":
         from lfdist.orchestrate.probe import ray_probe
 
@@ -44,8 +45,32 @@ def probe(cfg: RunConfig, out: str, overwrite: bool = False, progress: bool = Tr
             samples=cfg.probe.samples, progress=progress, gradnorm=cfg.probe.gradnorm,
             data_fingerprint=prepared.data_info.get("fingerprint"),
         )
+    if cfg.probe.pilot_steps or cfg.probe.critical_steps:
+        _pilots(cfg, result, prepared or prepare(cfg))
     result.save(out)
     return result
+
+
+def _pilots(cfg: RunConfig, result, prepared) -> None:
+    """Short pilot fine-tunes (salf's `pilot` estimator, `critical`), same recipe as the run."""
+    from lfdist.probe.pilot import attach, pilot_depths, run_critical, run_pilots
+
+    pc, tc = cfg.probe, cfg.train
+    recipe = dict(lr=tc.lr, seed=tc.seed, batch_size=tc.batch_size * tc.grad_accum * tc.nproc,
+                  weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm)
+    model, data, task = prepared.loaded.model, prepared.train, cfg.model.task
+    if pc.pilot_steps:
+        if pc.orchestrator == "ray":  # one Ray task per depth, same gains as one after another
+            from lfdist.orchestrate.pilot import ray_pilots
+
+            depths = pilot_depths(pc.pilot_depths, result.n_blocks)
+            record = ray_pilots(cfg, data, depths, steps=pc.pilot_steps, run_steps=tc.steps, **recipe)
+        else:
+            record = run_pilots(model, data, task, depths=pc.pilot_depths, steps=pc.pilot_steps,
+                                run_steps=tc.steps, **recipe)
+        attach(result, "pilot", record)
+    if pc.critical_steps:
+        attach(result, "critical", run_critical(model, data, task, steps=pc.critical_steps, **recipe))
 
 
 def select(probe_path: str, strategy: str, budget: dict, options: dict, out: str,
@@ -66,6 +91,12 @@ def train(cfg: RunConfig, plan_path: str, out: str, resume: bool = False, dry_ru
     from lfdist.launch.commands import Nodes
     from lfdist.launch.run import launch_training
 
+    if cfg.train.launcher == "ray":
+        from lfdist.orchestrate.train import ray_train
+
+        if dry_run:
+            raise UserError("--dry-run prints torchrun/deepspeed commands; Ray Train has none to print")
+        return ray_train(cfg, plan_path, out, resume=resume)
     return launch_training(cfg, plan_path, out, resume=resume, dry_run=dry_run, nodes=nodes or Nodes())
 
 
@@ -79,6 +110,17 @@ def evaluate_model(cfg: RunConfig) -> dict:
 
 def run(cfg: RunConfig, compare_full: bool = False, resume: bool = False) -> dict:
     """probe -> select -> train as configured, all under cfg.out."""
+    if cfg.probe.orchestrator == "ray" or cfg.train.launcher == "ray":
+        from lfdist.orchestrate.cluster import ray_session
+
+        # One Ray for the probe, the pilots and training (each start costs seconds).
+        cpus = max(os.cpu_count() or 1, cfg.probe.workers, cfg.train.nproc)
+        with ray_session(cfg.probe.ray_address, num_cpus=cpus):
+            return _run(cfg, compare_full, resume)
+    return _run(cfg, compare_full, resume)
+
+
+def _run(cfg: RunConfig, compare_full: bool, resume: bool) -> dict:
     out = cfg.out
     if os.path.exists(os.path.join(out, "plan.yaml")) and not resume:
         raise UserError(f"output folder {out!r} already holds a run; pass --resume or choose another out=")
@@ -87,6 +129,8 @@ def run(cfg: RunConfig, compare_full: bool = False, resume: bool = False) -> dic
     if not os.path.exists(plan_path):
         if cfg.select.strategy == "gradnorm":  # it ranks blocks by gradients: probe them too
             cfg = replace(cfg, probe=replace(cfg.probe, gradnorm=True))
+        if cfg.select.strategy == "critical" and not cfg.probe.critical_steps:
+            cfg = replace(cfg, probe=replace(cfg.probe, critical_steps=50))  # the paper's pilot
         probe(cfg, probe_path, overwrite=True)
         select(probe_path, cfg.select.strategy, cfg.select.budget, _select_options(cfg), plan_path, overwrite=True)
     result = {"plan": plan_path, "train": train(cfg, plan_path, os.path.join(out, "train"), resume=resume)}

@@ -15,11 +15,13 @@ from lfdist.launch.commands import Nodes, deepspeed_command, shell_line, torchru
 def validate(cfg: RunConfig, plan_path: str, out: str, resume: bool) -> None:
     """Every check a rank would fail on, done once up front in this process."""
     from lfdist.model.blocks import fingerprint
+    from lfdist.model.treatments import check_engine_supports
     from lfdist.plan import load_plan
     from lfdist.train.checkpoint import latest_checkpoint
     from lfdist.train.prepare import prepare
 
     plan = load_plan(plan_path)
+    check_engine_supports(plan, cfg.train.engine)
     has_run = latest_checkpoint(os.path.join(out, "checkpoints")) is not None
     if has_run and not resume:
         raise UserError(f"output folder {out!r} already holds a run; pass --resume to continue it or choose another --out")

@@ -40,7 +40,13 @@ def export(checkpoint: str, out: str) -> str:
     m = state["model"]
     loaded = load_model(m["spec"], m["task"], num_labels=state.get("num_labels", 2), dtype=m["dtype"])
     model = loaded.model
-    load_plan(os.path.join(folder, "plan.yaml")).check_model(fingerprint(model))
+    plan = load_plan(os.path.join(folder, "plan.yaml"))
+    plan.check_model(fingerprint(model))
+    adapted = any(b.treatment in ("lora", "mask") for b in plan.blocks)
+    if adapted:  # the checkpoint holds adapter/mask parameters: rebuild them, then fold them in
+        from lfdist.model.apply import apply_plan
+
+        apply_plan(model, plan)
     trained = load_file(os.path.join(folder, "trainable.safetensors"))
     known = model.state_dict()
     unknown = sorted(set(trained) - set(known))
@@ -52,6 +58,16 @@ def export(checkpoint: str, out: str) -> str:
     model.load_state_dict(trained, strict=False)
     tmp = out.rstrip("/") + ".tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if adapted:
+        from safetensors.torch import save_file
+
+        from lfdist.model.treatments import export_masks, merge_treatments
+
+        masks = export_masks(model)
+        if masks:  # the task as bit masks over the base weights, besides the merged model
+            save_file(masks, os.path.join(tmp, "lfdist_masks.safetensors"))
+        model = merge_treatments(model)
     model.save_pretrained(tmp)
     loaded.tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "lfdist_export.json"), "w") as f:

@@ -1,0 +1,330 @@
+"""Ray probe: calibration examples sharded across actors, statistics merged exactly.
+
+The driver tokenizes the data once, picks the same evenly spaced examples as run_probe, and cuts
+them into contiguous shards on batch boundaries, so every actor runs exactly the batches the
+in-process probe runs; `merge_results` then only adds float64 sums (and concatenates the
+classifier sketch by global example index). Each actor holds a model replica (`num_gpus=1` where
+the cluster has GPUs, else CPU actors with a set thread count), or with `probe.stream_layers`
+streams the blocks one at a time (`stream.py`). An actor that dies or fails is replaced and its
+shard re-run, up to `max_attempts`; then a UserError names the shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from lfdist.config import RunConfig
+from lfdist.errors import UserError
+from lfdist.probe import ProbeResult, merge_results
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    start: int  # first picked example (global index among the picked ones)
+    stop: int
+
+
+def shard_ranges(n: int, workers: int, batch_size: int) -> list[Shard]:
+    """Contiguous shards of n examples cut on batch boundaries, as even as batches allow."""
+    batches = -(-n // batch_size)
+    parts = min(workers, batches)
+    cuts = [min(n, (k * batches // parts) * batch_size) for k in range(parts + 1)]
+    return [Shard(k, cuts[k], cuts[k + 1]) for k in range(parts)]
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer `load_model` would return for `spec`, without loading the weights."""
+    if spec.startswith("tiny:"):
+        from lfdist.model.tokenizer import ByteTokenizer
+
+        return ByteTokenizer()
+    import transformers
+
+    from lfdist.model.specs import resolve_folder
+
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(resolve_folder(spec) or spec)
+    except OSError as e:
+        raise UserError(
+            f"cannot load the tokenizer of {spec!r}: {str(e).splitlines()[0]}"
+        ) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def model_spec(cfg: RunConfig, tokenizer=None) -> dict:
+    """What a Ray worker needs to load the model exactly as prepare() does (plain data)."""
+    from lfdist.data import load_text_data
+
+    d = cfg.data
+    num_labels = 2
+    if cfg.model.task == "classify":  # the head's width comes from the data's labels
+        labels = load_text_data(d.spec, "classify", d.text_column, d.label_column).label_names
+        num_labels = len(labels)
+    tok = tokenizer or load_tokenizer(cfg.model.spec)
+    return {
+        "spec": cfg.model.spec,
+        "task": cfg.model.task,
+        "num_labels": num_labels,
+        "dtype": cfg.model.dtype,
+        "seed": cfg.train.seed,
+        "pad_token_id": tok.pad_token_id,
+    }
+
+
+def probe_data(cfg: RunConfig) -> tuple[dict, dict, dict]:
+    """(picked calibration tensors, data info, model_spec) for a Ray probe."""
+    import torch
+
+    from lfdist.data import load_task_data
+
+    d = cfg.data
+    tok = load_tokenizer(cfg.model.spec)
+    train, _, info = load_task_data(
+        d.spec,
+        cfg.model.task,
+        tok,
+        d.seq_len,
+        heldout_fraction=d.heldout_fraction,
+        text_column=d.text_column,
+        label_column=d.label_column,
+        max_examples=d.max_examples,
+        eval_spec=d.eval_spec,
+    )
+    n_total = int(train["input_ids"].shape[0])
+    if n_total == 0:
+        raise UserError(
+            f"the calibration data {d.spec!r} is empty; give data with at least one example"
+        )
+    n = min(cfg.probe.samples, n_total)
+    if n < n_total:  # run_probe's pick: evenly spaced, not the first n
+        pick = torch.arange(n) * n_total // n
+        train = {k: v[pick] for k, v in train.items()}
+    return train, dict(info), model_spec(cfg, tok)
+
+
+def ray_probe(
+    cfg: RunConfig,
+    progress: bool = True,
+    *,
+    max_attempts: int = MAX_ATTEMPTS,
+    inject_faults: dict[int, int] | None = None,
+) -> ProbeResult:
+    """Probe as cfg says on `cfg.probe.workers` Ray actors; equals the in-process probe.
+
+    `inject_faults` (tests): {shard: k} makes the first k attempts of that shard's actor die
+    mid-probe (os._exit), to exercise the retries.
+    """
+    from lfdist.orchestrate.cluster import ray_session
+
+    if cfg.probe.stream_layers and cfg.probe.gradnorm:
+        raise UserError(
+            "probe.gradnorm needs a backward pass through the whole model, which layer "
+            "streaming never holds; turn off probe.stream_layers or probe.gradnorm"
+        )
+    t0 = time.perf_counter()
+    data, info, model = probe_data(cfg)
+    n = int(data["input_ids"].shape[0])
+    shards = shard_ranges(n, cfg.probe.workers, cfg.probe.batch_size)
+    opts = {
+        "batch_size": cfg.probe.batch_size,
+        "gradnorm": cfg.probe.gradnorm,
+        "stream": cfg.probe.stream_layers,
+        "fingerprint": info.get("fingerprint"),
+    }
+    with ray_session(cfg.probe.ray_address, num_cpus=max(os.cpu_count() or 1, len(shards))) as res:
+        outs = _run_shards(
+            res, shards, data, model, opts, max_attempts, inject_faults or {}, progress
+        )
+    result = merge_results([r for r, _ in outs])
+    result.data_info["shards"] = [
+        {"index": s.index, "examples": [s.start, s.stop], **facts}
+        for s, (_, facts) in zip(shards, outs)
+    ]
+    result.timings["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+class ProbeActor:
+    """One model replica probing one shard; the driver wraps it with ray.remote."""
+
+    def __init__(self, model: dict, threads: int, device: str):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.spec, self.device = model, device
+
+    def probe(self, data: dict, start: int, stop: int, opts: dict, fault: str | None):
+        import ray
+
+        t0 = time.perf_counter()
+        shard = {k: v[start:stop] for k, v in data.items()}
+        if opts["stream"]:
+            result, facts = self._stream(shard, start, opts, fault)
+        else:
+            result, facts = self._replica(shard, start, opts, fault), {}
+        node = ray.get_runtime_context().get_node_id()
+        return result, {"node": node, "seconds": time.perf_counter() - t0, **facts}
+
+    def _replica(self, shard: dict, start: int, opts: dict, fault: str | None) -> ProbeResult:
+        from lfdist.model.blocks import find_blocks
+        from lfdist.probe import run_probe
+
+        m = self.spec
+        model = load_replica(m, self.device)
+        if fault == "exit":  # die inside the forward pass of the first batch
+            blocks = find_blocks(model).blocks(model)
+            blocks[len(blocks) // 2].register_forward_pre_hook(lambda *_: os._exit(1))
+        return run_probe(
+            model,
+            shard,
+            m["task"],
+            batch_size=opts["batch_size"],
+            samples=None,
+            progress=False,
+            gradnorm=opts["gradnorm"],
+            data_fingerprint=opts["fingerprint"],
+            example_offset=start,
+        )
+
+    def _stream(self, shard: dict, start: int, opts: dict, fault: str | None):
+        import tempfile
+
+        from lfdist.orchestrate.stream import stream_probe
+
+        m = self.spec
+
+        def before_block(i: int) -> None:
+            if fault == "exit" and i == 1:  # die after a block was loaded and run
+                os._exit(1)
+
+        with tempfile.TemporaryDirectory(prefix="lfdist-stream-") as tmp:
+            folder = model_folder(m, tmp)
+            return stream_probe(
+                folder,
+                shard,
+                m["task"],
+                num_labels=m["num_labels"],
+                dtype=m["dtype"],
+                pad_token_id=m["pad_token_id"],
+                batch_size=opts["batch_size"],
+                data_fingerprint=opts["fingerprint"],
+                example_offset=start,
+                device=self.device,
+                before_block=before_block,
+            )
+
+
+def model_folder(m: dict, tmp: str) -> str:
+    """A local safetensors folder for the model: tiny models are saved into `tmp` first (on the
+    actor's own node), hub ids are fetched (weights and config only)."""
+    from lfdist.model.specs import resolve_folder
+
+    spec = m["spec"]
+    if spec.startswith("tiny:"):
+        from lfdist.model.tiny import build_tiny
+
+        build_tiny(spec[5:], m["task"], num_labels=m["num_labels"], seed=m["seed"]).save_pretrained(
+            tmp
+        )
+        return tmp
+    folder = resolve_folder(spec)
+    if folder is not None:
+        return folder
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(spec, allow_patterns=["*.json", "*.safetensors"])
+
+
+def load_replica(m: dict, device: str):
+    from lfdist.model.specs import load_model
+
+    loaded = load_model(
+        m["spec"], m["task"], num_labels=m["num_labels"], dtype=m["dtype"], seed=m["seed"]
+    )
+    return loaded.model.to(device)
+
+
+def _actor_class(res, threads: int):
+    import ray
+
+    resources = {"num_gpus": 1, "num_cpus": 1} if res.gpus >= 1 else {"num_cpus": threads}
+    # SPREAD: one replica per node first, so a multi-node cluster shares the work.
+    return ray.remote(
+        max_restarts=0, max_task_retries=0, scheduling_strategy="SPREAD", **resources
+    )(ProbeActor)
+
+
+def _run_shards(res, shards, data, model, opts, max_attempts, faults, progress):
+    import ray
+    from tqdm.auto import tqdm
+
+    from lfdist.orchestrate.cluster import threads_per_actor
+
+    threads = threads_per_actor(res, len(shards))
+    actor_cls = _actor_class(res, threads)
+    data_ref = ray.put(data)
+    device = "cuda" if res.gpus >= 1 else "cpu"
+    attempts = dict.fromkeys(range(len(shards)), 0)
+    running: dict = {}  # object ref -> (shard, actor)
+
+    def submit(shard: Shard) -> None:
+        attempts[shard.index] += 1
+        fault = "exit" if faults.get(shard.index, 0) >= attempts[shard.index] else None
+        actor = actor_cls.remote(model, threads, device)
+        ref = actor.probe.remote(data_ref, shard.start, shard.stop, opts, fault)
+        running[ref] = (shard, actor)
+
+    for shard in shards:
+        submit(shard)
+    outs: dict[int, tuple] = {}
+    bar = tqdm(
+        total=shards[-1].stop,
+        desc="probe (ray)",
+        unit="ex",
+        disable=not progress or not sys.stderr.isatty(),
+    )
+    try:
+        while running:
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            shard, actor = running.pop(ref)
+            try:
+                result, facts = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 — decide below: bad input stops, anything else retries
+                ray.kill(actor, no_restart=True)
+                _retry_or_raise(e, shard, attempts[shard.index], max_attempts)
+                submit(shard)
+                continue
+            ray.kill(actor, no_restart=True)  # frees its CPUs/GPU for a queued shard
+            outs[shard.index] = (result, {**facts, "attempts": attempts[shard.index]})
+            bar.update(shard.stop - shard.start)
+    finally:
+        bar.close()
+        for _, actor in running.values():
+            ray.kill(actor, no_restart=True)
+    return [outs[s.index] for s in shards]
+
+
+def _retry_or_raise(error: Exception, shard: Shard, attempt: int, max_attempts: int) -> None:
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, UserError):  # bad input fails the same way on every retry
+        raise UserError(str(cause)) from None
+    first = str(cause or error).strip().splitlines()
+    reason = f"{type(cause or error).__name__}: {first[0] if first else ''}".strip()
+    where = f"probe shard {shard.index} (examples {shard.start}..{shard.stop - 1})"
+    if attempt >= max_attempts:
+        raise UserError(
+            f"{where} failed {attempt} times, last with {reason}; check the actors' logs under "
+            "the Ray session folder, or give the actors more memory or fewer probe.samples"
+        ) from None
+    log.warning("%s lost on attempt %d (%s); retrying on a new actor", where, attempt, reason)

@@ -1,0 +1,203 @@
+"""Layer-streamed probe: blocks loaded one at a time from safetensors, hidden states passed on.
+
+For models larger than one device. The model is built on the meta device; only the embeddings,
+the final norm and (causal LM) the head the logit lens reads are loaded for the whole run.
+Layer-major: every batch first runs through the embeddings while each block's forward is
+replaced by a recorder of its call (masks, position embeddings: whatever the model hands its
+blocks); then block 0 is loaded, every batch's hidden state goes through it, it is dropped,
+block 1 is loaded, and so on. Resident weights: one block + embeddings + final norm + head.
+
+The statistics are added in run_probe's order (per latent space, batches in order) with the
+same ProbeStats code, so they equal the in-process probe's. No ray here: the Ray actors in
+`probe.py` call `stream_probe` on their data shard.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lfdist.orchestrate.block_loader import StreamedModel
+from lfdist.probe import ProbeResult, ProbeStats, model_info
+from lfdist.probe.deviation import derive_curves
+from lfdist.probe.hooks import find_final_norm, logit_lens, target_positions
+from lfdist.probe.run import _LENS_ELEMENTS, _check_data  # same chunking, same input checks
+from lfdist.probe.stats import SKETCH_DIM, sketch_matrix
+
+
+class _Stop(Exception):
+    """Raised by the last block's recorder: the embeddings' work for this batch is done."""
+
+
+Call = tuple[tuple, dict, bool]  # a block call without its hidden state: args, kwargs, positional
+
+
+def _call_block(block: nn.Module, call: Call, h: torch.Tensor) -> torch.Tensor:
+    rest, kwargs, positional = call
+    out = block(h, *rest, **kwargs) if positional else block(hidden_states=h, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _record_calls(
+    sm: StreamedModel, batches: list[dict], returns_tuple: bool, only_first: bool = False
+) -> tuple[list[torch.Tensor], list[list[Call]]]:
+    """Per batch: h_0 (the embeddings' output) and, per block, how the model calls it."""
+    blocks = sm.bmap.blocks(sm.model)
+    last = 0 if only_first else len(blocks) - 1
+    h0: list[torch.Tensor] = []
+    calls: list[list[Call]] = []
+
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            if args:
+                h, call = args[0], (args[1:], kwargs, True)
+            else:
+                kwargs = dict(kwargs)
+                h, call = kwargs.pop("hidden_states"), ((), kwargs, False)
+            if i == 0:
+                h0.append(h)
+            calls[-1].append(call)
+            if i == last:
+                raise _Stop
+            return (h,) if returns_tuple else h  # the next recorder ignores it anyway
+
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)
+    try:
+        for batch in batches:
+            calls.append([])
+            try:
+                sm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            except _Stop:
+                pass
+            else:
+                raise RuntimeError("the forward pass never reached the last block")
+    finally:
+        for block in blocks:
+            del block.forward
+    return h0, calls
+
+
+class _Accumulator:
+    """What run_probe's on_latent does for one (latent space, batch): the same ProbeStats calls."""
+
+    def __init__(self, sm: StreamedModel, stats: ProbeStats):
+        model, task = sm.model, sm.task
+        self.stats, self.task = stats, task
+        self.lens = logit_lens(model, sm.bmap) if task == "lm" else None
+        self.norm = find_final_norm(model, sm.bmap) if task == "classify" else None
+        self.proj = sketch_matrix(stats.hidden, stats.sketch_dim) if task == "classify" else None
+        vocab = model.get_output_embeddings().weight.shape[0] if task == "lm" else 1
+        self.chunk = max(1, _LENS_ELEMENTS // vocab)
+
+    def add(self, layer: int, h: torch.Tensor, y: torch.Tensor, feats: list) -> None:
+        import torch.nn.functional as F
+
+        s = self.stats
+        s.add_latent(layer, h)
+        if self.task == "lm":
+            for i in range(0, h.shape[0], self.chunk):
+                logits = self.lens(h[i : i + self.chunk]).double()
+                target = y[i : i + self.chunk].to(logits.device)
+                s.ce_sum[layer] += F.cross_entropy(logits, target, reduction="sum").cpu()
+        else:
+            s.add_classes(layer, h, y)
+            z = self.norm(h) if self.norm is not None else h
+            z = z.double().cpu()
+            feats.append(z @ self.proj if self.proj is not None else z)
+
+
+def _returns_tuple(sm: StreamedModel, batch: dict) -> bool:
+    """Call the (loaded) block 0 once: do this architecture's blocks return a tuple?"""
+    h0, calls = _record_calls(sm, [batch], False, only_first=True)
+    block = sm.bmap.blocks(sm.model)[0]
+    rest, kwargs, positional = calls[0][0]
+    out = block(h0[0], *rest, **kwargs) if positional else block(hidden_states=h0[0], **kwargs)
+    return isinstance(out, (tuple, list))
+
+
+def _run_blocks(sm, batches, where, acc, before_block) -> dict:
+    """Latent spaces in order, batches in order within each: run_probe's accumulation order."""
+    sm.load(None)
+    sm.load(0)
+    hidden, calls = _record_calls(sm, batches, _returns_tuple(sm, batches[0]))
+    feats: list[list] = [[] for _ in batches]
+    for b, (bi, ti, y) in enumerate(where):
+        acc.add(0, hidden[b][bi, ti], y, feats[b])
+    peak, load_s = 0, 0.0
+    for i, block in enumerate(sm.bmap.blocks(sm.model)):
+        t = time.perf_counter()
+        if i:
+            sm.load(i)
+        load_s += time.perf_counter() - t
+        peak = max(peak, sm.resident_bytes())
+        if before_block is not None:
+            before_block(i)
+        for b, (bi, ti, y) in enumerate(where):
+            hidden[b] = _call_block(block, calls[b][i], hidden[b])
+            acc.add(i + 1, hidden[b][bi, ti], y, feats[b])
+        sm.drop(i)
+    return {"feats": feats, "peak": peak, "load_s": load_s}
+
+
+def stream_probe(
+    folder: str,
+    data: dict[str, torch.Tensor],
+    task: str,
+    *,
+    num_labels: int = 2,
+    dtype: str = "float32",
+    pad_token_id: int | None = None,
+    batch_size: int = 8,
+    data_fingerprint: str | None = None,
+    example_offset: int = 0,
+    device="cpu",
+    before_block: Callable[[int], None] | None = None,
+) -> tuple[ProbeResult, dict]:
+    """Probe every example of `data` (already picked) streaming the blocks of the model in
+    `folder`. Returns the result and {peak_resident_param_bytes, max_block_bytes,
+    non_block_resident_bytes, total_param_bytes}. `before_block(i)`: a test hook."""
+    t0 = time.perf_counter()
+    sm = StreamedModel(folder, task, num_labels, dtype, pad_token_id, device)
+    info = model_info(sm.model, task)
+    data = _check_data(data, task, info["num_labels"])
+    n = data["input_ids"].shape[0]
+    batches = [
+        {k: v[s : s + batch_size].to(sm.device) for k, v in data.items()}
+        for s in range(0, n, batch_size)
+    ]
+    stats = ProbeStats.empty(
+        task, sm.bmap.n_blocks + 1, info["hidden_size"], info["num_labels"] or 0, SKETCH_DIM
+    )
+    with torch.no_grad():
+        where = [
+            target_positions(task, sm.model, b["input_ids"], b["attention_mask"], b["labels"])
+            for b in batches
+        ]
+        run = _run_blocks(sm, batches, where, _Accumulator(sm, stats), before_block)
+    for b, (_, _, y) in enumerate(where):
+        if task == "classify":
+            index = example_offset + b * batch_size + torch.arange(len(y))
+            stats.add_sketch(torch.stack(run["feats"][b], 1), index, y)
+        stats.examples += len(batches[b]["input_ids"])
+    data_info = {
+        "fingerprint": data_fingerprint,
+        "n_samples": stats.examples,
+        "seq_len": int(data["input_ids"].shape[1]),
+        "n_targets": stats.count,
+    }
+    total = time.perf_counter() - t0
+    timings = {"forward_s": total, "load_s": run["load_s"], "total_s": total}
+    sizes = sm.group_bytes()
+    memory = {
+        "peak_resident_param_bytes": run["peak"],
+        "max_block_bytes": sizes["max_block"],
+        "non_block_resident_bytes": sizes["non_block_resident"],
+        "total_param_bytes": sizes["total"],
+    }
+    return ProbeResult(task, stats, info, data_info, timings, derive_curves(stats, info)), memory

@@ -1,0 +1,152 @@
+"""Training through Ray Train: `TorchTrainer` schedules the ranks, the rank code is lfdist's own.
+
+Ray only schedules and exports the torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT) and opens the process group (gloo on CPU, nccl on GPU); every worker then runs the
+same `lfdist.launch.worker.run_job` -> `lfdist.train.job.run_training` as under torchrun or the
+deepspeed launcher, so FSDP2, DeepSpeed and the rest behave the same. Validation, the job file
+and the result files (out/job.json, out/metrics.json, out/error.txt) are those of
+`lfdist.launch.run.launch_training`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+from lfdist.config import RunConfig
+from lfdist.errors import UserError
+
+
+def ray_train(
+    cfg: RunConfig,
+    plan_path: str,
+    out: str,
+    resume: bool = False,
+    job_extra: dict | None = None,
+    evaluate: bool = True,
+) -> dict:
+    """Train `plan_path` as cfg says on `cfg.train.nproc` Ray Train workers; returns metrics.json.
+
+    Joins `cfg.probe.ray_address` / RAY_ADDRESS when given, else starts a local Ray for the run.
+    """
+    from lfdist.launch.run import validate
+    from lfdist.orchestrate.cluster import ray_session
+
+    validate(cfg, plan_path, out, resume)  # nothing is written on bad input
+    nproc = cfg.train.nproc
+    failure = None
+    with ray_session(cfg.probe.ray_address, num_cpus=max(os.cpu_count() or 1, nproc)) as res:
+        use_gpu = res.gpus >= 1
+        have = res.gpus if use_gpu else res.cpus
+        if have < nproc:
+            kind = "GPUs" if use_gpu else "CPUs"
+            raise UserError(
+                f"the Ray cluster has {have:g} {kind} but train.nproc={nproc} workers need "
+                f"{nproc}; lower train.nproc or add nodes"
+            )
+        job, error_file = _write_job(cfg, plan_path, out, resume, evaluate, job_extra)
+        try:
+            _trainer(cfg, job, use_gpu).fit()
+        except Exception as e:  # noqa: BLE001 — the ranks' own error file says more, read below
+            failure = e
+    _raise_rank_error(error_file, failure)
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f)
+
+
+def _write_job(cfg, plan_path, out, resume, evaluate, job_extra) -> tuple[dict, str]:
+    """out/job.json in launch_training's layout; a stale error file from a last run removed."""
+    os.makedirs(out, exist_ok=True)
+    error_file = os.path.join(out, "error.txt")
+    if os.path.exists(error_file):
+        os.remove(error_file)
+    job = {
+        "config": cfg.to_dict(),
+        "plan": os.path.abspath(plan_path),
+        "out": os.path.abspath(out),
+        "resume": resume,
+        "evaluate": evaluate,
+        **(job_extra or {}),
+    }
+    with open(os.path.join(out, "job.json"), "w") as f:
+        json.dump(job, f, indent=1)
+    return job, error_file
+
+
+def _trainer(cfg: RunConfig, job: dict, use_gpu: bool):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from lfdist.launch.commands import base_env
+
+    tc = cfg.train
+    # OMP_NUM_THREADS, LFDIST_ENGINE and, for DeepSpeed on CPU only, DS_ACCELERATOR=cpu: set in
+    # the workers' environment before they start, as the torchrun/deepspeed builders do.
+    env = base_env(tc.nproc, tc.engine, cuda=use_gpu)
+    return TorchTrainer(
+        _train_worker,
+        train_loop_config={"job": job, "cwd": os.getcwd()},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=tc.nproc, use_gpu=use_gpu),
+        run_config=RunConfig(
+            name=f"ray-train-{time.strftime('%Y%m%d-%H%M%S')}",  # Ray Train's own run folder
+            storage_path=os.path.join(job["out"], "ray"),
+            failure_config=FailureConfig(max_failures=0),  # lfdist resumes from its own checkpoints
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+
+
+def _train_worker(config: dict) -> None:
+    """One Ray Train worker = one rank. Ray has opened the process group already."""
+    import torch.distributed as dist
+
+    from lfdist.launch.worker import run_job
+
+    job = config["job"]
+    rank = int(os.environ.get("RANK", 0))
+    if os.path.isdir(config["cwd"]):  # Ray Train moves workers to its own folder; relative data
+        os.chdir(config["cwd"])  # and DeepSpeed config paths mean the driver's, as under torchrun
+    try:
+        run_job(job)
+    except Exception as e:
+        if not isinstance(e, UserError):
+            traceback.print_exc()
+            _write_error(job, f"CRASH rank {rank}: {type(e).__name__}: {e}")
+        elif rank == 0:
+            _write_error(job, str(e))
+        raise
+    # The gloo exit rule (SPEC 8), as Ray Train needs it: end every rank together and close the
+    # group here. No os._exit: Ray Train must see this function return; it then stops the worker
+    # actors itself, so the interpreter-exit abort never runs.
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def _write_error(job: dict, message: str) -> None:
+    try:
+        with open(os.path.join(job["out"], "error.txt"), "a") as f:
+            f.write(message + "\n")
+    except OSError:
+        pass
+
+
+def _raise_rank_error(error_file: str, failure: Exception | None) -> None:
+    if os.path.exists(error_file):
+        with open(error_file) as f:
+            message = f.read().strip().splitlines()[0]
+        if message.startswith("CRASH"):
+            raise RuntimeError(f"training failed: {message}")
+        raise UserError(message)
+    if failure is not None:
+        first = str(failure).strip().splitlines()
+        raise RuntimeError(
+            f"training under Ray Train failed: {type(failure).__name__}: "
+            f"{first[0] if first else ''}"
+        ) from failure
