@@ -10,6 +10,7 @@ import subprocess
 from lfdist.config import RunConfig
 from lfdist.errors import UserError
 from lfdist.launch.commands import Nodes, deepspeed_command, shell_line, torchrun_command
+from lfdist.launch.worker import raise_rank_error
 
 
 def validate(cfg: RunConfig, plan_path: str, out: str, resume: bool) -> None:
@@ -69,12 +70,7 @@ def launch_training(cfg: RunConfig, plan_path: str, out: str, resume: bool = Fal
     with open(job_path, "w") as f:
         json.dump(job, f, indent=1)
     proc = subprocess.run(argv, env={**os.environ, **env})
-    if os.path.exists(error_file):
-        with open(error_file) as f:
-            message = f.read().strip().splitlines()[0]
-        if message.startswith("CRASH"):
-            raise RuntimeError(f"training failed: {message}")
-        raise UserError(message)
+    raise_rank_error(error_file)
     if proc.returncode != 0:
         raise RuntimeError(f"training failed with exit code {proc.returncode}; see the rank output above")
     with open(os.path.join(out, "metrics.json")) as f:

@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, UserError):
             if rank == 0:
                 print(f"lfdist: error: {e}", file=sys.stderr)
-                _write_error(job, str(e))
+                write_error(job, str(e))
         else:
             traceback.print_exc()
-            _write_error(job, f"CRASH rank {rank}: {type(e).__name__}: {e}")
+            write_error(job, f"CRASH rank {rank}: {type(e).__name__}: {e}")
     _shutdown(ok=code == 0)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -70,12 +70,25 @@ def main(argv: list[str] | None = None) -> None:
     os._exit(code)
 
 
-def _write_error(job: dict, message: str) -> None:
+def write_error(job: dict, message: str) -> None:
+    """Ranks report failures through out/error.txt; a crash (not bad input) starts with CRASH."""
     try:
         with open(os.path.join(job["out"], "error.txt"), "a") as f:
             f.write(message + "\n")
     except OSError:
         pass
+
+
+def raise_rank_error(error_file: str) -> None:
+    """In the launching process: turn what a rank wrote into the right exception, if anything."""
+    from lfdist.errors import UserError
+
+    if os.path.exists(error_file):
+        with open(error_file) as f:
+            message = f.read().strip().splitlines()[0]
+        if message.startswith("CRASH"):
+            raise RuntimeError(f"training failed: {message}")
+        raise UserError(message)
 
 
 def _shutdown(ok: bool) -> None:

@@ -285,6 +285,11 @@ def check_engine_supports(plan: Plan, engine: str) -> None:
             "strategy lisa re-draws its trainable blocks every period, which DeepSpeed cannot do "
             "(its optimizer partitions are fixed when the engine is built); use --engine ddp or fsdp2"
         )
+    if plan.strategy == "lisa":
+        raise UserError(
+            "strategy lisa needs the trainable set re-drawn every period, which lfdist's training "
+            "loop does not do yet; `lfdist plan show` shows its schedule; train with top, random or salf"
+        )
     partial = sorted({t for t in plan.treatments if t in ("bias", "lora", "mask")})
     if engine == "fsdp1" and partial:
         raise UserError(

@@ -104,7 +104,7 @@ def _train_worker(config: dict) -> None:
     """One Ray Train worker = one rank. Ray has opened the process group already."""
     import torch.distributed as dist
 
-    from lfdist.launch.worker import run_job
+    from lfdist.launch.worker import run_job, write_error
 
     job = config["job"]
     rank = int(os.environ.get("RANK", 0))
@@ -115,9 +115,9 @@ def _train_worker(config: dict) -> None:
     except Exception as e:
         if not isinstance(e, UserError):
             traceback.print_exc()
-            _write_error(job, f"CRASH rank {rank}: {type(e).__name__}: {e}")
+            write_error(job, f"CRASH rank {rank}: {type(e).__name__}: {e}")
         elif rank == 0:
-            _write_error(job, str(e))
+            write_error(job, str(e))
         raise
     # The gloo exit rule (SPEC 8), as Ray Train needs it: end every rank together and close the
     # group here. No os._exit: Ray Train must see this function return; it then stops the worker
@@ -129,21 +129,10 @@ def _train_worker(config: dict) -> None:
     sys.stderr.flush()
 
 
-def _write_error(job: dict, message: str) -> None:
-    try:
-        with open(os.path.join(job["out"], "error.txt"), "a") as f:
-            f.write(message + "\n")
-    except OSError:
-        pass
-
-
 def _raise_rank_error(error_file: str, failure: Exception | None) -> None:
-    if os.path.exists(error_file):
-        with open(error_file) as f:
-            message = f.read().strip().splitlines()[0]
-        if message.startswith("CRASH"):
-            raise RuntimeError(f"training failed: {message}")
-        raise UserError(message)
+    from lfdist.launch.worker import raise_rank_error
+
+    raise_rank_error(error_file)
     if failure is not None:
         first = str(failure).strip().splitlines()
         raise RuntimeError(

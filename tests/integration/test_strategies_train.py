@@ -57,3 +57,23 @@ def test_structural_strategy_trains_on_two_ranks(
     assert ranks[0]["backward_blocks"] == list(
         range(treatments.index(next(t for t in treatments if t != "frozen")), 8)
     )  # never below the boundary
+
+    # Export folds LoRA / masks into plain weights under the base names; frozen blocks stay the base.
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lfdist.model.blocks import fingerprint
+    from lfdist.model.tiny import build_tiny
+    from lfdist.train.export import export
+
+    hf = export(str(tmp_path / "run"), str(tmp_path / "hf"))
+    model, base = AutoModelForCausalLM.from_pretrained(hf), build_tiny("llama", "lm")
+    assert fingerprint(model) == fingerprint(base)
+    sd, bd = model.state_dict(), base.state_dict()
+    boundary = next(i for i, t in enumerate(treatments) if t != "frozen")
+    below = [n for n in bd if n.startswith("model.layers.") and int(n.split(".")[2]) < boundary]
+    assert below and all(torch.equal(sd[n], bd[n]) for n in below)
+    assert any(not torch.equal(sd[n], bd[n]) for n in bd if n.startswith("model.layers.7."))
+    assert os.path.exists(os.path.join(hf, "lfdist_masks.safetensors")) == (strategy == "mask")

@@ -276,8 +276,9 @@ def test_engine_support_checks():
     lisa_plan = make_plan(model, ["frozen"] * 6 + ["full"] * 2, strategy="lisa")
     with pytest.raises(UserError, match="DeepSpeed cannot"):
         check_engine_supports(lisa_plan, "deepspeed")
-    for engine in ("ddp", "fsdp2", "fsdp1", "single"):
-        check_engine_supports(lisa_plan, engine)
+    for engine in ("ddp", "fsdp2", "fsdp1", "single"):  # the re-drawing loop is not built yet
+        with pytest.raises(UserError, match="does not do yet"):
+            check_engine_supports(lisa_plan, engine)
     lora_plan = make_plan(model, ["frozen"] * 6 + ["lora"] * 2)
     with pytest.raises(UserError, match="fsdp1 cannot train the lora"):
         check_engine_supports(lora_plan, "fsdp1")
