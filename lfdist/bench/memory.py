@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import tempfile
 
-ENGINES = [("ddp", 0), ("fsdp2", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]
+# (engine, ZeRO stage, ZeRO-3 frozen prefix kept whole on every rank)
+ENGINES = [("ddp", 0, False), ("fsdp2", 0, False), ("deepspeed", 1, False), ("deepspeed", 2, False),
+           ("deepspeed", 3, False), ("deepspeed", 3, True)]
 MODEL, DATA, SEQ, BATCH = "tiny:llama", "synthetic:lm:300", 64, 2
 
 
@@ -36,22 +38,26 @@ def _distributed(info, plans, workdir) -> list[dict]:
     from lfdist.train.measure import make_plan_for
 
     rows = []
-    for engine, stage in ENGINES:
+    for engine, stage, replicate in ENGINES:
         for name, treatments in plans.items():
+            if replicate and name == "full":
+                continue  # nothing frozen to replicate
             plan_path = os.path.join(workdir, f"{name}.yaml")
             if not os.path.exists(plan_path):
                 save_plan(make_plan_for(build_tiny("llama", "lm"), treatments, name), plan_path)
             cfg = config_from_dict({
                 "model": {"spec": MODEL}, "data": {"spec": DATA, "seq_len": SEQ},
                 "train": {"engine": engine, "zero_stage": stage or 2, "nproc": 2, "steps": 3,
-                          "batch_size": BATCH, "lr": 1e-3},
+                          "batch_size": BATCH, "lr": 1e-3, "zero3_replicate_frozen": replicate},
             })
-            out = os.path.join(workdir, f"{engine}{stage or ''}-{name}")
+            out = os.path.join(workdir, f"{engine}{stage or ''}{'r' if replicate else ''}-{name}")
             m = launch_training(cfg, plan_path, out, job_extra={"evaluate": False})
             pred = _predict(info, treatments, engine, stage)
             r0 = m["per_rank"][0]
             rows.append({
-                "engine": engine + (f" ZeRO-{stage}" if stage else ""), "plan": name,
+                "engine": engine + (f" ZeRO-{stage}" if stage else "") + (" frozen replicated" if replicate else ""),
+                "plan": name,
+                "param_bytes": [r["after_step"]["param_bytes"] for r in m["per_rank"]],
                 "grad_bytes": [r["after_backward"]["grad_bytes"] for r in m["per_rank"]],
                 "optimizer_bytes": [r["after_step"]["optimizer_state_bytes"] for r in m["per_rank"]],
                 "predicted_grad_bytes": pred["bytes"]["grads"],
@@ -98,10 +104,11 @@ def _in_process(info, plans) -> list[dict]:
 
 def _markdown(dist_rows, local_rows) -> str:
     lines = ["## Gradient and optimizer-state bytes per rank (2 ranks, fp32, tiny llama, frozen prefix = 5 of 8 blocks)", "",
-             "| engine | plan | grads measured (rank 0 / 1) | grads predicted | optimizer measured (rank 0 / 1) | optimizer predicted | median step s |",
-             "|---|---|---|---|---|---|---|"]
+             "| engine | plan | params held (rank 0 / 1) | grads measured (rank 0 / 1) | grads predicted | optimizer measured (rank 0 / 1) | optimizer predicted | median step s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in dist_rows:
-        lines.append(f"| {r['engine']} | {r['plan']} | {r['grad_bytes'][0]:,} / {r['grad_bytes'][1]:,} | "
+        lines.append(f"| {r['engine']} | {r['plan']} | {r['param_bytes'][0]:,} / {r['param_bytes'][1]:,} | "
+                     f"{r['grad_bytes'][0]:,} / {r['grad_bytes'][1]:,} | "
                      f"{int(r['predicted_grad_bytes']):,} | {r['optimizer_bytes'][0]:,} / {r['optimizer_bytes'][1]:,} | "
                      f"{int(r['predicted_optimizer_bytes']):,} | {r['median_step_s']:.3f} |")
     lines += ["", "## One training step in one process: FLOPs and activations saved for backward", "",
@@ -115,6 +122,12 @@ def _markdown(dist_rows, local_rows) -> str:
         lines += ["", f"Measured FLOPs ratio prefix/full: {by['prefix']['flops'] / by['full']['flops']:.3f}; "
                   f"predicted: {by['prefix']['predicted_flops'] / by['full']['predicted_flops']:.3f}. "
                   f"Activation bytes ratio measured: {by['prefix']['activation_bytes'] / by['full']['activation_bytes']:.3f}."]
+    lines += ["", "Notes: measured gradients are read after the last backward of a step. ZeRO-1 reduces its "
+              "full gradients at the boundary, so the full gradient (the prediction) exists only during "
+              "backward; ZeRO-1/2 also keep the whole gradient tensor of every parameter that crosses a "
+              "partition edge. Optimizer state includes DeepSpeed's fp32 master partition. 'Params held' "
+              "under ZeRO-3 includes small persistent parameters; 'frozen replicated' keeps the frozen "
+              "prefix whole on every rank, so it is never all-gathered (all-gather volume not measured)."]
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ from lfdist.plan import save_plan
 from tests.helpers import make_plan
 
 PREFIX = ["frozen"] * 5 + ["full"] * 3
+FULL = ["full"] * 8
 GAPPY = ["frozen", "full", "frozen", "frozen", "full", "frozen", "full", "frozen"]
 
 
@@ -54,11 +55,11 @@ def single_reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
     return {name: launch_training(_cfg("single", nproc=1, batch_size=4), _plan(tmp, t, f"{name}.yaml"),
                                   str(tmp / name), job_extra={"check_frozen": True})
-            for name, t in (("prefix", PREFIX), ("gappy", GAPPY))}
+            for name, t in (("prefix", PREFIX), ("gappy", GAPPY), ("full", FULL))}
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp1"])
-@pytest.mark.parametrize("plan_name, treatments", [("prefix", PREFIX), ("gappy", GAPPY)])
+@pytest.mark.parametrize("plan_name, treatments", [("prefix", PREFIX), ("gappy", GAPPY), ("full", FULL)])
 def test_engine_exact_facts(tmp_path, single_reference, engine, plan_name, treatments):
     m = _train(tmp_path, engine, treatments)
     trainable = _trainable_elements(treatments)
@@ -80,10 +81,21 @@ def test_engine_exact_facts(tmp_path, single_reference, engine, plan_name, treat
     for step, loss in m["losses"].items():
         assert loss == pytest.approx(ref[step], rel=1e-5), step
     assert m["params"]["trainable"] == trainable
+    _assert_trainable_changed(tmp_path / "run", treatments)
     # The cost model's gradient and optimizer-state bytes are what the ranks hold.
     pred = _predicted(treatments, engine)
     assert sum(r["after_backward"]["grad_bytes"] for r in ranks) == 2 * pred["grads"]
     assert sum(r["after_step"]["optimizer_state_bytes"] for r in ranks) == 2 * pred["optimizer"]
+
+
+def _assert_trainable_changed(run, treatments):
+    from safetensors.torch import load_file
+
+    trained = load_file(str(run / "checkpoints/step-000003/trainable.safetensors"))
+    base = build_tiny("llama", "lm").state_dict()
+    block_weights = [n for n in trained if n.startswith("model.layers.")]
+    assert {int(n.split(".")[2]) for n in block_weights} == {i for i, t in enumerate(treatments) if t != "frozen"}
+    assert all(not torch.equal(trained[n], base[n]) for n in block_weights if n.endswith("proj.weight"))
 
 
 def _predicted(treatments, engine):
@@ -124,9 +136,9 @@ def test_existing_run_is_not_overwritten(tmp_path):
     assert json.loads(before)["losses"]
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
-def test_activation_checkpointing_keeps_losses_and_boundary(tmp_path, single_reference, engine):
-    m = _train(tmp_path, engine, PREFIX, activation_checkpointing=True)
+@pytest.mark.parametrize("engine, stage", [("ddp", 2), ("fsdp2", 2), ("fsdp1", 2), ("deepspeed", 3)])
+def test_activation_checkpointing_keeps_losses_and_boundary(tmp_path, single_reference, engine, stage):
+    m = _train(tmp_path, engine, PREFIX, activation_checkpointing=True, zero_stage=stage)
     assert m["checkpointed_blocks"] == [5, 6, 7]
     assert m["per_rank"][0]["backward_blocks"] == [5, 6, 7]
     assert m["frozen_digest"]["before"] == m["frozen_digest"]["after"]
