@@ -105,9 +105,14 @@ def plot_plan(plan, png_path: str, probe=None) -> str:
     else:
         ax_d.text(0.5, 0.5, "no deviation trace", ha="center", transform=ax_d.transAxes)
     key = next((k for k in ("gain", "gradnorm") if isinstance(curves.get(k), list)), None)
-    heights = curves[key] if key else [b.score or 0.0 for b in plan.blocks]
+    if key:
+        heights, label = curves[key], key
+    elif any(b.score for b in plan.blocks):
+        heights, label = [b.score or 0.0 for b in plan.blocks], "score"
+    else:  # a strategy without scores (top, bottom, all): show what trains instead
+        heights, label = [0.0 if b.treatment == "frozen" else 1.0 for b in plan.blocks], "trains"
     ax_g.bar(range(L), heights, color=[COLORS[b.treatment] for b in plan.blocks])
-    ax_g.set_ylabel(key or "score")
+    ax_g.set_ylabel(label)
     ax_g.set_xlabel("block")
     for ax in (ax_d, ax_g):
         ax.axvline(plan.boundary - 0.5, color="red", linestyle="--", linewidth=1)
