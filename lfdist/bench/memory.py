@@ -48,7 +48,8 @@ def _distributed(info, plans, workdir) -> list[dict]:
             cfg = config_from_dict({
                 "model": {"spec": MODEL}, "data": {"spec": DATA, "seq_len": SEQ},
                 "train": {"engine": engine, "zero_stage": stage or 2, "nproc": 2, "steps": 3,
-                          "batch_size": BATCH, "lr": 1e-3, "zero3_replicate_frozen": replicate},
+                          "batch_size": BATCH, "lr": 1e-3, "zero3_replicate_frozen": replicate,
+                          "deepspeed_config": _comms_logged(stage, workdir) if engine == "deepspeed" else None},
             })
             out = os.path.join(workdir, f"{engine}{stage or ''}{'r' if replicate else ''}-{name}")
             m = launch_training(cfg, plan_path, out, job_extra={"evaluate": False})
@@ -62,11 +63,24 @@ def _distributed(info, plans, workdir) -> list[dict]:
                 "optimizer_bytes": [r["after_step"]["optimizer_state_bytes"] for r in m["per_rank"]],
                 "predicted_grad_bytes": pred["bytes"]["grads"],
                 "predicted_optimizer_bytes": pred["bytes"]["optimizer"],
+                "comms": m.get("comms"),
                 "median_step_s": sorted(m["step_times"][1:])[len(m["step_times"][1:]) // 2],
                 "extra": {k: v for k, v in r0["after_step"].items() if k.endswith(("unpadded", "padding_elements",
                                                                                  "master_weight_elements"))},
             })
     return rows
+
+
+def _comms_logged(stage: int, workdir: str) -> str:
+    """Our DeepSpeed template with DeepSpeed's comms logger on: collective bytes per rank."""
+    import json
+
+    from lfdist.engines.deepspeed import template
+
+    path = os.path.join(workdir, f"zero{stage}-comms.json")
+    with open(path, "w") as f:
+        json.dump({**template(stage), "comms_logger": {"enabled": True, "prof_all": True, "verbose": False}}, f)
+    return path
 
 
 def _in_process(info, plans) -> list[dict]:
@@ -122,12 +136,26 @@ def _markdown(dist_rows, local_rows) -> str:
         lines += ["", f"Measured FLOPs ratio prefix/full: {by['prefix']['flops'] / by['full']['flops']:.3f}; "
                   f"predicted: {by['prefix']['predicted_flops'] / by['full']['predicted_flops']:.3f}. "
                   f"Activation bytes ratio measured: {by['prefix']['activation_bytes'] / by['full']['activation_bytes']:.3f}."]
+    comm_rows = [r for r in dist_rows if r.get("comms")]
+    if comm_rows:
+        lines += ["", "## DeepSpeed collectives over the whole run (3 steps, rank 0; DeepSpeed's comms logger)", "",
+                  "| engine | plan | all-gather bytes | all-gather calls | reduce-scatter bytes | all-reduce bytes |",
+                  "|---|---|---|---|---|---|"]
+        for r in comm_rows:
+            c = r["comms"]
+
+            def tot(prefixes, key, c=c):
+                return sum(v[key] for op, v in c.items() if op.startswith(prefixes))
+
+            lines.append(f"| {r['engine']} | {r['plan']} | {tot(('all_gather',), 'bytes'):,} | "
+                         f"{tot(('all_gather',), 'calls'):,} | {tot(('reduce_scatter',), 'bytes'):,} | "
+                         f"{tot(('all_reduce',), 'bytes'):,} |")
     lines += ["", "Notes: measured gradients are read after the last backward of a step. ZeRO-1 reduces its "
               "full gradients at the boundary, so the full gradient (the prediction) exists only during "
               "backward; ZeRO-1/2 also keep the whole gradient tensor of every parameter that crosses a "
               "partition edge. Optimizer state includes DeepSpeed's fp32 master partition. 'Params held' "
               "under ZeRO-3 includes small persistent parameters; 'frozen replicated' keeps the frozen "
-              "prefix whole on every rank, so it is never all-gathered (all-gather volume not measured)."]
+              "prefix whole on every rank, so it is never all-gathered."]
     return "\n".join(lines)
 
 

@@ -331,6 +331,18 @@ class DeepSpeedEngineAdapter:
                 return {n: p.detach().to("cpu", copy=True) for n, p in named}
         return {n: p.detach().to("cpu", copy=True) for n, p in named}
 
+    def comm_volume(self) -> dict | None:
+        """Bytes and calls per collective since start, when the DeepSpeed JSON enables
+        `comms_logger` (its `prof_all`); None otherwise."""
+        import deepspeed.comm as dscomm
+
+        logger = getattr(dscomm, "comms_logger", None)
+        if logger is None or not getattr(logger, "enabled", False):
+            return None
+        return {op: {"calls": sum(v[0] for v in sizes.values()),
+                     "bytes": sum(int(size) * v[0] for size, v in sizes.items())}
+                for op, sizes in logger.comms_dict.items()}
+
     def full_frozen_state(self) -> dict[str, torch.Tensor]:
         """Full frozen weights by original name (collective under ZeRO-3): tests compare them."""
         import deepspeed

@@ -108,6 +108,7 @@ def run_training(job: dict, world) -> None:
             "checkpointed_blocks": checkpointed,
             "prefix_cache": {"hits": cache.hits, "misses": cache.misses} if cache else None,
             "frozen_digest": {"before": frozen_before, "after": frozen_after},
+            "comms": engine.comm_volume() if hasattr(engine, "comm_volume") else None,
         }
         _merge_metrics(os.path.join(out, "metrics.json"), metrics)
 
