@@ -8,35 +8,18 @@ import pytest
 
 from lfdist.errors import UserError
 from lfdist.plan import Plan, load_plan, save_plan
-from lfdist.probe import ProbeResult, ProbeStats
+from lfdist.probe import ProbeResult
 from lfdist.registry import strategy_names
 from lfdist.select import select_plan
 from lfdist.select.salf import trace_gain
+from tests import helpers
 
 L = 8
 
 
 def fake_probe(deviation=None, gradnorm=None, head=0) -> ProbeResult:
     """8 blocks of 100 elements, embeddings 100: a block is 1/9 of the model (1/10 with head=100)."""
-    info = {
-        "fingerprint": {"architecture": "Fake", "n_blocks": L, "params_hash": "0" * 64},
-        "architecture": "Fake",
-        "task": "classify",
-        "n_blocks": L,
-        "block_names": [f"layers.{i}" for i in range(L)],
-        "per_block_params": [100] * L,
-        "per_block_bias_params": [10] * L,
-        "group_params": {"embeddings": 100, "final_norm": 0, "head": head},
-        "head_matmul_params": head,
-        "hidden_size": 1,
-        "vocab_size": 0,
-        "dtype": "float32",
-    }
-    curves = {"deviation": deviation if deviation is not None else [1.0] * (L + 1)}
-    if gradnorm is not None:
-        curves["gradnorm"] = gradnorm
-    stats = ProbeStats.empty("lm", L + 1, 1)
-    return ProbeResult("classify", stats, info, {"seq_len": 1, "n_samples": 1}, {}, curves)
+    return helpers.fake_probe(deviation, head=head, gradnorm=gradnorm)
 
 
 def trained(plan: Plan) -> list[int]:

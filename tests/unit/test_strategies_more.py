@@ -23,12 +23,12 @@ from lfdist.model.treatments import (
     pack_bits,
     unpack_bits,
 )
-from lfdist.probe import ProbeResult, ProbeStats
+from lfdist.probe import ProbeResult
 from lfdist.registry import strategy_names
 from lfdist.select import select_plan
 from lfdist.select.lisa import lisa_blocks, lisa_treatments
 from lfdist.select.salf import fit_power_law, trace_slope
-from tests.helpers import make_plan
+from tests.helpers import fake_probe, make_plan
 
 L = 8
 FLAT = [1.0] * (L + 1)  # a trace that does not fall: no prior
@@ -40,27 +40,7 @@ FROZEN_MODULES = {"embeddings": "frozen", "final_norm": "frozen", "head": "froze
 def probe(deviation=FLAT, pilot=None, critical=None) -> ProbeResult:
     """8 blocks of 100 elements, embeddings 100, no head: full FT costs 4800 FLOPs per token and
     training the top n blocks (4 + n)/12 of it."""
-    info = {
-        "fingerprint": {"architecture": "Fake", "n_blocks": L, "params_hash": "0" * 64},
-        "architecture": "Fake",
-        "task": "classify",
-        "n_blocks": L,
-        "block_names": [f"layers.{i}" for i in range(L)],
-        "per_block_params": [100] * L,
-        "per_block_bias_params": [10] * L,
-        "group_params": {"embeddings": 100, "final_norm": 0, "head": 0},
-        "head_matmul_params": 0,
-        "hidden_size": 1,
-        "vocab_size": 0,
-        "dtype": "float32",
-    }
-    curves = {"deviation": list(deviation)}
-    if pilot is not None:
-        curves["pilot"] = pilot
-    if critical is not None:
-        curves["critical"] = critical
-    stats = ProbeStats.empty("lm", L + 1, 1)
-    return ProbeResult("classify", stats, info, {"seq_len": 1, "n_samples": 1}, {}, curves)
+    return fake_probe(deviation, pilot=pilot, critical=critical)
 
 
 def pilots(beta: float, depths=(1, 2, 4, 8), a: float = 0.1, flops: float = 0.0, run_steps=None):
