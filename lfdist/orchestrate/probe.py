@@ -84,7 +84,6 @@ def model_spec(cfg: RunConfig, tokenizer=None) -> dict:
 
 def probe_data(cfg: RunConfig) -> tuple[dict, dict, dict]:
     """(picked calibration tensors, data info, model_spec) for a Ray probe."""
-    import torch
 
     from lfdist.data import load_task_data
 
@@ -106,10 +105,9 @@ def probe_data(cfg: RunConfig) -> tuple[dict, dict, dict]:
         raise UserError(
             f"the calibration data {d.spec!r} is empty; give data with at least one example"
         )
-    n = min(cfg.probe.samples, n_total)
-    if n < n_total:  # run_probe's pick: evenly spaced, not the first n
-        pick = torch.arange(n) * n_total // n
-        train = {k: v[pick] for k, v in train.items()}
+    from lfdist.probe.run import evenly_spaced  # run_probe's own pick, so shards cover it exactly
+
+    train = evenly_spaced(train, min(cfg.probe.samples, n_total))
     return train, dict(info), model_spec(cfg, tok)
 
 

@@ -105,6 +105,17 @@ def _batches(data: dict, n: int, batch_size: int, device) -> Iterator[tuple[int,
         yield start, {k: v[start : start + batch_size].to(device) for k, v in data.items()}
 
 
+def evenly_spaced(data: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """The n calibration examples a probe reads: evenly spaced, not the first n, so data sorted
+    by class or document stay represented (the first 256 articles of a topic-sorted corpus are
+    one topic). The Ray probe shards exactly this pick."""
+    n_total = int(data["input_ids"].shape[0])
+    if n >= n_total:
+        return data
+    pick = torch.arange(n) * n_total // n
+    return {k: v[pick] for k, v in data.items()}
+
+
 def _forward_pass(model, bmap, data, task, n, batch_size, offset, bar) -> ProbeStats:
     num_labels = model.config.num_labels if task == "classify" else 0
     stats = ProbeStats.empty(task, bmap.n_blocks + 1, _hidden_size(model), num_labels, SKETCH_DIM)
@@ -214,11 +225,7 @@ def run_probe(
         raise UserError(
             f"probe needs batch_size >= 1 and samples >= 1 (got {batch_size}, {samples})"
         )
-    if n < n_total:
-        # Evenly spaced, not the first n: data sorted by class or document must still be
-        # represented (the first 256 articles of a topic-sorted corpus are one topic).
-        pick = torch.arange(n) * n_total // n
-        data = {k: v[pick] for k, v in data.items()}
+    data = evenly_spaced(data, n)
     bmap = find_blocks(model)
     was_training = model.training
     model.eval()  # no dropout: the statistics must not depend on the RNG

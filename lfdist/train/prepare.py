@@ -18,7 +18,7 @@ class Prepared:
     data_info: dict[str, Any]
 
 
-def prepare(cfg: RunConfig, with_model: bool = True) -> Prepared:
+def prepare(cfg: RunConfig) -> Prepared:
     from lfdist.data import load_task_data, load_text_data
     from lfdist.model.specs import load_model
 
