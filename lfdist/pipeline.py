@@ -22,7 +22,9 @@ def _refuse_overwrite(path: str, what: str) -> None:
 def _check_parent(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise UserError(f"folder {parent!r} for {path!r} does not exist; create it or choose another --out")
+        raise UserError(
+            f"folder {parent!r} for {path!r} does not exist; create it or choose another --out"
+        )
 
 
 def probe(cfg: RunConfig, out: str, overwrite: bool = False, progress: bool = True):
@@ -41,8 +43,13 @@ def probe(cfg: RunConfig, out: str, overwrite: bool = False, progress: bool = Tr
     else:
         prepared = prepare(cfg)
         result = run_probe(
-            prepared.loaded.model, prepared.train, cfg.model.task, batch_size=cfg.probe.batch_size,
-            samples=cfg.probe.samples, progress=progress, gradnorm=cfg.probe.gradnorm,
+            prepared.loaded.model,
+            prepared.train,
+            cfg.model.task,
+            batch_size=cfg.probe.batch_size,
+            samples=cfg.probe.samples,
+            progress=progress,
+            gradnorm=cfg.probe.gradnorm,
             data_fingerprint=prepared.data_info.get("fingerprint"),
         )
     if cfg.probe.pilot_steps or cfg.probe.critical_steps:
@@ -56,25 +63,42 @@ def _pilots(cfg: RunConfig, result, prepared) -> None:
     from lfdist.probe.pilot import attach, pilot_depths, run_critical, run_pilots
 
     pc, tc = cfg.probe, cfg.train
-    recipe = dict(lr=tc.lr, seed=tc.seed, batch_size=tc.batch_size * tc.grad_accum * tc.nproc,
-                  weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm)
+    recipe = dict(
+        lr=tc.lr,
+        seed=tc.seed,
+        batch_size=tc.batch_size * tc.grad_accum * tc.nproc,
+        weight_decay=tc.weight_decay,
+        max_grad_norm=tc.max_grad_norm,
+    )
     model, data, task = prepared.loaded.model, prepared.train, cfg.model.task
     if pc.pilot_steps:
         if pc.orchestrator == "ray":  # one Ray task per depth, same gains as one after another
             from lfdist.orchestrate.pilot import ray_pilots
 
             depths = pilot_depths(pc.pilot_depths, result.n_blocks)
-            record = ray_pilots(cfg, data, depths, steps=pc.pilot_steps, run_steps=tc.steps, **recipe)
+            record = ray_pilots(
+                cfg, data, depths, steps=pc.pilot_steps, run_steps=tc.steps, **recipe
+            )
         else:
-            record = run_pilots(model, data, task, depths=pc.pilot_depths, steps=pc.pilot_steps,
-                                run_steps=tc.steps, **recipe)
+            record = run_pilots(
+                model,
+                data,
+                task,
+                depths=pc.pilot_depths,
+                steps=pc.pilot_steps,
+                run_steps=tc.steps,
+                **recipe,
+            )
         attach(result, "pilot", record)
     if pc.critical_steps:
-        attach(result, "critical", run_critical(model, data, task, steps=pc.critical_steps, **recipe))
+        attach(
+            result, "critical", run_critical(model, data, task, steps=pc.critical_steps, **recipe)
+        )
 
 
-def select(probe_path: str, strategy: str, budget: dict, options: dict, out: str,
-           overwrite: bool = False) -> Plan:
+def select(
+    probe_path: str, strategy: str, budget: dict, options: dict, out: str, overwrite: bool = False
+) -> Plan:
     from lfdist.probe import load_probe
     from lfdist.select import select_plan
 
@@ -86,8 +110,14 @@ def select(probe_path: str, strategy: str, budget: dict, options: dict, out: str
     return plan
 
 
-def train(cfg: RunConfig, plan_path: str, out: str, resume: bool = False, dry_run: bool = False,
-          nodes=None) -> dict | None:
+def train(
+    cfg: RunConfig,
+    plan_path: str,
+    out: str,
+    resume: bool = False,
+    dry_run: bool = False,
+    nodes=None,
+) -> dict | None:
     from lfdist.launch.commands import Nodes
     from lfdist.launch.run import launch_training
 
@@ -95,9 +125,13 @@ def train(cfg: RunConfig, plan_path: str, out: str, resume: bool = False, dry_ru
         from lfdist.orchestrate.train import ray_train
 
         if dry_run:
-            raise UserError("--dry-run prints torchrun/deepspeed commands; Ray Train has none to print")
+            raise UserError(
+                "--dry-run prints torchrun/deepspeed commands; Ray Train has none to print"
+            )
         return ray_train(cfg, plan_path, out, resume=resume)
-    return launch_training(cfg, plan_path, out, resume=resume, dry_run=dry_run, nodes=nodes or Nodes())
+    return launch_training(
+        cfg, plan_path, out, resume=resume, dry_run=dry_run, nodes=nodes or Nodes()
+    )
 
 
 def evaluate_model(cfg: RunConfig) -> dict:
@@ -123,7 +157,9 @@ def run(cfg: RunConfig, compare_full: bool = False, resume: bool = False) -> dic
 def _run(cfg: RunConfig, compare_full: bool, resume: bool) -> dict:
     out = cfg.out
     if os.path.exists(os.path.join(out, "plan.yaml")) and not resume:
-        raise UserError(f"output folder {out!r} already holds a run; pass --resume or choose another out=")
+        raise UserError(
+            f"output folder {out!r} already holds a run; pass --resume or choose another out="
+        )
     os.makedirs(out, exist_ok=True)
     probe_path, plan_path = os.path.join(out, "probe.json"), os.path.join(out, "plan.yaml")
     if not os.path.exists(plan_path):
@@ -132,8 +168,18 @@ def _run(cfg: RunConfig, compare_full: bool, resume: bool) -> dict:
         if cfg.select.strategy == "critical" and not cfg.probe.critical_steps:
             cfg = replace(cfg, probe=replace(cfg.probe, critical_steps=50))  # the paper's pilot
         probe(cfg, probe_path, overwrite=True)
-        select(probe_path, cfg.select.strategy, cfg.select.budget, _select_options(cfg), plan_path, overwrite=True)
-    result = {"plan": plan_path, "train": train(cfg, plan_path, os.path.join(out, "train"), resume=resume)}
+        select(
+            probe_path,
+            cfg.select.strategy,
+            cfg.select.budget,
+            _select_options(cfg),
+            plan_path,
+            overwrite=True,
+        )
+    result = {
+        "plan": plan_path,
+        "train": train(cfg, plan_path, os.path.join(out, "train"), resume=resume),
+    }
     if compare_full:
         result["full"] = train_full_reference(cfg, probe_path, out)
     atomic_write_text(os.path.join(out, "summary.json"), json.dumps(result, indent=1, default=str))
@@ -149,14 +195,24 @@ def train_full_reference(cfg: RunConfig, probe_path: str, out: str) -> dict:
 
 def _select_options(cfg: RunConfig) -> dict:
     # The cost model prices the plan for the engine and batch the run will use.
-    costing = {"engine": cfg.train.engine, "zero_stage": cfg.train.zero_stage,
-               "world_size": cfg.train.nproc, "batch_size": cfg.train.batch_size,
-               "seq_len": cfg.data.seq_len, "dtype": cfg.model.dtype}
+    costing = {
+        "engine": cfg.train.engine,
+        "zero_stage": cfg.train.zero_stage,
+        "world_size": cfg.train.nproc,
+        "batch_size": cfg.train.batch_size,
+        "seq_len": cfg.data.seq_len,
+        "dtype": cfg.model.dtype,
+    }
     return {**costing, **cfg.select.options}
 
 
-def with_model_data(cfg: RunConfig, model: str | None, data: str | None, task: str | None,
-                    seq_len: int | None = None) -> RunConfig:
+def with_model_data(
+    cfg: RunConfig,
+    model: str | None,
+    data: str | None,
+    task: str | None,
+    seq_len: int | None = None,
+) -> RunConfig:
     m, d = cfg.model, cfg.data
     if model:
         m = replace(m, spec=model)

@@ -59,9 +59,13 @@ class Plan:
     def __post_init__(self):
         for group, treatment in self.modules.items():
             if group not in MODULE_GROUPS:
-                raise UserError(f"plan modules: unknown group {group!r}; use {', '.join(MODULE_GROUPS)}")
+                raise UserError(
+                    f"plan modules: unknown group {group!r}; use {', '.join(MODULE_GROUPS)}"
+                )
             if treatment not in ("frozen", "full"):
-                raise UserError(f"plan modules.{group}: treatment must be frozen or full, got {treatment!r}")
+                raise UserError(
+                    f"plan modules.{group}: treatment must be frozen or full, got {treatment!r}"
+                )
         if [b.index for b in self.blocks] != list(range(len(self.blocks))):
             raise UserError("plan blocks must be listed in order 0..L-1 with no gaps")
         if len(self.blocks) != self.fingerprint.n_blocks:
@@ -102,7 +106,9 @@ class Plan:
         d = dict(d)
         version = d.pop("version", PLAN_VERSION)
         if version != PLAN_VERSION:
-            raise UserError(f"plan format version {version} is not supported (this lfdist reads {PLAN_VERSION})")
+            raise UserError(
+                f"plan format version {version} is not supported (this lfdist reads {PLAN_VERSION})"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -111,7 +117,9 @@ class Plan:
             fp = Fingerprint(**d.pop("fingerprint"))
             blocks = tuple(BlockPlan(**b) for b in d.pop("blocks"))
         except (KeyError, TypeError) as e:
-            raise UserError(f"plan is missing or has malformed fields ({e}); write it with `lfdist select`") from None
+            raise UserError(
+                f"plan is missing or has malformed fields ({e}); write it with `lfdist select`"
+            ) from None
         return cls(fingerprint=fp, blocks=blocks, **d)
 
 
@@ -130,8 +138,11 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def save_plan(plan: Plan, path: str) -> None:
-    atomic_write_text(path, "# lfdist plan: edit treatments by hand if you like; the fingerprint binds it to one model\n"
-                      + dump_yaml(plan.to_dict()))
+    atomic_write_text(
+        path,
+        "# lfdist plan: edit treatments by hand if you like; the fingerprint binds it to one model\n"
+        + dump_yaml(plan.to_dict()),
+    )
 
 
 def read_yaml(path: str, what: str) -> Any:

@@ -27,7 +27,9 @@ def train_summary(metrics: dict) -> str:
         ev, before = metrics["eval"], metrics.get("eval_before")
         key = "perplexity" if "perplexity" in ev else "accuracy"
         was = f" (before training {before[key]:.3f})" if before else ""
-        lines.append(f"held-out loss {ev['loss']:.4f}, {key} {ev[key]:.3f}{was} ({ev['examples']} examples)")
+        lines.append(
+            f"held-out loss {ev['loss']:.4f}, {key} {ev[key]:.3f}{was} ({ev['examples']} examples)"
+        )
     return "\n".join(lines)
 
 
@@ -41,10 +43,16 @@ def savings_table(plan_m: dict, full_m: dict) -> str:
     """Measured side by side in one run: the plan against full fine-tuning, same engine."""
     rows = [
         ("trainable parameters", plan_m["params"]["trainable"], full_m["params"]["trainable"]),
-        ("optimizer-state elements (rank 0)", _rank0(plan_m, "optimizer_state_elements"),
-         _rank0(full_m, "optimizer_state_elements")),
-        ("gradient elements (rank 0)", plan_m["per_rank"][0]["after_backward"]["grad_elements"],
-         full_m["per_rank"][0]["after_backward"]["grad_elements"]),
+        (
+            "optimizer-state elements (rank 0)",
+            _rank0(plan_m, "optimizer_state_elements"),
+            _rank0(full_m, "optimizer_state_elements"),
+        ),
+        (
+            "gradient elements (rank 0)",
+            plan_m["per_rank"][0]["after_backward"]["grad_elements"],
+            full_m["per_rank"][0]["after_backward"]["grad_elements"],
+        ),
         ("params+grads+optimizer bytes (rank 0)", _state_bytes(plan_m), _state_bytes(full_m)),
         ("peak memory bytes (rank 0)", _peak(plan_m), _peak(full_m)),
         ("median step seconds", _median_step(plan_m), _median_step(full_m)),
@@ -53,8 +61,11 @@ def savings_table(plan_m: dict, full_m: dict) -> str:
         key = "perplexity" if "perplexity" in plan_m["eval"] else "accuracy"
         rows.append((f"held-out {key}", plan_m["eval"][key], full_m["eval"][key]))
     width = max(len(r[0]) for r in rows)
-    note = ("(peak memory is CUDA max_memory_allocated)" if "cuda_max_allocated" in plan_m["per_rank"][0]["memory"]
-            else "(peak memory is the process peak RSS: Python, libraries and data included)")
+    note = (
+        "(peak memory is CUDA max_memory_allocated)"
+        if "cuda_max_allocated" in plan_m["per_rank"][0]["memory"]
+        else "(peak memory is the process peak RSS: Python, libraries and data included)"
+    )
     out = [f"{'measured':<{width}}  {'plan':>14}  {'full':>14}  {'plan/full':>9}"]
     for name, a, b in rows:
         ratio = a / b if b else float("nan")
@@ -62,7 +73,9 @@ def savings_table(plan_m: dict, full_m: dict) -> str:
         out.append(f"{name:<{width}}  {fmt(a)}  {fmt(b)}  {ratio:9.3f}")
     predicted = plan_m["plan"].get("predicted") or {}
     if "flops_fraction" in predicted:
-        out.append(f"predicted training FLOPs plan/full: {predicted['flops_fraction']:.3f} (cost model)")
+        out.append(
+            f"predicted training FLOPs plan/full: {predicted['flops_fraction']:.3f} (cost model)"
+        )
     out.append(note)
     return "\n".join(out)
 
@@ -70,8 +83,11 @@ def savings_table(plan_m: dict, full_m: dict) -> str:
 def _state_bytes(m: dict) -> int:
     """Training state one rank holds at its peak: parameters, gradients, optimizer states."""
     r = m["per_rank"][0]
-    return (r["after_step"].get("param_bytes", 0) + r["after_backward"].get("grad_bytes", 0)
-            + r["after_step"].get("optimizer_state_bytes", 0))
+    return (
+        r["after_step"].get("param_bytes", 0)
+        + r["after_backward"].get("grad_bytes", 0)
+        + r["after_step"].get("optimizer_state_bytes", 0)
+    )
 
 
 def _peak(m: dict) -> int:
@@ -82,6 +98,11 @@ def _peak(m: dict) -> int:
 def run_summary(result: dict) -> str:
     lines = [f"plan: {result['plan']}", train_summary(result["train"])]
     if result.get("full"):
-        lines += ["", "full fine-tuning (same engine, steps, data):", train_summary(result["full"]), "",
-                  savings_table(result["train"], result["full"])]
+        lines += [
+            "",
+            "full fine-tuning (same engine, steps, data):",
+            train_summary(result["full"]),
+            "",
+            savings_table(result["train"], result["full"]),
+        ]
     return "\n".join(lines)

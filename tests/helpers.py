@@ -20,11 +20,17 @@ def fake_probe(deviation=None, head=0, n_blocks=8, **curves):
     L = n_blocks
     info = {
         "fingerprint": {"architecture": "Fake", "n_blocks": L, "params_hash": "0" * 64},
-        "architecture": "Fake", "task": "classify", "n_blocks": L,
+        "architecture": "Fake",
+        "task": "classify",
+        "n_blocks": L,
         "block_names": [f"layers.{i}" for i in range(L)],
-        "per_block_params": [100] * L, "per_block_bias_params": [10] * L,
+        "per_block_params": [100] * L,
+        "per_block_bias_params": [10] * L,
         "group_params": {"embeddings": 100, "final_norm": 0, "head": head},
-        "head_matmul_params": head, "hidden_size": 1, "vocab_size": 0, "dtype": "float32",
+        "head_matmul_params": head,
+        "hidden_size": 1,
+        "vocab_size": 0,
+        "dtype": "float32",
     }
     all_curves = {"deviation": list(deviation) if deviation is not None else [1.0] * (L + 1)}
     all_curves.update({k: v for k, v in curves.items() if v is not None})

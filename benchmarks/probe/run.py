@@ -1,6 +1,6 @@
 """Probe throughput with 1 and 2 Ray workers, and the probe's cost against a fine-tuning run.
 
-    python benchmarks/probe/run.py [--full]     # same as: lfdist bench probe --tiny --out benchmarks/probe
+python benchmarks/probe/run.py [--full]     # same as: lfdist bench probe --tiny --out benchmarks/probe
 """
 
 import os

@@ -11,8 +11,10 @@ def run_bench(kind: str, out: str, tiny: bool = True) -> str:
     elif kind == "probe":
         from lfdist.bench.probe import run
     elif kind == "quality":
-        raise UserError("bench quality (the oracle sweep of SPEC section 6) is not built yet; "
-                        "bench memory and bench probe are")
+        raise UserError(
+            "bench quality (the oracle sweep of SPEC section 6) is not built yet; "
+            "bench memory and bench probe are"
+        )
     else:
         raise UserError(f"unknown benchmark {kind!r}; use memory, quality or probe")
     return run(out, tiny=tiny)

@@ -12,8 +12,14 @@ import os
 import tempfile
 
 # (engine, ZeRO stage, ZeRO-3 frozen prefix kept whole on every rank)
-ENGINES = [("ddp", 0, False), ("fsdp2", 0, False), ("deepspeed", 1, False), ("deepspeed", 2, False),
-           ("deepspeed", 3, False), ("deepspeed", 3, True)]
+ENGINES = [
+    ("ddp", 0, False),
+    ("fsdp2", 0, False),
+    ("deepspeed", 1, False),
+    ("deepspeed", 2, False),
+    ("deepspeed", 3, False),
+    ("deepspeed", 3, True),
+]
 MODEL, DATA, SEQ, BATCH = "tiny:llama", "synthetic:lm:300", 64, 2
 
 
@@ -26,8 +32,17 @@ def _predict(info, treatments, engine, stage, dtype="float32"):
     from lfdist.cost import predict
     from lfdist.plan import DEFAULT_MODULES
 
-    return predict(info, treatments, DEFAULT_MODULES, engine=engine, zero_stage=stage or 2,
-                   world_size=2, dtype=dtype, batch_size=BATCH, seq_len=SEQ)
+    return predict(
+        info,
+        treatments,
+        DEFAULT_MODULES,
+        engine=engine,
+        zero_stage=stage or 2,
+        world_size=2,
+        dtype=dtype,
+        batch_size=BATCH,
+        seq_len=SEQ,
+    )
 
 
 def _distributed(info, plans, workdir) -> list[dict]:
@@ -45,29 +60,50 @@ def _distributed(info, plans, workdir) -> list[dict]:
             plan_path = os.path.join(workdir, f"{name}.yaml")
             if not os.path.exists(plan_path):
                 save_plan(make_plan_for(build_tiny("llama", "lm"), treatments, name), plan_path)
-            cfg = config_from_dict({
-                "model": {"spec": MODEL}, "data": {"spec": DATA, "seq_len": SEQ},
-                "train": {"engine": engine, "zero_stage": stage or 2, "nproc": 2, "steps": 3,
-                          "batch_size": BATCH, "lr": 1e-3, "zero3_replicate_frozen": replicate,
-                          "deepspeed_config": _comms_logged(stage, workdir) if engine == "deepspeed" else None},
-            })
+            cfg = config_from_dict(
+                {
+                    "model": {"spec": MODEL},
+                    "data": {"spec": DATA, "seq_len": SEQ},
+                    "train": {
+                        "engine": engine,
+                        "zero_stage": stage or 2,
+                        "nproc": 2,
+                        "steps": 3,
+                        "batch_size": BATCH,
+                        "lr": 1e-3,
+                        "zero3_replicate_frozen": replicate,
+                        "deepspeed_config": _comms_logged(stage, workdir)
+                        if engine == "deepspeed"
+                        else None,
+                    },
+                }
+            )
             out = os.path.join(workdir, f"{engine}{stage or ''}{'r' if replicate else ''}-{name}")
             m = launch_training(cfg, plan_path, out, job_extra={"evaluate": False})
             pred = _predict(info, treatments, engine, stage)
             r0 = m["per_rank"][0]
-            rows.append({
-                "engine": engine + (f" ZeRO-{stage}" if stage else "") + (" frozen replicated" if replicate else ""),
-                "plan": name,
-                "param_bytes": [r["after_step"]["param_bytes"] for r in m["per_rank"]],
-                "grad_bytes": [r["after_backward"]["grad_bytes"] for r in m["per_rank"]],
-                "optimizer_bytes": [r["after_step"]["optimizer_state_bytes"] for r in m["per_rank"]],
-                "predicted_grad_bytes": pred["bytes"]["grads"],
-                "predicted_optimizer_bytes": pred["bytes"]["optimizer"],
-                "comms": m.get("comms"),
-                "median_step_s": sorted(m["step_times"][1:])[len(m["step_times"][1:]) // 2],
-                "extra": {k: v for k, v in r0["after_step"].items() if k.endswith(("unpadded", "padding_elements",
-                                                                                 "master_weight_elements"))},
-            })
+            rows.append(
+                {
+                    "engine": engine
+                    + (f" ZeRO-{stage}" if stage else "")
+                    + (" frozen replicated" if replicate else ""),
+                    "plan": name,
+                    "param_bytes": [r["after_step"]["param_bytes"] for r in m["per_rank"]],
+                    "grad_bytes": [r["after_backward"]["grad_bytes"] for r in m["per_rank"]],
+                    "optimizer_bytes": [
+                        r["after_step"]["optimizer_state_bytes"] for r in m["per_rank"]
+                    ],
+                    "predicted_grad_bytes": pred["bytes"]["grads"],
+                    "predicted_optimizer_bytes": pred["bytes"]["optimizer"],
+                    "comms": m.get("comms"),
+                    "median_step_s": sorted(m["step_times"][1:])[len(m["step_times"][1:]) // 2],
+                    "extra": {
+                        k: v
+                        for k, v in r0["after_step"].items()
+                        if k.endswith(("unpadded", "padding_elements", "master_weight_elements"))
+                    },
+                }
+            )
     return rows
 
 
@@ -79,7 +115,13 @@ def _comms_logged(stage: int, workdir: str) -> str:
 
     path = os.path.join(workdir, f"zero{stage}-comms.json")
     with open(path, "w") as f:
-        json.dump({**template(stage), "comms_logger": {"enabled": True, "prof_all": True, "verbose": False}}, f)
+        json.dump(
+            {
+                **template(stage),
+                "comms_logger": {"enabled": True, "prof_all": True, "verbose": False},
+            },
+            f,
+        )
     return path
 
 
@@ -111,51 +153,81 @@ def _in_process(info, plans) -> list[dict]:
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
         pred = _predict(info, treatments, "single", 0)
-        rows.append({"plan": name, "flops": flops.get_total_flops(), "predicted_flops": pred["flops_per_step"],
-                     "activation_bytes": sum(saved.values()), "predicted_activation_bytes": pred["bytes"]["activations"]})
+        rows.append(
+            {
+                "plan": name,
+                "flops": flops.get_total_flops(),
+                "predicted_flops": pred["flops_per_step"],
+                "activation_bytes": sum(saved.values()),
+                "predicted_activation_bytes": pred["bytes"]["activations"],
+            }
+        )
     return rows
 
 
 def _markdown(dist_rows, local_rows) -> str:
-    lines = ["## Gradient and optimizer-state bytes per rank (2 ranks, fp32, tiny llama, frozen prefix = 5 of 8 blocks)", "",
-             "| engine | plan | params held (rank 0 / 1) | grads measured (rank 0 / 1) | grads predicted | optimizer measured (rank 0 / 1) | optimizer predicted | median step s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Gradient and optimizer-state bytes per rank (2 ranks, fp32, tiny llama, frozen prefix = 5 of 8 blocks)",
+        "",
+        "| engine | plan | params held (rank 0 / 1) | grads measured (rank 0 / 1) | grads predicted | optimizer measured (rank 0 / 1) | optimizer predicted | median step s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in dist_rows:
-        lines.append(f"| {r['engine']} | {r['plan']} | {r['param_bytes'][0]:,} / {r['param_bytes'][1]:,} | "
-                     f"{r['grad_bytes'][0]:,} / {r['grad_bytes'][1]:,} | "
-                     f"{int(r['predicted_grad_bytes']):,} | {r['optimizer_bytes'][0]:,} / {r['optimizer_bytes'][1]:,} | "
-                     f"{int(r['predicted_optimizer_bytes']):,} | {r['median_step_s']:.3f} |")
-    lines += ["", "## One training step in one process: FLOPs and activations saved for backward", "",
-              "| plan | FLOPs measured | FLOPs predicted | activation bytes measured | activation bytes predicted |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['engine']} | {r['plan']} | {r['param_bytes'][0]:,} / {r['param_bytes'][1]:,} | "
+            f"{r['grad_bytes'][0]:,} / {r['grad_bytes'][1]:,} | "
+            f"{int(r['predicted_grad_bytes']):,} | {r['optimizer_bytes'][0]:,} / {r['optimizer_bytes'][1]:,} | "
+            f"{int(r['predicted_optimizer_bytes']):,} | {r['median_step_s']:.3f} |"
+        )
+    lines += [
+        "",
+        "## One training step in one process: FLOPs and activations saved for backward",
+        "",
+        "| plan | FLOPs measured | FLOPs predicted | activation bytes measured | activation bytes predicted |",
+        "|---|---|---|---|---|",
+    ]
     for r in local_rows:
-        lines.append(f"| {r['plan']} | {r['flops']:,} | {int(r['predicted_flops']):,} | "
-                     f"{r['activation_bytes']:,} | {int(r['predicted_activation_bytes']):,} |")
+        lines.append(
+            f"| {r['plan']} | {r['flops']:,} | {int(r['predicted_flops']):,} | "
+            f"{r['activation_bytes']:,} | {int(r['predicted_activation_bytes']):,} |"
+        )
     by = {r["plan"]: r for r in local_rows}
     if {"prefix", "full"} <= set(by):
-        lines += ["", f"Measured FLOPs ratio prefix/full: {by['prefix']['flops'] / by['full']['flops']:.3f}; "
-                  f"predicted: {by['prefix']['predicted_flops'] / by['full']['predicted_flops']:.3f}. "
-                  f"Activation bytes ratio measured: {by['prefix']['activation_bytes'] / by['full']['activation_bytes']:.3f}."]
+        lines += [
+            "",
+            f"Measured FLOPs ratio prefix/full: {by['prefix']['flops'] / by['full']['flops']:.3f}; "
+            f"predicted: {by['prefix']['predicted_flops'] / by['full']['predicted_flops']:.3f}. "
+            f"Activation bytes ratio measured: {by['prefix']['activation_bytes'] / by['full']['activation_bytes']:.3f}.",
+        ]
     comm_rows = [r for r in dist_rows if r.get("comms")]
     if comm_rows:
-        lines += ["", "## DeepSpeed collectives over the whole run (3 steps, rank 0; DeepSpeed's comms logger)", "",
-                  "| engine | plan | all-gather bytes | all-gather calls | reduce-scatter bytes | all-reduce bytes |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## DeepSpeed collectives over the whole run (3 steps, rank 0; DeepSpeed's comms logger)",
+            "",
+            "| engine | plan | all-gather bytes | all-gather calls | reduce-scatter bytes | all-reduce bytes |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in comm_rows:
             c = r["comms"]
 
             def tot(prefixes, key, c=c):
                 return sum(v[key] for op, v in c.items() if op.startswith(prefixes))
 
-            lines.append(f"| {r['engine']} | {r['plan']} | {tot(('all_gather',), 'bytes'):,} | "
-                         f"{tot(('all_gather',), 'calls'):,} | {tot(('reduce_scatter',), 'bytes'):,} | "
-                         f"{tot(('all_reduce',), 'bytes'):,} |")
-    lines += ["", "Notes: measured gradients are read after the last backward of a step. ZeRO-1 reduces its "
-              "full gradients at the boundary, so the full gradient (the prediction) exists only during "
-              "backward; ZeRO-1/2 also keep the whole gradient tensor of every parameter that crosses a "
-              "partition edge. Optimizer state includes DeepSpeed's fp32 master partition. 'Params held' "
-              "under ZeRO-3 includes small persistent parameters; 'frozen replicated' keeps the frozen "
-              "prefix whole on every rank, so it is never all-gathered."]
+            lines.append(
+                f"| {r['engine']} | {r['plan']} | {tot(('all_gather',), 'bytes'):,} | "
+                f"{tot(('all_gather',), 'calls'):,} | {tot(('reduce_scatter',), 'bytes'):,} | "
+                f"{tot(('all_reduce',), 'bytes'):,} |"
+            )
+    lines += [
+        "",
+        "Notes: measured gradients are read after the last backward of a step. ZeRO-1 reduces its "
+        "full gradients at the boundary, so the full gradient (the prediction) exists only during "
+        "backward; ZeRO-1/2 also keep the whole gradient tensor of every parameter that crosses a "
+        "partition edge. Optimizer state includes DeepSpeed's fp32 master partition. 'Params held' "
+        "under ZeRO-3 includes small persistent parameters; 'frozen replicated' keeps the frozen "
+        "prefix whole on every rank, so it is never all-gathered.",
+    ]
     return "\n".join(lines)
 
 
@@ -166,8 +238,18 @@ def _plot(dist_rows, path: str) -> None:
     ax = fig.add_subplot(1, 1, 1)
     labels = [f"{r['engine']}\n{r['plan']}" for r in dist_rows]
     x = range(len(dist_rows))
-    ax.bar([i - 0.2 for i in x], [sum(r["grad_bytes"][:1]) + r["optimizer_bytes"][0] for r in dist_rows], 0.4, label="measured (rank 0)")
-    ax.bar([i + 0.2 for i in x], [r["predicted_grad_bytes"] + r["predicted_optimizer_bytes"] for r in dist_rows], 0.4, label="predicted")
+    ax.bar(
+        [i - 0.2 for i in x],
+        [sum(r["grad_bytes"][:1]) + r["optimizer_bytes"][0] for r in dist_rows],
+        0.4,
+        label="measured (rank 0)",
+    )
+    ax.bar(
+        [i + 0.2 for i in x],
+        [r["predicted_grad_bytes"] + r["predicted_optimizer_bytes"] for r in dist_rows],
+        0.4,
+        label="predicted",
+    )
     ax.set_xticks(list(x), labels, fontsize=7)
     ax.set_ylabel("gradient + optimizer-state bytes per rank")
     ax.legend()
@@ -188,6 +270,15 @@ def run(out_dir: str, tiny: bool = True) -> str:
     local_rows = _in_process(info, plans)
     os.makedirs(out_dir, exist_ok=True)
     _plot(dist_rows, os.path.join(out_dir, "memory.png"))
-    result = {"setup": {"model": MODEL, "data": DATA, "seq_len": SEQ, "batch_size": BATCH, "world_size": 2},
-              "distributed": dist_rows, "in_process": local_rows}
+    result = {
+        "setup": {
+            "model": MODEL,
+            "data": DATA,
+            "seq_len": SEQ,
+            "batch_size": BATCH,
+            "world_size": 2,
+        },
+        "distributed": dist_rows,
+        "in_process": local_rows,
+    }
     return write_result(out_dir, "memory", result, _markdown(dist_rows, local_rows))

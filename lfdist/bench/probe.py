@@ -49,8 +49,11 @@ def environment() -> dict:
     from lfdist.bench.record import environment as shared
 
     env = shared()
-    dirty = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "status", "--porcelain"],
-                           capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", os.path.dirname(os.path.abspath(__file__)), "status", "--porcelain"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     env["uncommitted_changes"] = bool(dirty)
     return env
 

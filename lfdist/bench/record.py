@@ -32,8 +32,16 @@ def environment() -> dict:
     import torch
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__), timeout=5).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=os.path.dirname(__file__),
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
@@ -41,9 +49,17 @@ def environment() -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
         "python": platform.python_version(),
-        "versions": {p: _version(p) for p in ("torch", "transformers", "deepspeed", "ray", "lfdist")},
-        "hardware": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "gpu": gpu,
-                     "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+        "versions": {
+            p: _version(p) for p in ("torch", "transformers", "deepspeed", "ray", "lfdist")
+        },
+        "hardware": {
+            "cpu": _cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "gpu": gpu,
+            "memory_gib": round(
+                os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1
+            ),
+        },
     }
 
 
@@ -52,9 +68,12 @@ def write_result(out_dir: str, name: str, result: dict, markdown: str) -> str:
     env = result.setdefault("environment", environment())
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
-    head = (f"Measured {env['date']} at commit {env['commit']} on {env['hardware']['cpu']} "
-            f"({env['hardware']['cpu_count']} cores, GPU: {env['hardware']['gpu'] or 'none'}); "
-            + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v) + ".\n\n")
+    head = (
+        f"Measured {env['date']} at commit {env['commit']} on {env['hardware']['cpu']} "
+        f"({env['hardware']['cpu_count']} cores, GPU: {env['hardware']['gpu'] or 'none'}); "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+        + ".\n\n"
+    )
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write(head + markdown.rstrip() + "\n")
     return os.path.join(out_dir, f"{name}.md")

@@ -88,7 +88,9 @@ def optimizer_state_counts(optimizer: torch.optim.Optimizer) -> dict[str, int]:
 
 def param_counts(model: nn.Module) -> dict[str, int]:
     """Elements and bytes of parameters and gradients on this rank, walking the tensors."""
-    counts = dict.fromkeys(("trainable_params", "frozen_params", "grad_elements", "param_bytes", "grad_bytes"), 0)
+    counts = dict.fromkeys(
+        ("trainable_params", "frozen_params", "grad_elements", "param_bytes", "grad_bytes"), 0
+    )
     for p in model.parameters():
         key = "trainable_params" if p.requires_grad else "frozen_params"
         counts[key] += local_numel(p)

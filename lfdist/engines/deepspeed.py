@@ -40,8 +40,11 @@ def template(stage: int) -> dict[str, Any]:
     if stage >= 2:
         zero.update(reduce_bucket_size="auto")
     if stage == 3:
-        zero.update(stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto",
-                    stage3_gather_16bit_weights_on_model_save=False)
+        zero.update(
+            stage3_prefetch_bucket_size="auto",
+            stage3_param_persistence_threshold="auto",
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
     return {
         "train_batch_size": "auto",
         "train_micro_batch_size_per_gpu": "auto",
@@ -81,17 +84,22 @@ def _drop_comments(d: Any) -> Any:
     return d
 
 
-def _settle(where: str, user: Any, ours: Any, ours_named: str, fix: str = "set one of them to auto") -> Any:
+def _settle(
+    where: str, user: Any, ours: Any, ours_named: str, fix: str = "set one of them to auto"
+) -> Any:
     """'auto' (or absent) takes ours; an explicit value must equal ours."""
     if user is None or user == "auto":
         return ours
     if user != ours:
-        raise UserError(f"deepspeed config {where}={json.dumps(user)} conflicts with {ours_named}; {fix}")
+        raise UserError(
+            f"deepspeed config {where}={json.dumps(user)} conflicts with {ours_named}; {fix}"
+        )
     return user
 
 
-def fill_config(user: dict | None, cfg, world_size: int, dtype: str = "float32",
-                hidden_size: int | None = None) -> dict[str, Any]:
+def fill_config(
+    user: dict | None, cfg, world_size: int, dtype: str = "float32", hidden_size: int | None = None
+) -> dict[str, Any]:
     """A complete DeepSpeed config: 'auto' filled from `cfg`, conflicts raised as UserError.
 
     Pure function (no process group): `user` is the parsed JSON or None for our template.
@@ -105,10 +113,18 @@ def fill_config(user: dict | None, cfg, world_size: int, dtype: str = "float32",
                 f"deepspeed config has an {section!r} section, but lfdist builds AdamW and its "
                 "schedule from train.lr, train.weight_decay and train.warmup_steps; remove the section"
             )
-    micro = _settle("train_micro_batch_size_per_gpu", ds.get("train_micro_batch_size_per_gpu"),
-                    cfg.batch_size, f"train.batch_size={cfg.batch_size}")
-    accum = _settle("gradient_accumulation_steps", ds.get("gradient_accumulation_steps"),
-                    cfg.grad_accum, f"train.grad_accum={cfg.grad_accum}")
+    micro = _settle(
+        "train_micro_batch_size_per_gpu",
+        ds.get("train_micro_batch_size_per_gpu"),
+        cfg.batch_size,
+        f"train.batch_size={cfg.batch_size}",
+    )
+    accum = _settle(
+        "gradient_accumulation_steps",
+        ds.get("gradient_accumulation_steps"),
+        cfg.grad_accum,
+        f"train.grad_accum={cfg.grad_accum}",
+    )
     total = micro * accum * world_size
     given = ds.get("train_batch_size")
     if given not in (None, "auto") and given != total:
@@ -117,29 +133,48 @@ def fill_config(user: dict | None, cfg, world_size: int, dtype: str = "float32",
             f"train.grad_accum={accum} x world size {world_size} = {total} (world-size mismatch); "
             f"set train_batch_size to auto or launch {given // (micro * accum)} ranks"
         )
-    ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
-              train_batch_size=total)
+    ds.update(
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=accum,
+        train_batch_size=total,
+    )
     clip = float(cfg.max_grad_norm or 0.0)
-    ds["gradient_clipping"] = float(_settle("gradient_clipping", ds.get("gradient_clipping"), clip,
-                                            f"train.max_grad_norm={clip}"))
+    ds["gradient_clipping"] = float(
+        _settle(
+            "gradient_clipping", ds.get("gradient_clipping"), clip, f"train.max_grad_norm={clip}"
+        )
+    )
     for key, wanted in (("bf16", dtype == "bfloat16"), ("fp16", dtype == "float16")):
         section = ds.setdefault(key, {})
-        section["enabled"] = _settle(f"{key}.enabled", section.get("enabled"), wanted,
-                                     f"model.dtype={dtype}",
-                                     f"set {key}.enabled to auto or model.dtype={DTYPE_OF[key]}")
+        section["enabled"] = _settle(
+            f"{key}.enabled",
+            section.get("enabled"),
+            wanted,
+            f"model.dtype={dtype}",
+            f"set {key}.enabled to auto or model.dtype={DTYPE_OF[key]}",
+        )
     zero = ds.setdefault("zero_optimization", {})
-    zero["stage"] = _settle("zero_optimization.stage", zero.get("stage"), cfg.zero_stage,
-                            f"train.zero_stage={cfg.zero_stage}")
+    zero["stage"] = _settle(
+        "zero_optimization.stage",
+        zero.get("stage"),
+        cfg.zero_stage,
+        f"train.zero_stage={cfg.zero_stage}",
+    )
     sized = {"reduce_bucket_size": 1.0, "stage3_prefetch_bucket_size": 0.9}
     for key, factor in sized.items():
         if zero.get(key) == "auto":
             _fill_or_drop(zero, key, None if hidden_size is None else int(factor * hidden_size**2))
     if zero.get("stage3_param_persistence_threshold") == "auto":
-        _fill_or_drop(zero, "stage3_param_persistence_threshold",
-                      None if hidden_size is None else 10 * hidden_size)
+        _fill_or_drop(
+            zero,
+            "stage3_param_persistence_threshold",
+            None if hidden_size is None else 10 * hidden_size,
+        )
     left = _auto_keys(ds)
     if left:
-        raise UserError(f"deepspeed config key {left[0]} is 'auto' but lfdist cannot fill it; set a value")
+        raise UserError(
+            f"deepspeed config key {left[0]} is 'auto' but lfdist cannot fill it; set a value"
+        )
     return ds
 
 
@@ -201,10 +236,20 @@ def _storage_elements(tensors) -> int:
 class DeepSpeedEngineAdapter:
     name = "deepspeed"
 
-    def __init__(self, engine, optimizer: torch.optim.Optimizer, scheduler, cfg, world, stage: int,
-                 frozen_buffers: list):
+    def __init__(
+        self,
+        engine,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        cfg,
+        world,
+        stage: int,
+        frozen_buffers: list,
+    ):
         self.model = engine  # a DeepSpeedEngine: an nn.Module whose forward is the model's
-        self.optimizer = optimizer  # the torch AdamW: its state lives on DeepSpeed's flat fp32 partitions
+        self.optimizer = (
+            optimizer  # the torch AdamW: its state lives on DeepSpeed's flat fp32 partitions
+        )
         self.scheduler = scheduler
         self.cfg = cfg
         self.world = world
@@ -231,8 +276,10 @@ class DeepSpeedEngineAdapter:
 
     def optimizer_step(self) -> None:
         if self._micro % self._accum:
-            raise RuntimeError(f"optimizer_step after {self._micro} micro-steps; "
-                               f"gradient_accumulation_steps is {self._accum}")
+            raise RuntimeError(
+                f"optimizer_step after {self._micro} micro-steps; "
+                f"gradient_accumulation_steps is {self._accum}"
+            )
         # Clips, steps AdamW on the partitions, steps the scheduler, zeroes the gradients.
         self.model.step()
 
@@ -247,8 +294,9 @@ class DeepSpeedEngineAdapter:
         size = next(p for p in self.model.module.parameters()).element_size()
         counts["param_bytes"] = (counts["trainable_params"] + counts["frozen_params"]) * size
         counts["grad_bytes"] = counts["grad_elements"] * size
-        counts["optimizer_state_bytes"] = 4 * (counts["optimizer_state_elements"]
-                                               + counts.get("master_weight_elements", 0))
+        counts["optimizer_state_bytes"] = 4 * (
+            counts["optimizer_state_elements"] + counts.get("master_weight_elements", 0)
+        )
         return counts
 
     def _param_counts(self) -> dict[str, int]:
@@ -288,8 +336,12 @@ class DeepSpeedEngineAdapter:
         ZeRO-1/2 pad each group to a multiple of 2 x world size and the last rank's partition
         carries the padding; ZeRO-3 pads each parameter to a multiple of the world size.
         """
-        states = [v for s in self.optimizer.state.values() for k, v in s.items()
-                  if k != "step" and isinstance(v, torch.Tensor)]
+        states = [
+            v
+            for s in self.optimizer.state.values()
+            for k, v in s.items()
+            if k != "step" and isinstance(v, torch.Tensor)
+        ]
         kinds = max(1, len({k for s in self.optimizer.state.values() for k in s if k != "step"}))
         padding = self.partition_padding()
         total = sum(t.numel() for t in states)
@@ -316,8 +368,11 @@ class DeepSpeedEngineAdapter:
         groups = getattr(opt, "single_partition_of_fp32_groups", None)
         if groups is None:
             groups = getattr(opt, "fp32_partitioned_groups_flat", [])
-        owned = {g.untyped_storage().data_ptr() for g in getattr(opt, "fp16_partitioned_groups_flat", [])
-                 if g is not None and g.numel()}
+        owned = {
+            g.untyped_storage().data_ptr()
+            for g in getattr(opt, "fp16_partitioned_groups_flat", [])
+            if g is not None and g.numel()
+        }
         return sum(g.numel() for g in groups if g.untyped_storage().data_ptr() not in owned)
 
     # -- weights and checkpoints
@@ -339,9 +394,13 @@ class DeepSpeedEngineAdapter:
         logger = getattr(dscomm, "comms_logger", None)
         if logger is None or not getattr(logger, "enabled", False):
             return None
-        return {op: {"calls": sum(v[0] for v in sizes.values()),
-                     "bytes": sum(int(size) * v[0] for size, v in sizes.items())}
-                for op, sizes in logger.comms_dict.items()}
+        return {
+            op: {
+                "calls": sum(v[0] for v in sizes.values()),
+                "bytes": sum(int(size) * v[0] for size, v in sizes.items()),
+            }
+            for op, sizes in logger.comms_dict.items()
+        }
 
     def full_frozen_state(self) -> dict[str, torch.Tensor]:
         """Full frozen weights by original name (collective under ZeRO-3): tests compare them."""
@@ -358,19 +417,30 @@ class DeepSpeedEngineAdapter:
         qualname = {id(m): n for n, m in module.named_modules()}
         for owner, name, tensor in self.frozen_buffers:
             prefix = qualname[id(owner)]
-            out.setdefault(f"{prefix}.{name}" if prefix else name, tensor.detach().to("cpu", copy=True))
+            out.setdefault(
+                f"{prefix}.{name}" if prefix else name, tensor.detach().to("cpu", copy=True)
+            )
         return out
 
     def save(self, folder: str) -> None:
         # Frozen weights come back from the base model: keep them out of the files.
-        self.model.save_checkpoint(folder, tag=TAG, save_latest=False, exclude_frozen_parameters=True)
+        self.model.save_checkpoint(
+            folder, tag=TAG, save_latest=False, exclude_frozen_parameters=True
+        )
 
     def load(self, folder: str) -> None:
         if not os.path.isdir(os.path.join(folder, TAG)):
-            raise UserError(f"checkpoint {folder!r} has no DeepSpeed state ({TAG}/); it was written by "
-                            "another engine: resume with the engine that wrote it")
-        path, _ = self.model.load_checkpoint(folder, tag=TAG, load_module_strict=False,
-                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+            raise UserError(
+                f"checkpoint {folder!r} has no DeepSpeed state ({TAG}/); it was written by "
+                "another engine: resume with the engine that wrote it"
+            )
+        path, _ = self.model.load_checkpoint(
+            folder,
+            tag=TAG,
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
         if path is None:
             raise UserError(f"DeepSpeed could not load the checkpoint in {folder!r}")
         self._micro = 0
@@ -397,8 +467,9 @@ def build(model: nn.Module, cfg, world) -> DeepSpeedEngineAdapter:
     # DeepSpeed moves the module (buffers included) to its device itself.
     optimizer = make_optimizer(params, cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
     return DeepSpeedEngineAdapter(engine, optimizer, scheduler, cfg, world, stage, frozen_buffers)
 
 

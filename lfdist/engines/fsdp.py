@@ -48,9 +48,13 @@ def _fsdp1(model: nn.Module, world) -> nn.Module:
     # Units: every block, every embedding outside the blocks, and the root with the rest.
     units = {id(b) for b in blocks}
     tied = _tied_param_ids(model)
-    units |= {id(m) for n, m in model.named_modules()
-              if isinstance(m, nn.Embedding) and bmap.block_of(n + ".weight") is None
-              and id(m.weight) not in tied}
+    units |= {
+        id(m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Embedding)
+        and bmap.block_of(n + ".weight") is None
+        and id(m.weight) not in tied
+    }
     root_params = _root_params(model, units)
     if len({p.requires_grad for p in root_params}) > 1:
         if not tied:
@@ -60,8 +64,10 @@ def _fsdp1(model: nn.Module, world) -> nn.Module:
             )
         # A tied embedding cannot be its own FSDP1 unit (the head shares it), so the root
         # unit mixes it with the trainable head/norm: FSDP1 then keeps a zero gradient for it.
-        log.warning("fsdp1: tied embeddings share the root unit with trainable modules; "
-                    "fsdp2 avoids the extra gradient memory")
+        log.warning(
+            "fsdp1: tied embeddings share the root unit with trainable modules; "
+            "fsdp2 avoids the extra gradient memory"
+        )
     policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: id(m) in units)
     # An explicit device (CPU included) is what lets FSDP1 run on CPU with gloo.
     return FSDP(model, auto_wrap_policy=policy, use_orig_params=True, device_id=world.device)
@@ -83,4 +89,3 @@ def build(model, cfg, world):
     model = model.to(world.device)
     wrapped = _fsdp2(model, world) if cfg.engine == "fsdp2" else _fsdp1(model, world)
     return NativeEngine(cfg.engine, wrapped, cfg, world)
-

@@ -61,7 +61,9 @@ class NativeEngine:
     def _options(self, **kw) -> StateDictOptions:
         # Offloading to CPU what already lives on CPU crashes FSDP1's state-dict hooks.
         offload = self.world.device.type != "cpu"
-        return StateDictOptions(full_state_dict=True, cpu_offload=offload, ignore_frozen_params=True, **kw)
+        return StateDictOptions(
+            full_state_dict=True, cpu_offload=offload, ignore_frozen_params=True, **kw
+        )
 
     def full_trainable_state(self) -> dict[str, torch.Tensor]:
         state = get_model_state_dict(self.model, options=self._options())
@@ -70,7 +72,9 @@ class NativeEngine:
     def full_frozen_state(self) -> dict[str, torch.Tensor]:
         """Full values of the frozen parameters (collective): what tests compare bit for bit."""
         opts = StateDictOptions(full_state_dict=True, cpu_offload=self._options().cpu_offload)
-        state = {clean_name(k): v for k, v in get_model_state_dict(self.model, options=opts).items()}
+        state = {
+            clean_name(k): v for k, v in get_model_state_dict(self.model, options=opts).items()
+        }
         frozen = {clean_name(n) for n, p in self.model.named_parameters() if not p.requires_grad}
         return {k: v for k, v in state.items() if k in frozen}
 
@@ -78,7 +82,11 @@ class NativeEngine:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
         if self.world.is_main:
             torch.save(
-                {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict()},
+                {
+                    "model": model_sd,
+                    "optimizer": optim_sd,
+                    "scheduler": self.scheduler.state_dict(),
+                },
                 os.path.join(folder, "engine.pt"),
             )
         if dist.is_initialized():

@@ -20,27 +20,40 @@ def _threads_per_rank(nproc: int) -> int:
 
 
 def base_env(nproc: int, engine: str, cuda: bool) -> dict[str, str]:
-    env = {"OMP_NUM_THREADS": str(_threads_per_rank(nproc)), "LFDIST_ENGINE": engine,
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        "OMP_NUM_THREADS": str(_threads_per_rank(nproc)),
+        "LFDIST_ENGINE": engine,
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     if engine == "deepspeed" and not cuda:
         env["DS_ACCELERATOR"] = "cpu"  # never set on GPU machines
     return env
 
 
-def torchrun_command(job_path: str, nproc: int, engine: str, nodes: Nodes = Nodes(),
-                     cuda: bool = False) -> tuple[list[str], dict[str, str]]:
+def torchrun_command(
+    job_path: str, nproc: int, engine: str, nodes: Nodes = Nodes(), cuda: bool = False
+) -> tuple[list[str], dict[str, str]]:
     argv = [sys.executable, "-m", "torch.distributed.run"]
     if nodes.nnodes == 1 and nodes.rdzv_endpoint is None:
         argv += ["--standalone"]
     else:
-        argv += ["--nnodes", str(nodes.nnodes), "--node-rank", str(nodes.node_rank),
-                 "--rdzv-backend", "c10d", "--rdzv-endpoint", str(nodes.rdzv_endpoint)]
+        argv += [
+            "--nnodes",
+            str(nodes.nnodes),
+            "--node-rank",
+            str(nodes.node_rank),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            str(nodes.rdzv_endpoint),
+        ]
     argv += ["--nproc-per-node", str(nproc), "-m", "lfdist.launch.worker", job_path]
     return argv, base_env(nproc, engine, cuda)
 
 
-def deepspeed_command(job_path: str, nproc: int, nodes: Nodes = Nodes(),
-                      cuda: bool = False) -> tuple[list[str], dict[str, str]]:
+def deepspeed_command(
+    job_path: str, nproc: int, nodes: Nodes = Nodes(), cuda: bool = False
+) -> tuple[list[str], dict[str, str]]:
     # --num_gpus is needed even on CPU, else the launcher starts a world of 1.
     argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc)]
     if nodes.hostfile:
@@ -68,4 +81,6 @@ def _free_port() -> int:
 def shell_line(argv: list[str], env: dict[str, str]) -> str:
     import shlex
 
-    return " ".join([f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())] + [shlex.quote(a) for a in argv])
+    return " ".join(
+        [f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())] + [shlex.quote(a) for a in argv]
+    )

@@ -25,7 +25,9 @@ def validate(cfg: RunConfig, plan_path: str, out: str, resume: bool) -> None:
     check_engine_supports(plan, cfg.train.engine)
     has_run = latest_checkpoint(os.path.join(out, "checkpoints")) is not None
     if has_run and not resume:
-        raise UserError(f"output folder {out!r} already holds a run; pass --resume to continue it or choose another --out")
+        raise UserError(
+            f"output folder {out!r} already holds a run; pass --resume to continue it or choose another --out"
+        )
     if resume and not has_run:
         raise UserError(f"--resume: no checkpoint in {out!r}; drop --resume to start a new run")
     prepared = prepare(cfg)
@@ -48,9 +50,17 @@ def build_command(cfg: RunConfig, job_path: str, nodes: Nodes, cuda: bool):
     return torchrun_command(job_path, tc.nproc, tc.engine, nodes, cuda)
 
 
-def launch_training(cfg: RunConfig, plan_path: str, out: str, resume: bool = False,
-                    dry_run: bool = False, nodes: Nodes = Nodes(), evaluate: bool = True,
-                    validate_first: bool = True, job_extra: dict | None = None) -> dict | None:
+def launch_training(
+    cfg: RunConfig,
+    plan_path: str,
+    out: str,
+    resume: bool = False,
+    dry_run: bool = False,
+    nodes: Nodes = Nodes(),
+    evaluate: bool = True,
+    validate_first: bool = True,
+    job_extra: dict | None = None,
+) -> dict | None:
     import torch
 
     cuda = torch.cuda.is_available()
@@ -65,13 +75,21 @@ def launch_training(cfg: RunConfig, plan_path: str, out: str, resume: bool = Fal
     error_file = os.path.join(out, "error.txt")
     if os.path.exists(error_file):
         os.remove(error_file)
-    job = {"config": cfg.to_dict(), "plan": os.path.abspath(plan_path), "out": os.path.abspath(out),
-           "resume": resume, "evaluate": evaluate, **(job_extra or {})}
+    job = {
+        "config": cfg.to_dict(),
+        "plan": os.path.abspath(plan_path),
+        "out": os.path.abspath(out),
+        "resume": resume,
+        "evaluate": evaluate,
+        **(job_extra or {}),
+    }
     with open(job_path, "w") as f:
         json.dump(job, f, indent=1)
     proc = subprocess.run(argv, env={**os.environ, **env})
     raise_rank_error(error_file)
     if proc.returncode != 0:
-        raise RuntimeError(f"training failed with exit code {proc.returncode}; see the rank output above")
+        raise RuntimeError(
+            f"training failed with exit code {proc.returncode}; see the rank output above"
+        )
     with open(os.path.join(out, "metrics.json")) as f:
         return json.load(f)

@@ -73,7 +73,9 @@ def apply_plan(model: nn.Module, plan: Plan, check_fingerprint: bool = True) -> 
         else:
             frozen += p.numel()
     if trainable == 0:
-        raise UserError("the plan trains no parameter at all; pick a strategy or budget that trains a block")
+        raise UserError(
+            "the plan trains no parameter at all; pick a strategy or budget that trains a block"
+        )
     if plan.modules.get("embeddings") == "full":
         log.warning(
             "the plan trains the embeddings: backward runs through every block and the "

@@ -83,7 +83,9 @@ def find_blocks(model: nn.Module) -> BlockMap:
             f"cannot find the transformer blocks of {type(model).__name__} (model_type={model_type!r}); "
             "add its block list to lfdist.model.blocks.BLOCK_LISTS"
         )
-    name, mods = max(uniform, key=lambda nm: (sum(p.numel() for p in nm[1].parameters()), -nm[0].count(".")))
+    name, mods = max(
+        uniform, key=lambda nm: (sum(p.numel() for p in nm[1].parameters()), -nm[0].count("."))
+    )
     return BlockMap(name, len(mods))
 
 

@@ -47,11 +47,16 @@ def _tokenizer(folder: str):
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 2)[-1] or spec.count("/") > 1
+    return (
+        spec.startswith((".", "/", "~"))
+        or os.sep in spec.strip("/").split("/", 2)[-1]
+        or spec.count("/") > 1
+    )
 
 
-def load_model(spec: str, task: str = "lm", num_labels: int = 2, dtype: str = "float32",
-               seed: int = 0) -> Loaded:
+def load_model(
+    spec: str, task: str = "lm", num_labels: int = 2, dtype: str = "float32", seed: int = 0
+) -> Loaded:
     import torch
 
     if spec.startswith("tiny:"):
@@ -63,13 +68,21 @@ def load_model(spec: str, task: str = "lm", num_labels: int = 2, dtype: str = "f
     folder = resolve_folder(spec)
     if folder is None:
         if _looks_like_path(spec) or spec.startswith("pkg:"):
-            raise UserError(f"model path {spec!r} does not exist; give an existing folder, a hub id, tiny:<arch> or pkg:<name>")
+            raise UserError(
+                f"model path {spec!r} does not exist; give an existing folder, a hub id, tiny:<arch> or pkg:<name>"
+            )
         if ":" in spec:
-            raise UserError(f"unknown model spec {spec!r}; use a hub id, a folder, tiny:<arch>, pkg:smollm2-135m or pkg:minilm-l6")
+            raise UserError(
+                f"unknown model spec {spec!r}; use a hub id, a folder, tiny:<arch>, pkg:smollm2-135m or pkg:minilm-l6"
+            )
         folder = spec  # a hub id: transformers resolves (and caches) it
     import transformers
 
-    auto = transformers.AutoModelForCausalLM if task == "lm" else transformers.AutoModelForSequenceClassification
+    auto = (
+        transformers.AutoModelForCausalLM
+        if task == "lm"
+        else transformers.AutoModelForSequenceClassification
+    )
     kwargs = {"num_labels": num_labels} if task == "classify" else {}
     try:
         model = auto.from_pretrained(folder, dtype=getattr(torch, DTYPES[dtype]), **kwargs)

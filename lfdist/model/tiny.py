@@ -12,8 +12,14 @@ N_BLOCKS = 8
 HIDDEN = 64
 VOCAB = 320  # >= ByteTokenizer.vocab_size
 
-_DECODER = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=N_BLOCKS,
-                num_attention_heads=4, intermediate_size=128, max_position_embeddings=512)
+_DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    num_hidden_layers=N_BLOCKS,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=512,
+)
 TINY = {
     "llama": ("LlamaConfig", dict(_DECODER, num_key_value_heads=2, tie_word_embeddings=False)),
     "mistral": ("MistralConfig", dict(_DECODER, num_key_value_heads=2, sliding_window=None)),
@@ -21,17 +27,48 @@ TINY = {
     "gemma": ("GemmaConfig", dict(_DECODER, num_key_value_heads=2, head_dim=16)),
     "phi": ("PhiConfig", dict(_DECODER)),
     "gpt_neox": ("GPTNeoXConfig", dict(_DECODER)),
-    "falcon": ("FalconConfig", dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=N_BLOCKS,
-                                    num_attention_heads=4, new_decoder_architecture=False,
-                                    multi_query=True, parallel_attn=True, bias=False)),
-    "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=N_BLOCKS, n_head=4,
-                                n_inner=128, n_positions=512)),
-    "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=N_BLOCKS,
-                              num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=HIDDEN,
-                              max_position_embeddings=512, pad_token_id=256)),
+    "falcon": (
+        "FalconConfig",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            num_hidden_layers=N_BLOCKS,
+            num_attention_heads=4,
+            new_decoder_architecture=False,
+            multi_query=True,
+            parallel_attn=True,
+            bias=False,
+        ),
+    ),
+    "gpt2": (
+        "GPT2Config",
+        dict(
+            vocab_size=VOCAB,
+            n_embd=HIDDEN,
+            n_layer=N_BLOCKS,
+            n_head=4,
+            n_inner=128,
+            n_positions=512,
+        ),
+    ),
+    "opt": (
+        "OPTConfig",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            num_hidden_layers=N_BLOCKS,
+            num_attention_heads=4,
+            ffn_dim=128,
+            word_embed_proj_dim=HIDDEN,
+            max_position_embeddings=512,
+            pad_token_id=256,
+        ),
+    ),
     "bert": ("BertConfig", dict(_DECODER, type_vocab_size=2)),
-    "roberta": ("RobertaConfig", dict(_DECODER, type_vocab_size=1, pad_token_id=256,
-                                      max_position_embeddings=520)),
+    "roberta": (
+        "RobertaConfig",
+        dict(_DECODER, type_vocab_size=1, pad_token_id=256, max_position_embeddings=520),
+    ),
     "mpnet": ("MPNetConfig", dict(_DECODER, pad_token_id=256, max_position_embeddings=520)),
 }
 ENCODERS = {"bert", "roberta", "mpnet"}
@@ -41,7 +78,9 @@ def tiny_config(arch: str, num_labels: int = 2):
     import transformers
 
     if arch not in TINY:
-        raise UserError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(sorted(TINY))}")
+        raise UserError(
+            f"unknown tiny architecture {arch!r}; choose one of {', '.join(sorted(TINY))}"
+        )
     cls_name, kwargs = TINY[arch]
     # Special ids are the ByteTokenizer's (set at construction: configs validate them).
     ids = {"pad_token_id": 256, "bos_token_id": 257, "eos_token_id": 258}
@@ -55,8 +94,14 @@ def build_tiny(arch: str, task: str, num_labels: int = 2, seed: int = 0):
 
     cfg = tiny_config(arch, num_labels)
     if task == "lm" and arch in ENCODERS:
-        raise UserError(f"tiny:{arch} is an encoder; use --task classify (or a decoder such as tiny:llama)")
-    auto = transformers.AutoModelForCausalLM if task == "lm" else transformers.AutoModelForSequenceClassification
+        raise UserError(
+            f"tiny:{arch} is an encoder; use --task classify (or a decoder such as tiny:llama)"
+        )
+    auto = (
+        transformers.AutoModelForCausalLM
+        if task == "lm"
+        else transformers.AutoModelForSequenceClassification
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = auto.from_config(cfg)

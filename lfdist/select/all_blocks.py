@@ -10,4 +10,3 @@ from lfdist.select.base import Choice, Context, top_blocks
 def all_blocks(ctx: Context) -> Choice:
     # Under a budget, freeze from the bottom: a frozen prefix is what saves backward compute.
     return top_blocks(ctx.n_blocks, ctx.n_blocks)
-

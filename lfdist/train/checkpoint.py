@@ -63,10 +63,15 @@ def save_checkpoint(root: str, step: int, engine, world, plan_path: str, extra: 
     trainable = engine.full_trainable_state()
     torch.save(rng_state(), os.path.join(tmp, f"rng-rank{world.rank}.pt"))
     if world.is_main:
-        save_file({k: v.contiguous() for k, v in trainable.items()}, os.path.join(tmp, "trainable.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in trainable.items()},
+            os.path.join(tmp, "trainable.safetensors"),
+        )
         shutil.copy(plan_path, os.path.join(tmp, "plan.yaml"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step, "data_position": step, "world_size": world.world_size, **extra}, f)
+            json.dump(
+                {"step": step, "data_position": step, "world_size": world.world_size, **extra}, f
+            )
     _barrier()
     if world.is_main:
         sums = {f: _sha256(os.path.join(tmp, f)) for f in _all_files(tmp)}
@@ -92,13 +97,17 @@ def _all_files(folder: str) -> list[str]:
 def verify(folder: str) -> None:
     path = os.path.join(folder, CHECKSUMS)
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {folder!r} is incomplete (no {CHECKSUMS}); resume from an earlier one")
+        raise UserError(
+            f"checkpoint {folder!r} is incomplete (no {CHECKSUMS}); resume from an earlier one"
+        )
     with open(path) as f:
         sums = json.load(f)
     for name, digest in sums.items():
         file = os.path.join(folder, name)
         if not os.path.isfile(file) or _sha256(file) != digest:
-            raise UserError(f"checkpoint file {file!r} is missing or corrupt (checksum mismatch); resume from an earlier checkpoint")
+            raise UserError(
+                f"checkpoint file {file!r} is missing or corrupt (checksum mismatch); resume from an earlier checkpoint"
+            )
 
 
 def latest_checkpoint(root: str) -> str | None:

@@ -23,8 +23,13 @@ def _sums(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, data: dict[str, torch.Tensor], task: str, batch_size: int = 8,
-             device: torch.device | None = None) -> dict[str, float]:
+def evaluate(
+    model,
+    data: dict[str, torch.Tensor],
+    task: str,
+    batch_size: int = 8,
+    device: torch.device | None = None,
+) -> dict[str, float]:
     """Held-out sums, sharded over the ranks of a process group (a strided share each).
 
     Every rank runs the same number of forwards (FSDP and ZeRO-3 forwards are collective):

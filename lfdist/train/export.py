@@ -14,7 +14,9 @@ from lfdist.train.checkpoint import latest_checkpoint, verify
 def resolve_checkpoint(path: str) -> str:
     """Accept a run folder, its checkpoints folder, or one step folder."""
     if not os.path.isdir(path):
-        raise UserError(f"checkpoint {path!r} does not exist; give the --out folder of `lfdist train`")
+        raise UserError(
+            f"checkpoint {path!r} does not exist; give the --out folder of `lfdist train`"
+        )
     for root in (path, os.path.join(path, "checkpoints")):
         latest = latest_checkpoint(root)
         if latest is not None:
@@ -38,7 +40,9 @@ def export(checkpoint: str, out: str) -> str:
     with open(os.path.join(folder, "state.json")) as f:
         state = json.load(f)
     m = state["model"]
-    loaded = load_model(m["spec"], m["task"], num_labels=state.get("num_labels", 2), dtype=m["dtype"])
+    loaded = load_model(
+        m["spec"], m["task"], num_labels=state.get("num_labels", 2), dtype=m["dtype"]
+    )
     model = loaded.model
     plan = load_plan(os.path.join(folder, "plan.yaml"))
     plan.check_model(fingerprint(model))
@@ -51,10 +55,14 @@ def export(checkpoint: str, out: str) -> str:
     known = model.state_dict()
     unknown = sorted(set(trained) - set(known))
     if unknown:
-        raise UserError(f"checkpoint has weights the base model lacks (e.g. {unknown[0]!r}); was the base model changed?")
+        raise UserError(
+            f"checkpoint has weights the base model lacks (e.g. {unknown[0]!r}); was the base model changed?"
+        )
     for name, value in trained.items():
         if known[name].shape != value.shape:
-            raise UserError(f"checkpoint weight {name!r} has shape {tuple(value.shape)}, base has {tuple(known[name].shape)}")
+            raise UserError(
+                f"checkpoint weight {name!r} has shape {tuple(value.shape)}, base has {tuple(known[name].shape)}"
+            )
     model.load_state_dict(trained, strict=False)
     tmp = out.rstrip("/") + ".tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -71,8 +79,16 @@ def export(checkpoint: str, out: str) -> str:
     model.save_pretrained(tmp)
     loaded.tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "lfdist_export.json"), "w") as f:
-        json.dump({"checkpoint": os.path.abspath(folder), "step": state["step"],
-                   "trained_tensors": len(trained), "base": m["spec"]}, f, indent=1)
+        json.dump(
+            {
+                "checkpoint": os.path.abspath(folder),
+                "step": state["step"],
+                "trained_tensors": len(trained),
+                "base": m["spec"],
+            },
+            f,
+            indent=1,
+        )
     if os.path.exists(out):
         os.rmdir(out)
     os.replace(tmp, out)

@@ -12,8 +12,15 @@ from lfdist.errors import UserError
 
 
 class StepFeeder:
-    def __init__(self, data: dict[str, torch.Tensor], batch_size: int, grad_accum: int,
-                 world_size: int, rank: int, seed: int):
+    def __init__(
+        self,
+        data: dict[str, torch.Tensor],
+        batch_size: int,
+        grad_accum: int,
+        world_size: int,
+        rank: int,
+        seed: int,
+    ):
         self.data = data
         self.n = len(data["input_ids"])
         self.micro = batch_size
@@ -51,4 +58,6 @@ class StepFeeder:
         return [idx[i : i + self.micro] for i in range(0, len(idx), self.micro)]
 
     def micro_batches(self, step: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
-        return [{k: v[idx].to(device) for k, v in self.data.items()} for idx in self.micro_indices(step)]
+        return [
+            {k: v[idx].to(device) for k, v in self.data.items()} for idx in self.micro_indices(step)
+        ]

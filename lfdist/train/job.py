@@ -49,14 +49,19 @@ def run_training(job: dict, world) -> None:
     plan = load_plan(job["plan"])
     applied = apply_plan(model, plan)
     tracer = BackwardTracer(find_blocks(model).blocks(model))
-    frozen_before = _digest({n: p for n, p in model.named_parameters() if not p.requires_grad}) \
-        if job.get("check_frozen") else None
+    frozen_before = (
+        _digest({n: p for n, p in model.named_parameters() if not p.requires_grad})
+        if job.get("check_frozen")
+        else None
+    )
     checkpointed = checkpoint_trainable_blocks(model) if tc.activation_checkpointing else []
     cache = _prefix_cache(model, plan, prepared, cfg) if tc.cache_frozen_prefix else None
     t_build = time.perf_counter()
     engine = build_engine(tc.engine, model, tc, world)
     build_s = time.perf_counter() - t_build
-    feeder = StepFeeder(prepared.train, tc.batch_size, tc.grad_accum, world.world_size, world.rank, tc.seed)
+    feeder = StepFeeder(
+        prepared.train, tc.batch_size, tc.grad_accum, world.world_size, world.rank, tc.seed
+    )
 
     start = 0
     if job.get("resume"):
@@ -67,17 +72,31 @@ def run_training(job: dict, world) -> None:
         os.makedirs(ckpt_root, exist_ok=True)
 
     def save(step: int) -> None:
-        extra = {"engine": tc.engine, "model": dataclasses.asdict(cfg.model),
-                 "num_labels": int(getattr(model.config, "num_labels", 2))}
+        extra = {
+            "engine": tc.engine,
+            "model": dataclasses.asdict(cfg.model),
+            "num_labels": int(getattr(model.config, "num_labels", 2)),
+        }
         save_checkpoint(ckpt_root, step, engine, world, job["plan"], extra)
 
     do_eval = job.get("evaluate", True) and len(prepared.heldout.get("input_ids", []))
     # The base model's quality on the same held-out set: the reference the run is judged by.
-    before = evaluate(engine.model, prepared.heldout, cfg.model.task, tc.batch_size, world.device) \
-        if do_eval and start == 0 else None
+    before = (
+        evaluate(engine.model, prepared.heldout, cfg.model.task, tc.batch_size, world.device)
+        if do_eval and start == 0
+        else None
+    )
     last = min(tc.steps, job.get("stop_after") or tc.steps)  # stop_after: a simulated preemption
-    result = train_loop(engine, feeder, replace(tc, steps=last), world, start, save, tracer,
-                        before_micro=cache.select if cache else None)
+    result = train_loop(
+        engine,
+        feeder,
+        replace(tc, steps=last),
+        world,
+        start,
+        save,
+        tracer,
+        before_micro=cache.select if cache else None,
+    )
     tracer.remove()
     save(last)
     frozen_after = _digest(engine.full_frozen_state()) if job.get("check_frozen") else None
@@ -87,15 +106,21 @@ def run_training(job: dict, world) -> None:
     if cache is not None:
         cache.off()
     if do_eval:
-        quality = evaluate(engine.model, prepared.heldout, cfg.model.task, tc.batch_size, world.device)
+        quality = evaluate(
+            engine.model, prepared.heldout, cfg.model.task, tc.batch_size, world.device
+        )
     if world.is_main:
         metrics = {
             "engine": tc.engine,
             "zero_stage": tc.zero_stage if tc.engine == "deepspeed" else None,
             "world_size": world.world_size,
             "device": str(world.device),
-            "plan": {"strategy": plan.strategy, "treatments": plan.treatments, "boundary": plan.boundary,
-                     "predicted": plan.predicted},
+            "plan": {
+                "strategy": plan.strategy,
+                "treatments": plan.treatments,
+                "boundary": plan.boundary,
+                "predicted": plan.predicted,
+            },
             "params": {"trainable": applied.trainable, "frozen": applied.frozen},
             "losses": {str(k): v for k, v in result["losses"].items()},
             "step_times": result["step_times"],
@@ -117,12 +142,21 @@ def _prefix_cache(model, plan, prepared, cfg):
     from lfdist.train.prefix_cache import install_prefix_cache
 
     if cfg.train.engine == "deepspeed" and cfg.train.zero_stage == 3:
-        raise UserError("--cache-frozen-prefix is not supported with ZeRO-3 (its parameter fetch "
-                        "follows the module trace); use ZeRO-1/2, FSDP2 or DDP")
+        raise UserError(
+            "--cache-frozen-prefix is not supported with ZeRO-3 (its parameter fetch "
+            "follows the module trace); use ZeRO-1/2, FSDP2 or DDP"
+        )
     n, seq = prepared.train["input_ids"].shape
     element = next(model.parameters()).element_size()
-    return install_prefix_cache(find_blocks(model).blocks(model), plan.boundary, n, seq,
-                                model.config.hidden_size, element, int(cfg.train.cache_max_gib * 2**30))
+    return install_prefix_cache(
+        find_blocks(model).blocks(model),
+        plan.boundary,
+        n,
+        seq,
+        model.config.hidden_size,
+        element,
+        int(cfg.train.cache_max_gib * 2**30),
+    )
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -138,6 +172,8 @@ def _merge_metrics(path: str, metrics: dict) -> None:
     if metrics["resumed_from"] and os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
-        metrics["losses"] = {**{k: v for k, v in old.get("losses", {}).items()
-                                if int(k) < metrics["resumed_from"]}, **metrics["losses"]}
+        metrics["losses"] = {
+            **{k: v for k, v in old.get("losses", {}).items() if int(k) < metrics["resumed_from"]},
+            **metrics["losses"],
+        }
     atomic_write_text(path, json.dumps(metrics, indent=1, default=str))

@@ -21,9 +21,17 @@ def _mean_across_ranks(value: float, device: torch.device) -> float:
     return t.item() / dist.get_world_size()
 
 
-def train_loop(engine, feeder: StepFeeder, cfg, world, start_step: int,
-               save: Callable[[int], None], tracer=None, log: Callable[[str], None] = print,
-               before_micro: Callable | None = None) -> dict:
+def train_loop(
+    engine,
+    feeder: StepFeeder,
+    cfg,
+    world,
+    start_step: int,
+    save: Callable[[int], None],
+    tracer=None,
+    log: Callable[[str], None] = print,
+    before_micro: Callable | None = None,
+) -> dict:
     """Runs steps start_step..cfg.steps-1. Returns per-step losses, times and first-step counts."""
     losses, times, counts = {}, [], {}
     engine.model.train()

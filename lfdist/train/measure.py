@@ -20,7 +20,9 @@ class BackwardTracer:
     def __init__(self, blocks: nn.ModuleList):
         self.reached: set[int] = set()
         self.enabled = True
-        self._handles = [b.register_forward_hook(self._forward_hook(i)) for i, b in enumerate(blocks)]
+        self._handles = [
+            b.register_forward_hook(self._forward_hook(i)) for i, b in enumerate(blocks)
+        ]
 
     def _forward_hook(self, index: int):
         def hook(_module, _inputs, output):

@@ -93,18 +93,32 @@ def _gather(hidden: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return hidden.cpu(), indices.cpu()
     n = dist.get_world_size()
-    hs, ix = [torch.empty_like(hidden) for _ in range(n)], [torch.empty_like(indices) for _ in range(n)]
+    hs, ix = (
+        [torch.empty_like(hidden) for _ in range(n)],
+        [torch.empty_like(indices) for _ in range(n)],
+    )
     dist.all_gather(hs, hidden.contiguous())
     dist.all_gather(ix, indices.contiguous())
     return torch.cat(hs).cpu(), torch.cat(ix).cpu()
 
 
 def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
-def install_prefix_cache(blocks: nn.ModuleList, boundary: int, n_examples: int, seq_len: int,
-                         hidden: int, element_size: int, max_bytes: int) -> _Cache:
+def install_prefix_cache(
+    blocks: nn.ModuleList,
+    boundary: int,
+    n_examples: int,
+    seq_len: int,
+    hidden: int,
+    element_size: int,
+    max_bytes: int,
+) -> _Cache:
     """Wrap blocks 0..boundary-1 (all frozen) so the cache can skip them. Call before sharding."""
     if boundary < 1:
         raise UserError("--cache-frozen-prefix needs a frozen prefix; this plan trains block 0")

@@ -26,12 +26,25 @@ def prepare(cfg: RunConfig) -> Prepared:
     num_labels = 2
     if cfg.model.task == "classify":
         # The classifier head's width comes from the data's labels.
-        num_labels = len(load_text_data(d.spec, "classify", d.text_column, d.label_column).label_names)
-    loaded = load_model(cfg.model.spec, cfg.model.task, num_labels=num_labels,
-                        dtype=cfg.model.dtype, seed=cfg.train.seed)
+        num_labels = len(
+            load_text_data(d.spec, "classify", d.text_column, d.label_column).label_names
+        )
+    loaded = load_model(
+        cfg.model.spec,
+        cfg.model.task,
+        num_labels=num_labels,
+        dtype=cfg.model.dtype,
+        seed=cfg.train.seed,
+    )
     train, heldout, info = load_task_data(
-        d.spec, cfg.model.task, loaded.tokenizer, d.seq_len, heldout_fraction=d.heldout_fraction,
-        text_column=d.text_column, label_column=d.label_column, max_examples=d.max_examples,
+        d.spec,
+        cfg.model.task,
+        loaded.tokenizer,
+        d.seq_len,
+        heldout_fraction=d.heldout_fraction,
+        text_column=d.text_column,
+        label_column=d.label_column,
+        max_examples=d.max_examples,
         eval_spec=d.eval_spec,
     )
     heldout = _evenly_spaced(heldout, d.max_eval_examples)

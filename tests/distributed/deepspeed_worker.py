@@ -22,8 +22,16 @@ import torch
 
 STEPS, MICRO, ACCUM, SEQ = 3, 2, 2, 16
 WORLD = 2
-HYPER = dict(steps=STEPS, batch_size=MICRO, grad_accum=ACCUM, lr=1e-3, weight_decay=0.01,
-             warmup_steps=1, max_grad_norm=1.0, seed=0)
+HYPER = dict(
+    steps=STEPS,
+    batch_size=MICRO,
+    grad_accum=ACCUM,
+    lr=1e-3,
+    weight_decay=0.01,
+    warmup_steps=1,
+    max_grad_norm=1.0,
+    seed=0,
+)
 # name: (model, frozen blocks or None, with a save/resume round, ZeRO-3 replicated frozen)
 CASES = {
     "full": ("tiny", None, False, False),
@@ -99,8 +107,9 @@ def reference_losses(case: str) -> tuple[float, ...]:
 def _config(stage: int, replicate: bool):
     from lfdist.config import TrainConfig
 
-    return TrainConfig(engine="deepspeed", zero_stage=stage, nproc=WORLD,
-                       zero3_replicate_frozen=replicate, **HYPER)
+    return TrainConfig(
+        engine="deepspeed", zero_stage=stage, nproc=WORLD, zero3_replicate_frozen=replicate, **HYPER
+    )
 
 
 def _frozen_weights(engine) -> dict[str, torch.Tensor]:
@@ -108,8 +117,12 @@ def _frozen_weights(engine) -> dict[str, torch.Tensor]:
 
     module = engine.model.module
     named = [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
-    named += [(f"{m}.{n}" if m else n, b) for m, mod in module.named_modules()
-              for n, b in mod.named_buffers(recurse=False) if n in ("weight", "bias")]
+    named += [
+        (f"{m}.{n}" if m else n, b)
+        for m, mod in module.named_modules()
+        for n, b in mod.named_buffers(recurse=False)
+        if n in ("weight", "bias")
+    ]
     params = [p for _, p in named if hasattr(p, "ds_id")]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
         return {n: p.detach().clone() for n, p in named}
@@ -136,7 +149,8 @@ def _train(engine, rank: int, steps, record: dict | None = None) -> list[float]:
         if record is not None and step == 0:
             record["after_backward"] = engine.local_counts()
             record["frozen_grads"] = sum(
-                p.grad is not None for p in engine.model.module.parameters() if not p.requires_grad)
+                p.grad is not None for p in engine.model.module.parameters() if not p.requires_grad
+            )
         engine.optimizer_step()
         if record is not None and step == 0:
             record["after_step"] = engine.local_counts()
@@ -160,8 +174,12 @@ def run_case(stage: int, case: str, world, tmp: str) -> dict:
     model = make_model(kind, frozen)
     names = {n: p.numel() for n, p in model.named_parameters()}
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
-    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    frozen_before = {
+        n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad
+    }
+    trainable_before = {
+        n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+    }
     frozen_ptrs = {n: p.data_ptr() for n, p in model.named_parameters() if not p.requires_grad}
     t0 = time.perf_counter()
     engine = build(model, cfg, world)
@@ -189,7 +207,9 @@ def run_case(stage: int, case: str, world, tmp: str) -> dict:
         and {t.data_ptr() for _, _, t in engine.frozen_buffers} == set(frozen_ptrs.values())
         and not any(hasattr(t, "ds_id") for _, _, t in engine.frozen_buffers),
         "trainable_names_match": sorted(after) == sorted(trainable_before),
-        "trainable_unchanged": [k for k in trainable_before if torch.equal(trainable_before[k], after[k])],
+        "trainable_unchanged": [
+            k for k in trainable_before if torch.equal(trainable_before[k], after[k])
+        ],
         "build_s": build_s,
         "train_s": train_s,
     }
@@ -225,9 +245,11 @@ def main(argv: list[str]) -> None:
             for case in cases_for(stage):
                 mine = run_case(stage, case, world, tmp)
                 everyone = _gather(mine)
-                results[f"{stage}/{case}"] = {**{k: v for k, v in mine.items() if k != "counts"},
-                                              "ranks": [r["counts"] for r in everyone],
-                                              "resumed_ranks": [r.get("resumed_losses") for r in everyone]}
+                results[f"{stage}/{case}"] = {
+                    **{k: v for k, v in mine.items() if k != "counts"},
+                    "ranks": [r["counts"] for r in everyone],
+                    "resumed_ranks": [r.get("resumed_losses") for r in everyone],
+                }
         dist.barrier()
     if rank == 0:
         with open(argv[0], "w") as f:

@@ -41,11 +41,26 @@ RUNS = [(s, c) for s in STAGES for c in worker.cases_for(s)]
 def results(tmp_path_factory) -> dict:
     pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("ds") / "results.json"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
-            str(HERE / "deepspeed_worker.py"), str(out), *map(str, STAGES)]
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")
+        ),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(WORLD),
+        str(HERE / "deepspeed_worker.py"),
+        str(out),
+        *map(str, STAGES),
+    ]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and out.is_file(), proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(out.read_text())
@@ -105,7 +120,9 @@ def test_optimizer_state_is_the_trainable_share_times_two(results, stage, case):
         assert after["optimizer_state_elements"] == 2 * part
         assert after["partition_padding_elements"] == padding
         assert after["optimizer_state_elements_unpadded"] == 2 * (part - padding)
-        assert counts["after_backward"]["optimizer_state_elements"] == 0  # created by the first step
+        assert (
+            counts["after_backward"]["optimizer_state_elements"] == 0
+        )  # created by the first step
         unpadded_total += after["optimizer_state_elements_unpadded"]
     assert unpadded_total == 2 * sum(sizes)
 
@@ -126,15 +143,27 @@ def test_params_and_grads_held_per_rank(results, stage, case):
     replicated = case == "prefix_replicated"
     for rank, counts in enumerate(r["ranks"]):
         assert counts["frozen_grads"] == 0
-        backward, after, mid = counts["after_backward"], counts["after_step"], counts["mid_accumulation"]
+        backward, after, mid = (
+            counts["after_backward"],
+            counts["after_step"],
+            counts["mid_accumulation"],
+        )
         if stage == 3:
             part = sum(_zero3_share(n, rank)[0] for n in sizes)
             whole = sum(n for n in sizes if n <= PERSIST)
             assert backward["trainable_params"] == part + whole
-            frozen_held = sum(frozen) if replicated else (
-                sum(_zero3_share(n, rank)[0] for n in frozen) + sum(n for n in frozen if n <= PERSIST))
+            frozen_held = (
+                sum(frozen)
+                if replicated
+                else (
+                    sum(_zero3_share(n, rank)[0] for n in frozen)
+                    + sum(n for n in frozen if n <= PERSIST)
+                )
+            )
             assert backward["frozen_params"] == frozen_held
-            assert backward["grad_elements"] == mid["grad_elements"] == after["grad_elements"] == part
+            assert (
+                backward["grad_elements"] == mid["grad_elements"] == after["grad_elements"] == part
+            )
         else:
             layout = _zero12_layout(sizes, rank)
             assert backward["trainable_params"] == sum(sizes)
@@ -167,11 +196,15 @@ def test_resume_continues_exactly(results, stage, case):
 
 @pytest.mark.deepspeed
 def test_zero3_frozen_prefix_savings_and_replication(results):
-    full, prefix, repl = (results[f"3/{c}"]["ranks"][0]["after_step"]
-                          for c in ("full", "prefix", "prefix_replicated"))
+    full, prefix, repl = (
+        results[f"3/{c}"]["ranks"][0]["after_step"] for c in ("full", "prefix", "prefix_replicated")
+    )
     sizes = {c: sum(n for _, n in results[f"3/{c}"]["param_order"]) for c in ("full", "prefix")}
     # No padding on the tiny llama: the state shrinks exactly with the trainable elements.
-    assert prefix["optimizer_state_elements"] * sizes["full"] == full["optimizer_state_elements"] * sizes["prefix"]
+    assert (
+        prefix["optimizer_state_elements"] * sizes["full"]
+        == full["optimizer_state_elements"] * sizes["prefix"]
+    )
     assert repl["optimizer_state_elements"] == prefix["optimizer_state_elements"]
     assert repl["frozen_params"] == sum(results["3/prefix"]["frozen_numels"])
     assert results["3/prefix_replicated"]["frozen_never_gathered"]
@@ -181,7 +214,9 @@ def test_zero3_frozen_prefix_savings_and_replication(results):
 
 
 def _cfg(**kw) -> TrainConfig:
-    return TrainConfig(engine="deepspeed", **{"zero_stage": 2, "batch_size": 4, "grad_accum": 2, **kw})
+    return TrainConfig(
+        engine="deepspeed", **{"zero_stage": 2, "batch_size": 4, "grad_accum": 2, **kw}
+    )
 
 
 def test_auto_values_are_filled_from_train_config():
@@ -199,19 +234,32 @@ def test_auto_values_are_filled_from_train_config():
 
 
 def test_explicit_values_that_agree_are_kept():
-    user = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_batch_size": 16,
-            "zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}}
+    user = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 2,
+        "train_batch_size": 16,
+        "zero_optimization": {"stage": 2, "reduce_bucket_size": 1000},
+    }
     ds = fill_config(user, _cfg(), world_size=2)
     assert ds["train_batch_size"] == 16 and ds["zero_optimization"]["reduce_bucket_size"] == 1000
 
 
-@pytest.mark.parametrize("user,words", [
-    ({"train_micro_batch_size_per_gpu": 8}, ["train_micro_batch_size_per_gpu=8", "train.batch_size=4"]),
-    ({"gradient_accumulation_steps": 1}, ["gradient_accumulation_steps=1", "train.grad_accum=2"]),
-    ({"gradient_clipping": 0.3}, ["gradient_clipping=0.3", "train.max_grad_norm=1.0"]),
-    ({"zero_optimization": {"stage": 3}}, ["zero_optimization.stage=3", "train.zero_stage=2"]),
-    ({"bf16": {"enabled": True}}, ["bf16.enabled=true", "model.dtype=float32"]),
-])
+@pytest.mark.parametrize(
+    "user,words",
+    [
+        (
+            {"train_micro_batch_size_per_gpu": 8},
+            ["train_micro_batch_size_per_gpu=8", "train.batch_size=4"],
+        ),
+        (
+            {"gradient_accumulation_steps": 1},
+            ["gradient_accumulation_steps=1", "train.grad_accum=2"],
+        ),
+        ({"gradient_clipping": 0.3}, ["gradient_clipping=0.3", "train.max_grad_norm=1.0"]),
+        ({"zero_optimization": {"stage": 3}}, ["zero_optimization.stage=3", "train.zero_stage=2"]),
+        ({"bf16": {"enabled": True}}, ["bf16.enabled=true", "model.dtype=float32"]),
+    ],
+)
 def test_conflicts_name_both_values(user, words):
     with pytest.raises(UserError) as e:
         fill_config(user, _cfg(), world_size=2)
@@ -224,11 +272,14 @@ def test_train_batch_size_for_another_world_size_is_refused():
     assert "launch 4 ranks" in str(e.value)
 
 
-@pytest.mark.parametrize("user,words", [
-    ({"optimizer": {"type": "AdamW"}}, "optimizer"),
-    ({"scheduler": {"type": "WarmupLR"}}, "scheduler"),
-    ({"zero_optimization": {"stage": 2, "sub_group_size": "auto"}}, "sub_group_size"),
-])
+@pytest.mark.parametrize(
+    "user,words",
+    [
+        ({"optimizer": {"type": "AdamW"}}, "optimizer"),
+        ({"scheduler": {"type": "WarmupLR"}}, "scheduler"),
+        ({"zero_optimization": {"stage": 2, "sub_group_size": "auto"}}, "sub_group_size"),
+    ],
+)
 def test_sections_we_own_and_unfillable_auto_are_refused(user, words):
     with pytest.raises(UserError, match=words):
         fill_config(user, _cfg(), world_size=2)

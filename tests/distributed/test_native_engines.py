@@ -23,12 +23,20 @@ GAPPY = ["frozen", "full", "frozen", "frozen", "full", "frozen", "full", "frozen
 
 
 def _cfg(engine, nproc=2, steps=3, batch_size=2, **train):
-    return config_from_dict({
-        "model": {"spec": "tiny:llama"},
-        "data": {"spec": "synthetic:lm:200", "seq_len": 32},
-        "train": {"engine": engine, "nproc": nproc, "steps": steps, "batch_size": batch_size,
-                  "lr": 1e-3, **train},
-    })
+    return config_from_dict(
+        {
+            "model": {"spec": "tiny:llama"},
+            "data": {"spec": "synthetic:lm:200", "seq_len": 32},
+            "train": {
+                "engine": engine,
+                "nproc": nproc,
+                "steps": steps,
+                "batch_size": batch_size,
+                "lr": 1e-3,
+                **train,
+            },
+        }
+    )
 
 
 def _plan(tmp_path, treatments, name="plan.yaml"):
@@ -39,8 +47,9 @@ def _plan(tmp_path, treatments, name="plan.yaml"):
 
 def _train(tmp_path, engine, treatments, out="run", **kw):
     extra = {"check_frozen": True, **kw.pop("job_extra", {})}
-    return launch_training(_cfg(engine, **kw), _plan(tmp_path, treatments), str(tmp_path / out),
-                           job_extra=extra)
+    return launch_training(
+        _cfg(engine, **kw), _plan(tmp_path, treatments), str(tmp_path / out), job_extra=extra
+    )
 
 
 def _trainable_elements(treatments):
@@ -53,13 +62,21 @@ def _trainable_elements(treatments):
 @pytest.fixture(scope="module")
 def single_reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
-    return {name: launch_training(_cfg("single", nproc=1, batch_size=4), _plan(tmp, t, f"{name}.yaml"),
-                                  str(tmp / name), job_extra={"check_frozen": True})
-            for name, t in (("prefix", PREFIX), ("gappy", GAPPY), ("full", FULL))}
+    return {
+        name: launch_training(
+            _cfg("single", nproc=1, batch_size=4),
+            _plan(tmp, t, f"{name}.yaml"),
+            str(tmp / name),
+            job_extra={"check_frozen": True},
+        )
+        for name, t in (("prefix", PREFIX), ("gappy", GAPPY), ("full", FULL))
+    }
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp1"])
-@pytest.mark.parametrize("plan_name, treatments", [("prefix", PREFIX), ("gappy", GAPPY), ("full", FULL)])
+@pytest.mark.parametrize(
+    "plan_name, treatments", [("prefix", PREFIX), ("gappy", GAPPY), ("full", FULL)]
+)
 def test_engine_exact_facts(tmp_path, single_reference, engine, plan_name, treatments):
     m = _train(tmp_path, engine, treatments)
     trainable = _trainable_elements(treatments)
@@ -94,8 +111,12 @@ def _assert_trainable_changed(run, treatments):
     trained = load_file(str(run / "checkpoints/step-000003/trainable.safetensors"))
     base = build_tiny("llama", "lm").state_dict()
     block_weights = [n for n in trained if n.startswith("model.layers.")]
-    assert {int(n.split(".")[2]) for n in block_weights} == {i for i, t in enumerate(treatments) if t != "frozen"}
-    assert all(not torch.equal(trained[n], base[n]) for n in block_weights if n.endswith("proj.weight"))
+    assert {int(n.split(".")[2]) for n in block_weights} == {
+        i for i, t in enumerate(treatments) if t != "frozen"
+    }
+    assert all(
+        not torch.equal(trained[n], base[n]) for n in block_weights if n.endswith("proj.weight")
+    )
 
 
 def _predicted(treatments, engine):
@@ -104,20 +125,31 @@ def _predicted(treatments, engine):
     from lfdist.probe import model_info
 
     info = model_info(build_tiny("llama", "lm"), "lm")
-    return predict(info, treatments, DEFAULT_MODULES, engine=engine, world_size=2, dtype="float32",
-                   batch_size=2, seq_len=32)["bytes"]
+    return predict(
+        info,
+        treatments,
+        DEFAULT_MODULES,
+        engine=engine,
+        world_size=2,
+        dtype="float32",
+        batch_size=2,
+        seq_len=32,
+    )["bytes"]
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 def test_resume_is_exact(tmp_path, engine):
     straight = _train(tmp_path, engine, PREFIX, out="straight", steps=6)
     _train(tmp_path, engine, PREFIX, out="resumed", steps=6, job_extra={"stop_after": 3})
-    resumed = launch_training(_cfg(engine, steps=6), str(tmp_path / "plan.yaml"), str(tmp_path / "resumed"),
-                              resume=True)
+    resumed = launch_training(
+        _cfg(engine, steps=6), str(tmp_path / "plan.yaml"), str(tmp_path / "resumed"), resume=True
+    )
     assert resumed["resumed_from"] == 3
     assert list(resumed["losses"]) == [str(i) for i in range(6)]
     for step in straight["losses"]:
-        assert resumed["losses"][step] == pytest.approx(straight["losses"][step], rel=1e-6, abs=1e-7)
+        assert resumed["losses"][step] == pytest.approx(
+            straight["losses"][step], rel=1e-6, abs=1e-7
+        )
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "straight/checkpoints/step-000006/trainable.safetensors"))
@@ -136,8 +168,12 @@ def test_existing_run_is_not_overwritten(tmp_path):
     assert json.loads(before)["losses"]
 
 
-@pytest.mark.parametrize("engine, stage", [("ddp", 2), ("fsdp2", 2), ("fsdp1", 2), ("deepspeed", 3)])
-def test_activation_checkpointing_keeps_losses_and_boundary(tmp_path, single_reference, engine, stage):
+@pytest.mark.parametrize(
+    "engine, stage", [("ddp", 2), ("fsdp2", 2), ("fsdp1", 2), ("deepspeed", 3)]
+)
+def test_activation_checkpointing_keeps_losses_and_boundary(
+    tmp_path, single_reference, engine, stage
+):
     m = _train(tmp_path, engine, PREFIX, activation_checkpointing=True, zero_stage=stage)
     assert m["checkpointed_blocks"] == [5, 6, 7]
     assert m["per_rank"][0]["backward_blocks"] == [5, 6, 7]
@@ -165,19 +201,38 @@ def test_deepspeed_through_the_launcher(tmp_path, single_reference, stage):
 @pytest.mark.deepspeed
 def test_deepspeed_zero3_resume_is_exact(tmp_path):
     straight = _train(tmp_path, "deepspeed", PREFIX, out="straight", steps=6, zero_stage=3)
-    _train(tmp_path, "deepspeed", PREFIX, out="resumed", steps=6, zero_stage=3, job_extra={"stop_after": 3})
-    resumed = launch_training(_cfg("deepspeed", steps=6, zero_stage=3), str(tmp_path / "plan.yaml"),
-                              str(tmp_path / "resumed"), resume=True)
+    _train(
+        tmp_path,
+        "deepspeed",
+        PREFIX,
+        out="resumed",
+        steps=6,
+        zero_stage=3,
+        job_extra={"stop_after": 3},
+    )
+    resumed = launch_training(
+        _cfg("deepspeed", steps=6, zero_stage=3),
+        str(tmp_path / "plan.yaml"),
+        str(tmp_path / "resumed"),
+        resume=True,
+    )
     assert resumed["resumed_from"] == 3
     for step in straight["losses"]:
-        assert resumed["losses"][step] == pytest.approx(straight["losses"][step], rel=1e-6, abs=1e-7)
+        assert resumed["losses"][step] == pytest.approx(
+            straight["losses"][step], rel=1e-6, abs=1e-7
+        )
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(UserError, match="loss became nan at step"):
-        launch_training(_cfg("ddp", steps=4, save_every=1, lr=1e30, max_grad_norm=0.0),
-                        _plan(tmp_path, PREFIX), str(tmp_path / "run"))
-    ckpts = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir() if p.name.startswith("step-"))
+        launch_training(
+            _cfg("ddp", steps=4, save_every=1, lr=1e30, max_grad_norm=0.0),
+            _plan(tmp_path, PREFIX),
+            str(tmp_path / "run"),
+        )
+    ckpts = sorted(
+        p.name for p in (tmp_path / "run/checkpoints").iterdir() if p.name.startswith("step-")
+    )
     assert ckpts and (tmp_path / "run/checkpoints/latest").read_text() == ckpts[-1]
     from lfdist.train.checkpoint import verify
 
@@ -187,15 +242,28 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 def test_prefix_cache_gives_the_same_losses_over_two_epochs(tmp_path, engine):
     def run(out, **kw):
-        cfg = config_from_dict({
-            "model": {"spec": "tiny:llama"},
-            "data": {"spec": "synthetic:lm:30", "seq_len": 32, "max_examples": 20},
-            "train": {"engine": engine, "nproc": 2, "steps": 2 * 5 + 1, "batch_size": 2, "lr": 1e-3, **kw},
-        })
-        return launch_training(cfg, _plan(tmp_path, PREFIX), str(tmp_path / out), job_extra={"evaluate": True})
+        cfg = config_from_dict(
+            {
+                "model": {"spec": "tiny:llama"},
+                "data": {"spec": "synthetic:lm:30", "seq_len": 32, "max_examples": 20},
+                "train": {
+                    "engine": engine,
+                    "nproc": 2,
+                    "steps": 2 * 5 + 1,
+                    "batch_size": 2,
+                    "lr": 1e-3,
+                    **kw,
+                },
+            }
+        )
+        return launch_training(
+            cfg, _plan(tmp_path, PREFIX), str(tmp_path / out), job_extra={"evaluate": True}
+        )
 
     plain = run("plain")
-    assert plain["data"]["n_examples"] >= 20  # capped to 20: 5 steps an epoch, 11 steps span 3 epochs
+    assert (
+        plain["data"]["n_examples"] >= 20
+    )  # capped to 20: 5 steps an epoch, 11 steps span 3 epochs
     cached = run("cached", cache_frozen_prefix=True)
     # Epoch 1 records (each rank keeps every rank's examples), later epochs replay.
     assert cached["prefix_cache"] == {"hits": 12, "misses": 10}

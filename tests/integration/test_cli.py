@@ -37,35 +37,107 @@ def plan_file(tmp_path):
 
 
 def test_unknown_model_spec(tmp_path, capsys):
-    assert_user_error(capsys, ["probe", "--model", "tinyy:llama", "--data", "synthetic:lm",
-                               "--out", str(tmp_path / "p.json")], "unknown model spec", tmp_path)
+    assert_user_error(
+        capsys,
+        [
+            "probe",
+            "--model",
+            "tinyy:llama",
+            "--data",
+            "synthetic:lm",
+            "--out",
+            str(tmp_path / "p.json"),
+        ],
+        "unknown model spec",
+        tmp_path,
+    )
 
 
 def test_unknown_tiny_arch(tmp_path, capsys):
-    assert_user_error(capsys, ["probe", "--model", "tiny:t5", "--data", "synthetic:lm",
-                               "--out", str(tmp_path / "p.json")], "unknown tiny architecture", tmp_path)
+    assert_user_error(
+        capsys,
+        [
+            "probe",
+            "--model",
+            "tiny:t5",
+            "--data",
+            "synthetic:lm",
+            "--out",
+            str(tmp_path / "p.json"),
+        ],
+        "unknown tiny architecture",
+        tmp_path,
+    )
 
 
 def test_missing_model_path(tmp_path, capsys):
-    assert_user_error(capsys, ["probe", "--model", str(tmp_path / "nope"), "--data", "synthetic:lm",
-                               "--out", str(tmp_path / "p.json")], "does not exist", tmp_path)
+    assert_user_error(
+        capsys,
+        [
+            "probe",
+            "--model",
+            str(tmp_path / "nope"),
+            "--data",
+            "synthetic:lm",
+            "--out",
+            str(tmp_path / "p.json"),
+        ],
+        "does not exist",
+        tmp_path,
+    )
 
 
 def test_missing_data_path(tmp_path, capsys):
-    assert_user_error(capsys, ["probe", "--model", "tiny:llama", "--data", str(tmp_path / "none.jsonl"),
-                               "--out", str(tmp_path / "p.json")], "does not exist", tmp_path)
+    assert_user_error(
+        capsys,
+        [
+            "probe",
+            "--model",
+            "tiny:llama",
+            "--data",
+            str(tmp_path / "none.jsonl"),
+            "--out",
+            str(tmp_path / "p.json"),
+        ],
+        "does not exist",
+        tmp_path,
+    )
 
 
 def test_empty_data(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n\n")
-    assert_user_error(capsys, ["probe", "--model", "tiny:llama", "--data", str(tmp_path / "empty.txt"),
-                               "--out", str(tmp_path / "p.json")], "empty", tmp_path)
+    assert_user_error(
+        capsys,
+        [
+            "probe",
+            "--model",
+            "tiny:llama",
+            "--data",
+            str(tmp_path / "empty.txt"),
+            "--out",
+            str(tmp_path / "p.json"),
+        ],
+        "empty",
+        tmp_path,
+    )
 
 
 def test_unknown_config_key(tmp_path, capsys):
-    assert_user_error(capsys, ["probe", "--model", "tiny:llama", "--data", "synthetic:lm",
-                               "--out", str(tmp_path / "p.json"), "probe.sampels=3"],
-                      "unknown config key probe.sampels", tmp_path)
+    assert_user_error(
+        capsys,
+        [
+            "probe",
+            "--model",
+            "tiny:llama",
+            "--data",
+            "synthetic:lm",
+            "--out",
+            str(tmp_path / "p.json"),
+            "probe.sampels=3",
+        ],
+        "unknown config key probe.sampels",
+        tmp_path,
+    )
 
 
 def test_malformed_yaml_config(tmp_path, capsys):
@@ -75,30 +147,87 @@ def test_malformed_yaml_config(tmp_path, capsys):
 
 def test_malformed_plan(tmp_path, capsys):
     (tmp_path / "plan.yaml").write_text("blocks: {\n")
-    assert_user_error(capsys, ["plan", "show", str(tmp_path / "plan.yaml")], "not valid YAML", tmp_path)
+    assert_user_error(
+        capsys, ["plan", "show", str(tmp_path / "plan.yaml")], "not valid YAML", tmp_path
+    )
 
 
 def test_plan_model_mismatch(tmp_path, capsys, plan_file):
-    assert_user_error(capsys, ["train", "--model", "tiny:gpt2", "--data", "synthetic:lm", "--plan", plan_file,
-                               "--out", str(tmp_path / "run")], "plan was made for model LlamaForCausalLM", tmp_path)
+    assert_user_error(
+        capsys,
+        [
+            "train",
+            "--model",
+            "tiny:gpt2",
+            "--data",
+            "synthetic:lm",
+            "--plan",
+            plan_file,
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        "plan was made for model LlamaForCausalLM",
+        tmp_path,
+    )
 
 
 def test_unknown_strategy(tmp_path, capsys):
-    assert run_cli("probe", "--model", "tiny:llama", "--data", "synthetic:lm:40", "--samples", "8",
-                   "--out", str(tmp_path / "p.json")) == 0
+    assert (
+        run_cli(
+            "probe",
+            "--model",
+            "tiny:llama",
+            "--data",
+            "synthetic:lm:40",
+            "--samples",
+            "8",
+            "--out",
+            str(tmp_path / "p.json"),
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert_user_error(capsys, ["select", "--probe", str(tmp_path / "p.json"), "--strategy", "magic",
-                               "--out", str(tmp_path / "plan.yaml")], "unknown strategy 'magic'", tmp_path)
-    assert_user_error(capsys, ["select", "--probe", str(tmp_path / "p.json"), "--strategy", "top",
-                               "--budget", "params=0.0001", "--out", str(tmp_path / "plan.yaml")],
-                      "infeasible", tmp_path)
+    assert_user_error(
+        capsys,
+        [
+            "select",
+            "--probe",
+            str(tmp_path / "p.json"),
+            "--strategy",
+            "magic",
+            "--out",
+            str(tmp_path / "plan.yaml"),
+        ],
+        "unknown strategy 'magic'",
+        tmp_path,
+    )
+    assert_user_error(
+        capsys,
+        [
+            "select",
+            "--probe",
+            str(tmp_path / "p.json"),
+            "--strategy",
+            "top",
+            "--budget",
+            "params=0.0001",
+            "--out",
+            str(tmp_path / "plan.yaml"),
+        ],
+        "infeasible",
+        tmp_path,
+    )
 
 
 def test_existing_outputs_are_not_overwritten(tmp_path, capsys):
     out = tmp_path / "p.json"
     out.write_text("keep me")
-    assert_user_error(capsys, ["probe", "--model", "tiny:llama", "--data", "synthetic:lm", "--out", str(out)],
-                      "already exists", tmp_path)
+    assert_user_error(
+        capsys,
+        ["probe", "--model", "tiny:llama", "--data", "synthetic:lm", "--out", str(out)],
+        "already exists",
+        tmp_path,
+    )
     assert out.read_text() == "keep me"
 
 
@@ -108,15 +237,38 @@ def test_argparse_errors_are_one_line_exit_2(tmp_path, capsys):
 
 
 def test_dry_run_prints_the_launch_command(capsys, plan_file, tmp_path):
-    assert run_cli("train", "--model", "tiny:llama", "--data", "synthetic:lm", "--plan", plan_file,
-                   "--engine", "deepspeed", "--nproc", "2", "--out", str(tmp_path / "run"), "--dry-run") == 0
+    assert (
+        run_cli(
+            "train",
+            "--model",
+            "tiny:llama",
+            "--data",
+            "synthetic:lm",
+            "--plan",
+            plan_file,
+            "--engine",
+            "deepspeed",
+            "--nproc",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+            "--dry-run",
+        )
+        == 0
+    )
     line = capsys.readouterr().out.strip()
-    assert "deepspeed.launcher.runner" in line and "--num_gpus 2" in line and "DS_ACCELERATOR=cpu" in line
+    assert (
+        "deepspeed.launcher.runner" in line
+        and "--num_gpus 2" in line
+        and "DS_ACCELERATOR=cpu" in line
+    )
     assert not (tmp_path / "run").exists()
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "lfdist.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "lfdist.cli", "--help"], capture_output=True, text=True
+    )
     assert out.returncode == 0
     for cmd in ("probe", "select", "plan", "train", "run", "export", "eval", "bench"):
         assert cmd in out.stdout
@@ -128,20 +280,52 @@ def test_end_to_end_probe_select_train_export(tmp_path, capsys):
     probe, plan, run, hf = (str(tmp_path / n) for n in ("probe.json", "plan.yaml", "run", "hf"))
     data = ["--data", "synthetic:lm:300", "--seq-len", "32"]
     assert run_cli("probe", "--model", "tiny:llama", *data, "--samples", "32", "--out", probe) == 0
-    assert run_cli("select", "--probe", probe, "--strategy", "top", "--option", "n=3", "--out", plan) == 0
-    assert run_cli("train", "--model", "tiny:llama", *data, "--plan", plan, "--engine", "fsdp2",
-                   "--nproc", "2", "--steps", "3", "--out", run, "train.batch_size=2") == 0
+    assert (
+        run_cli("select", "--probe", probe, "--strategy", "top", "--option", "n=3", "--out", plan)
+        == 0
+    )
+    assert (
+        run_cli(
+            "train",
+            "--model",
+            "tiny:llama",
+            *data,
+            "--plan",
+            plan,
+            "--engine",
+            "fsdp2",
+            "--nproc",
+            "2",
+            "--steps",
+            "3",
+            "--out",
+            run,
+            "train.batch_size=2",
+        )
+        == 0
+    )
     metrics = json.load(open(os.path.join(run, "metrics.json")))
     assert metrics["per_rank"][0]["backward_blocks"] == [5, 6, 7]
-    assert sum(r["after_step"]["optimizer_state_elements"] for r in metrics["per_rank"]) == 2 * metrics["params"]["trainable"]
+    assert (
+        sum(r["after_step"]["optimizer_state_elements"] for r in metrics["per_rank"])
+        == 2 * metrics["params"]["trainable"]
+    )
     assert run_cli("export", "--checkpoint", run, "--out", hf) == 0
     model = AutoModelForCausalLM.from_pretrained(hf)
     base = build_tiny("llama", "lm")
-    frozen = [n for n, _ in base.named_parameters() if n.startswith(tuple(f"model.layers.{i}." for i in range(5)))]
+    frozen = [
+        n
+        for n, _ in base.named_parameters()
+        if n.startswith(tuple(f"model.layers.{i}." for i in range(5)))
+    ]
     sd, bd = model.state_dict(), base.state_dict()
-    assert frozen and all((sd[n] == bd[n]).all() for n in frozen)  # frozen blocks equal the base bit for bit
+    assert frozen and all(
+        (sd[n] == bd[n]).all() for n in frozen
+    )  # frozen blocks equal the base bit for bit
     assert any(not (sd[n] == bd[n]).all() for n in sd if n.startswith("model.layers.7."))
     capsys.readouterr()
     assert run_cli("eval", "--model", hf, *data) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["loss"] == pytest.approx(metrics["eval"]["loss"], rel=1e-5)  # same model, same held-out set
+    assert result["loss"] == pytest.approx(
+        metrics["eval"]["loss"], rel=1e-5
+    )  # same model, same held-out set

@@ -11,17 +11,28 @@ from lfdist.launch.run import launch_training
 from lfdist.plan import load_plan
 
 STRATEGIES = ["top", "bottom", "all", "random", "gradnorm", "salf", "spafit", "critical", "mask"]
-MODELS = {"llama": ("tiny:llama", "lm", "synthetic:lm:200"), "bert": ("tiny:bert", "classify", "synthetic:classify:200")}
+MODELS = {
+    "llama": ("tiny:llama", "lm", "synthetic:lm:200"),
+    "bert": ("tiny:bert", "classify", "synthetic:classify:200"),
+}
 
 
 def _cfg(name: str, engine: str = "fsdp2"):
     spec, task, data = MODELS[name]
-    return config_from_dict({
-        "model": {"spec": spec, "task": task},
-        "data": {"spec": data, "seq_len": 32},
-        "probe": {"samples": 32, "gradnorm": True, "critical_steps": 3, "pilot_steps": 2, "pilot_depths": "1,2,4"},
-        "train": {"engine": engine, "nproc": 2, "steps": 2, "batch_size": 2, "lr": 1e-3},
-    })
+    return config_from_dict(
+        {
+            "model": {"spec": spec, "task": task},
+            "data": {"spec": data, "seq_len": 32},
+            "probe": {
+                "samples": 32,
+                "gradnorm": True,
+                "critical_steps": 3,
+                "pilot_steps": 2,
+                "pilot_depths": "1,2,4",
+            },
+            "train": {"engine": engine, "nproc": 2, "steps": 2, "batch_size": 2, "lr": 1e-3},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +53,9 @@ def test_strategy_trains_on_two_ranks(tmp_path, probes, model, strategy):
     plan_path = str(tmp_path / "plan.yaml")
     pipeline.select(probes[model], strategy, {}, {"engine": "fsdp2", "world_size": 2}, plan_path)
     plan = load_plan(plan_path)
-    m = launch_training(cfg, plan_path, str(tmp_path / "run"), evaluate=False, job_extra={"check_frozen": True})
+    m = launch_training(
+        cfg, plan_path, str(tmp_path / "run"), evaluate=False, job_extra={"check_frozen": True}
+    )
     assert m["frozen_digest"]["before"] == m["frozen_digest"]["after"] is not None
     assert all(v == v for v in m["losses"].values())  # finite (NaN would have stopped the run)
     reached = m["per_rank"][0]["backward_blocks"]

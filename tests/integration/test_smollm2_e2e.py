@@ -23,9 +23,29 @@ def test_smollm2_probe_select_train_export(tmp_path):
     probe, plan, run, hf = (str(tmp_path / n) for n in ("probe.json", "plan.yaml", "run", "hf"))
     common = ["--model", "pkg:smollm2-135m", "--data", "pkg:python-docs", "--seq-len", "64"]
     assert _cli("probe", *common, "--samples", "8", "--out", probe) == 0
-    assert _cli("select", "--probe", probe, "--strategy", "top", "--option", "n=4", "--out", plan) == 0
-    assert _cli("train", *common, "--plan", plan, "--engine", "fsdp2", "--nproc", "2", "--steps", "2",
-                "--out", run, "train.batch_size=1", "data.max_examples=64", "data.max_eval_examples=8") == 0
+    assert (
+        _cli("select", "--probe", probe, "--strategy", "top", "--option", "n=4", "--out", plan) == 0
+    )
+    assert (
+        _cli(
+            "train",
+            *common,
+            "--plan",
+            plan,
+            "--engine",
+            "fsdp2",
+            "--nproc",
+            "2",
+            "--steps",
+            "2",
+            "--out",
+            run,
+            "train.batch_size=1",
+            "data.max_examples=64",
+            "data.max_eval_examples=8",
+        )
+        == 0
+    )
     m = json.load(open(os.path.join(run, "metrics.json")))
     assert m["per_rank"][0]["backward_blocks"] == [26, 27, 28, 29]
     assert m["frozen_digest"]["before"] is None  # not requested; the export check below covers it
@@ -39,4 +59,6 @@ def test_smollm2_probe_select_train_export(tmp_path):
     for name in bd:
         if name.startswith("model.layers.") and int(name.split(".")[2]) < 26:
             assert torch.equal(sd[name], bd[name]), name
-    assert not torch.equal(sd["model.layers.29.mlp.down_proj.weight"], bd["model.layers.29.mlp.down_proj.weight"])
+    assert not torch.equal(
+        sd["model.layers.29.mlp.down_proj.weight"], bd["model.layers.29.mlp.down_proj.weight"]
+    )

@@ -7,9 +7,17 @@ from lfdist.model.blocks import block_param_counts, find_blocks
 from lfdist.model.tiny import ENCODERS, N_BLOCKS, TINY, build_tiny
 
 EXPECTED_PATHS = {
-    "llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers", "gemma": "model.layers",
-    "phi": "model.layers", "gpt_neox": "gpt_neox.layers", "falcon": "transformer.h", "gpt2": "transformer.h",
-    "opt": "model.decoder.layers", "bert": "bert.encoder.layer", "roberta": "roberta.encoder.layer",
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "gemma": "model.layers",
+    "phi": "model.layers",
+    "gpt_neox": "gpt_neox.layers",
+    "falcon": "transformer.h",
+    "gpt2": "transformer.h",
+    "opt": "model.decoder.layers",
+    "bert": "bert.encoder.layer",
+    "roberta": "roberta.encoder.layer",
     "mpnet": "mpnet.encoder.layer",
 }
 CASES = [(a, t) for a in TINY for t in (["classify"] if a in ENCODERS else ["lm", "classify"])]

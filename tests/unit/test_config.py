@@ -5,7 +5,9 @@ from lfdist.errors import UserError
 
 
 def test_defaults_and_overrides():
-    cfg = config_from_dict({"train": {"steps": 5}}, ["train.lr=1e-5", "model.spec=tiny:gpt2", "select.budget.blocks=3"])
+    cfg = config_from_dict(
+        {"train": {"steps": 5}}, ["train.lr=1e-5", "model.spec=tiny:gpt2", "select.budget.blocks=3"]
+    )
     assert cfg.train.steps == 5
     assert cfg.train.lr == 1e-5 and isinstance(cfg.train.lr, float)
     assert cfg.model.spec == "tiny:gpt2"

@@ -11,14 +11,23 @@ def test_torchrun_single_node():
     assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--standalone" in argv
     assert argv[argv.index("--nproc-per-node") + 1] == "2"
-    assert argv[-3:] == ["-m", "lfdist.launch.worker", "/o/job.json"] or argv[-2:] == ["lfdist.launch.worker", "/o/job.json"]
+    assert argv[-3:] == ["-m", "lfdist.launch.worker", "/o/job.json"] or argv[-2:] == [
+        "lfdist.launch.worker",
+        "/o/job.json",
+    ]
     assert "DS_ACCELERATOR" not in env and env["LFDIST_ENGINE"] == "fsdp2"
 
 
 def test_torchrun_multi_node_passes_rendezvous():
-    argv, _ = torchrun_command("j.json", 8, "ddp", Nodes(nnodes=2, node_rank=1, rdzv_endpoint="node0:29500"))
+    argv, _ = torchrun_command(
+        "j.json", 8, "ddp", Nodes(nnodes=2, node_rank=1, rdzv_endpoint="node0:29500")
+    )
     assert "--standalone" not in argv
-    for flag, value in [("--nnodes", "2"), ("--node-rank", "1"), ("--rdzv-endpoint", "node0:29500")]:
+    for flag, value in [
+        ("--nnodes", "2"),
+        ("--node-rank", "1"),
+        ("--rdzv-endpoint", "node0:29500"),
+    ]:
         assert argv[argv.index(flag) + 1] == value
 
 
@@ -33,7 +42,9 @@ def test_deepspeed_cpu_env_and_num_gpus():
 
 
 def test_deepspeed_hostfile():
-    argv, _ = deepspeed_command("j.json", 8, Nodes(nnodes=2, hostfile="hosts", rdzv_endpoint="n0:29600"))
+    argv, _ = deepspeed_command(
+        "j.json", 8, Nodes(nnodes=2, hostfile="hosts", rdzv_endpoint="n0:29600")
+    )
     assert argv[argv.index("--hostfile") + 1] == "hosts"
     assert argv[argv.index("--master_addr") + 1] == "n0"
 
@@ -55,7 +66,9 @@ def test_feeder_partitions_the_global_batch_exactly():
         seen += a + b
     assert sorted(seen) == list(range(24))  # one epoch covers every example once
     single = StepFeeder(data, batch_size=4, grad_accum=2, world_size=1, rank=0, seed=0)
-    assert sorted(single.indices(1).tolist()) == sorted(f0.indices(1).tolist() + f1.indices(1).tolist())
+    assert sorted(single.indices(1).tolist()) == sorted(
+        f0.indices(1).tolist() + f1.indices(1).tolist()
+    )
 
 
 def test_feeder_is_deterministic_and_reshuffles_per_epoch():

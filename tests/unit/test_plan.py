@@ -9,8 +9,14 @@ from tests import helpers
 
 
 def make_plan(model, treatments, strategy="test"):
-    return helpers.make_plan(model, treatments, strategy, budget={"blocks": 4},
-                             scores={"gain": [0.1] * len(treatments)}, predicted={"flops_fraction": 0.5})
+    return helpers.make_plan(
+        model,
+        treatments,
+        strategy,
+        budget={"blocks": 4},
+        scores={"gain": [0.1] * len(treatments)},
+        predicted={"flops_fraction": 0.5},
+    )
 
 
 def test_round_trip(tmp_path):
@@ -41,7 +47,9 @@ def test_same_arch_different_shape_mismatch():
 
 
 def test_fingerprint_ignores_weights():
-    assert fingerprint(build_tiny("llama", "lm", seed=0)) == fingerprint(build_tiny("llama", "lm", seed=1))
+    assert fingerprint(build_tiny("llama", "lm", seed=0)) == fingerprint(
+        build_tiny("llama", "lm", seed=1)
+    )
 
 
 @pytest.mark.parametrize(
@@ -87,7 +95,11 @@ def test_apply_plan_sets_requires_grad():
 def test_apply_all_frozen_refused():
     model = build_tiny("llama", "lm")
     plan = make_plan(model, ["frozen"] * 8)
-    plan = Plan(plan.strategy, plan.fingerprint, plan.blocks,
-                modules={"embeddings": "frozen", "final_norm": "frozen", "head": "frozen"})
+    plan = Plan(
+        plan.strategy,
+        plan.fingerprint,
+        plan.blocks,
+        modules={"embeddings": "frozen", "final_norm": "frozen", "head": "frozen"},
+    )
     with pytest.raises(UserError, match="trains no parameter"):
         apply_plan(model, plan)

@@ -35,7 +35,18 @@ def gib_for(n: int) -> float:
 
 
 def test_all_strategies_registered():
-    assert strategy_names() == ["all", "bottom", "critical", "gradnorm", "lisa", "mask", "random", "salf", "spafit", "top"]
+    assert strategy_names() == [
+        "all",
+        "bottom",
+        "critical",
+        "gradnorm",
+        "lisa",
+        "mask",
+        "random",
+        "salf",
+        "spafit",
+        "top",
+    ]
 
 
 def test_top_bottom_all_random():
