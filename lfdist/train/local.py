@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import statistics
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -73,6 +73,7 @@ def train_split(
     tc,
     seed: int,
     eval_batch_size: int | None = None,
+    after: Callable[[nn.Module], None] | None = None,
 ) -> dict:
     """Train the blocks `treatments` names with the run's recipe `tc` (a TrainConfig) and `seed`.
 
@@ -94,6 +95,8 @@ def train_split(
         quality = None
         if heldout is not None and len(heldout.get("input_ids", [])):
             quality = evaluate(engine.model, heldout, task, eval_batch_size or tc.batch_size)
+        if after is not None:  # e.g. critical measures how far each block moved
+            after(target)
         del engine  # drops the optimizer state before the weights are put back
     times = result["step_times"]
     return {
