@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from lfdist.errors import UserError
+from lfdist.errors import JobFailed, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--resume", action="store_true")
     t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out that holds other files or a finished run (its results go)",
+    )
+    t.add_argument(
         "--cache-frozen-prefix",
         action="store_true",
         default=None,
@@ -143,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare-full", action="store_true", help="also train all blocks and report savings"
     )
     r.add_argument("--resume", action="store_true")
+    r.add_argument(
+        "--overwrite", action="store_true", help="start a run in out= over: probe, select, train"
+    )
     r.add_argument(
         "--orchestrator",
         choices=["local", "ray"],
@@ -259,7 +267,13 @@ def dispatch(args) -> int:
         )
         nodes = Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint, args.hostfile)
         metrics = pipeline.train(
-            cfg, args.plan, args.out, resume=args.resume, dry_run=args.dry_run, nodes=nodes
+            cfg,
+            args.plan,
+            args.out,
+            resume=args.resume,
+            dry_run=args.dry_run,
+            nodes=nodes,
+            overwrite=args.overwrite,
         )
         if metrics is not None:
             from lfdist.summary import train_summary
@@ -276,7 +290,10 @@ def dispatch(args) -> int:
         if args.ray_address:
             extra.append(f"probe.ray_address={args.ray_address}")
         cfg = load_config(args.config, [*args.overrides, *extra])
-        print(run_summary(pipeline.run(cfg, compare_full=args.compare_full, resume=args.resume)))
+        result = pipeline.run(
+            cfg, compare_full=args.compare_full, resume=args.resume, overwrite=args.overwrite
+        )
+        print(run_summary(result))
     elif args.command == "export":
         from lfdist.train.export import export
 
@@ -299,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"lfdist: error: {e}", file=sys.stderr)
         code = UserError.exit_code
+    except JobFailed as e:  # a rank died or crashed, or a signal stopped the job: one line
+        print(f"lfdist: {e}", file=sys.stderr)
+        code = e.exit_code
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)

@@ -4,45 +4,54 @@ Pure arithmetic on the probe's `model_info` (no torch), so `select` can cost eve
 candidate plan in microseconds and benchmarks can print predicted next to measured.
 
 Assumptions (each is a number a benchmark can check):
-- parameters and gradients are held in `dtype`; AdamW keeps 2 fp32 states (8 bytes) per
-  trainable element, and the optimizer only ever sees trainable parameters; DeepSpeed's ZeRO
-  optimizers also keep an fp32 master copy (4 bytes) of their partition, in fp32 runs too
-  (measured: `lfdist bench memory`).
+- parameters and gradients are held in `dtype`; the optimizer only ever sees trainable
+  parameters. torch's AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype (2 x 2 bytes
+  per element in bf16, measured by tests/unit/test_cost.py); DeepSpeed's ZeRO optimizers keep
+  an fp32 master copy plus two fp32 states (12 bytes) of their partition, in fp32 runs too
+  (measured: `lfdist bench memory`). AdamW's per-tensor step counter is left out.
 - frozen parameters get no gradient and no optimizer state on any engine.
+- treatments: `lora` trains r·(in + out) adapter elements per targeted projection (the
+  attention projections, `per_block_lora_in_out`; r from the plan's options) plus the block's
+  biases (norm weights on bias-free models); adapters add to the parameters held. `mask`
+  trains one score per projection weight element, also added to the parameters held.
 - sharding: ddp/single replicate everything; fsdp1/fsdp2 shard parameters (frozen included),
   gradients and optimizer states by world size; ZeRO-1 partitions optimizer states, ZeRO-2
   also gradients, ZeRO-3 also parameters (frozen included).
 - FSDP and ZeRO-3 all-gather one block at a time: the largest block in `dtype` is added as
   transient memory.
-- activations saved for backward, per block at or above the backward boundary:
-  34·B·T·H bytes at 16 bits (Korthikanti et al. 2022, "Reducing activation recomputation"),
-  scaled by dtype; the 5·a·T² attention-score term is left out because SDPA/flash attention
-  recompute scores instead of storing them. LM heads add fp32 logits, B·T·V·4 bytes.
+- activations saved for backward, per block at or above the backward boundary (lfdist.activations).
+  With activation checkpointing (non-reentrant, trainable blocks only) a trainable block keeps
+  only its input, B·T·H in `dtype`, plus one block's full activations while it is recomputed.
+  LM heads add fp32 logits, B·T·V·4 bytes.
 - FLOPs: forward 2·N·tokens over blocks and head; backward 2·N·tokens for the input gradient of
-  every stage at or above the boundary plus 2·N_trainable·tokens for weight gradients. A frozen
-  prefix with trainable fraction f of block parameters costs (2 + 4f)/6 of full fine-tuning.
-  Attention's T² FLOPs and norms are ignored; the boundary block's skipped input gradient is
-  ignored too (at most 2/(6L) of the total).
+  every stage at or above the boundary plus 2·N_trainable·tokens for weight gradients; with
+  activation checkpointing each checkpointed block's forward runs twice. A frozen prefix with
+  trainable fraction f of block parameters costs (2 + 4f)/6 of full fine-tuning. Attention's T²
+  FLOPs, norms and LoRA's own forward matmuls are ignored; so is the boundary block's skipped
+  input gradient (at most 2/(6L) of the total).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from lfdist.activations import block_activation_bytes
 from lfdist.errors import UserError
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 ENGINES = ("single", "ddp", "fsdp1", "fsdp2", "deepspeed")
 GIB = 2**30
-ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq in fp32
+FP32_ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq in fp32 (DeepSpeed, whatever the dtype)
 MASTER_BYTES = 4  # DeepSpeed's fp32 master partition (kept whatever the dtype)
-ACT_BYTES_PER_TOKEN_HIDDEN_16BIT = 34
-DEFAULT_LORA_RANK = 8
+DEFAULT_LORA_RANK = 8  # lfdist.model.treatments.LORA_DEFAULTS (not imported: it pulls torch)
 
 
-def _check(
-    engine: str, zero_stage: int, world_size: int, dtype: str, batch_size: int, seq_len: int
-) -> None:
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check(engine, zero_stage, world_size, dtype, batch_size, seq_len, lora_rank) -> None:
     if engine not in ENGINES:
         raise UserError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     if engine == "deepspeed" and zero_stage not in (0, 1, 2, 3):
@@ -51,33 +60,60 @@ def _check(
         ("world_size", world_size),
         ("batch_size", batch_size),
         ("seq_len", seq_len),
+        ("lora_rank", lora_rank),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"{name} must be a positive integer, got {value!r}")
+        _positive_int(name, value)
     if dtype not in DTYPE_BYTES:
         raise UserError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+
+
+def optimizer_bytes_per_element(engine: str, zero_stage: int, dtype: str) -> int:
+    """AdamW state bytes per trainable element, before sharding."""
+    b = DTYPE_BYTES[dtype]
+    # ZeRO (stage >= 1) keeps an fp32 master partition even in fp32; stage 0 only with 16 bits.
+    if engine == "deepspeed" and (zero_stage >= 1 or b < 4):
+        return FP32_ADAM_STATE_BYTES + MASTER_BYTES
+    return 2 * b  # torch.optim.AdamW: states shaped and typed like the parameter
+
+
+def added_elements(model_info: dict[str, Any], treatments: list[str], lora_rank: int) -> list[int]:
+    """Elements a treatment adds to each block (LoRA adapters, mask scores); 0 elsewhere."""
+    hidden = int(model_info.get("hidden_size") or 0)
+    L = len(treatments)
+    # Old probe.json files lack the sizes: q, k, v, o taken as H x H, all weights masked.
+    in_out = model_info.get("per_block_lora_in_out") or [8 * hidden] * L
+    projections = model_info.get("per_block_projection_params") or model_info["per_block_params"]
+    out = []
+    for i, t in enumerate(treatments):
+        if t == "lora":
+            out.append(lora_rank * in_out[i])
+        elif t == "mask":
+            out.append(projections[i])
+        else:
+            out.append(0)
+    return out
 
 
 def trainable_elements(
     model_info: dict[str, Any],
     treatments: list[str],
-    modules: dict[str, str],
+    modules: dict[str, str] | None = None,
     lora_rank: int = DEFAULT_LORA_RANK,
 ) -> list[int]:
     """Trainable elements per block: what gets a gradient and optimizer state."""
     per_block = model_info["per_block_params"]
     bias = model_info.get("per_block_bias_params") or [0] * len(per_block)
-    hidden = int(model_info.get("hidden_size") or 0)
+    added = added_elements(model_info, treatments, lora_rank)
     out = []
     for i, t in enumerate(treatments):
-        if t == "full" or t == "mask":  # mask: one real-valued score per weight element
+        if t == "full":
             out.append(per_block[i])
         elif t == "bias":
             out.append(bias[i])
-        elif t == "lora":  # approximate: q, k, v, o taken as H x H, A and B each r x H
-            out.append(4 * 2 * lora_rank * hidden)
-        else:
-            out.append(0)
+        elif t == "lora":
+            out.append(added[i] + bias[i])
+        else:  # mask: the scores; frozen: nothing
+            out.append(added[i])
     return out
 
 
@@ -86,86 +122,78 @@ def _head_matmul_params(model_info: dict[str, Any]) -> int:
     return int(model_info.get("head_matmul_params") or model_info["group_params"].get("head", 0))
 
 
-def _flops(model_info, treatments, modules, train_el, tokens) -> tuple[float, float]:
-    """(forward, backward) FLOPs for `tokens` tokens."""
-    per_block = model_info["per_block_params"]
-    groups = model_info["group_params"]
-    head_n = _head_matmul_params(model_info)
-    head_train = groups.get("head", 0) if modules.get("head") == "full" else 0
-    # Stages bottom to top: embeddings (-1), blocks 0..L-1, head (L). Embedding lookups cost no
-    # matmul FLOPs, but training them moves the boundary below every block.
+def _boundary(model_info, modules, train_el) -> int:
+    """The lowest stage backward reaches: -1 embeddings, 0..L-1 blocks, L head, L+1 none."""
+    per_block, groups = model_info["per_block_params"], model_info["group_params"]
     trainable_stages = [i for i, n in enumerate(train_el) if n > 0]
     if modules.get("embeddings") == "full" and groups.get("embeddings", 0) > 0:
-        boundary = -1
-    elif trainable_stages:
-        boundary = trainable_stages[0]
-    elif head_train or (modules.get("final_norm") == "full" and groups.get("final_norm", 0)):
-        boundary = len(per_block)
-    else:
-        boundary = len(per_block) + 1  # nothing trains: no backward at all
+        return -1
+    if trainable_stages:
+        return trainable_stages[0]
+    head_train = modules.get("head") == "full" and groups.get("head", 0)
+    if head_train or (modules.get("final_norm") == "full" and groups.get("final_norm", 0)):
+        return len(per_block)
+    return len(per_block) + 1
+
+
+def _flops(model_info, modules, train_el, tokens, ckpt) -> tuple[float, float]:
+    """(forward, backward) FLOPs for `tokens` tokens; recompute counts as backward."""
+    per_block = model_info["per_block_params"]
+    head_n = _head_matmul_params(model_info)
+    head_train = model_info["group_params"].get("head", 0) if modules.get("head") == "full" else 0
+    boundary = _boundary(model_info, modules, train_el)
     fwd = 2.0 * tokens * (sum(per_block) + head_n)
     bwd = 0.0
     for i, n in enumerate(per_block):
         if i >= boundary:
             bwd += 2.0 * tokens * (n + train_el[i])
+        if ckpt and train_el[i] > 0:
+            bwd += 2.0 * tokens * n
     if boundary <= len(per_block):
         bwd += 2.0 * tokens * (head_n + (head_n if head_train else 0))
     return fwd, bwd
 
 
-def _memory(
-    model_info,
-    treatments,
-    modules,
-    train_el,
-    engine,
-    zero_stage,
-    world_size,
-    dtype,
-    batch_size,
-    seq_len,
-) -> dict[str, float]:
+def _activations(model_info, modules, train_el, b, batch_size, seq_len, ckpt) -> float:
+    tokens = batch_size * seq_len
+    hidden = int(model_info.get("hidden_size") or 0)
+    full_block = block_activation_bytes(model_info, batch_size, seq_len, b)
+    boundary = max(0, _boundary(model_info, modules, train_el))
+    above = range(boundary, len(model_info["per_block_params"]))
+    checkpointed = [i for i in above if ckpt and train_el[i] > 0]
+    acts = (len(above) - len(checkpointed)) * full_block
+    if checkpointed:  # inputs kept, one block recomputed at a time
+        acts += len(checkpointed) * tokens * hidden * b + full_block
+    if model_info.get("task", "lm") == "lm":
+        acts += tokens * int(model_info.get("vocab_size") or 0) * 4
+    return float(acts)
+
+
+def _memory(model_info, treatments, modules, train_el, added, settings) -> dict[str, float]:
+    engine, zero_stage, w, dtype, batch_size, seq_len, ckpt = settings
     b = DTYPE_BYTES[dtype]
     per_block = model_info["per_block_params"]
     groups = model_info["group_params"]
-    total = sum(per_block) + sum(groups.values())
-    adapters = sum(e for e, t in zip(train_el, treatments) if t == "lora")
-    group_train = sum(n for g, n in groups.items() if modules.get(g) == "full")
-    trainable = sum(train_el) + group_train
-    w = world_size
+    total = sum(per_block) + sum(groups.values()) + sum(added)
+    trainable = sum(train_el) + sum(n for g, n in groups.items() if modules.get(g) == "full")
     fsdp = engine in ("fsdp1", "fsdp2")
     zero = zero_stage if engine == "deepspeed" else 0
     shard_params = fsdp or zero >= 3
-    shard_grads = fsdp or zero >= 2
-    shard_optim = fsdp or zero >= 1
-    # ZeRO (stage >= 1) keeps an fp32 master partition even in fp32; stage 0 only with 16 bits.
-    master = engine == "deepspeed" and (zero_stage >= 1 or b < 4)
-    opt_per_el = ADAM_STATE_BYTES + (MASTER_BYTES if master else 0)
-    params = (total + adapters) * b / (w if shard_params else 1)
-    grads = trainable * b / (w if shard_grads else 1)
-    optim = trainable * opt_per_el / (w if shard_optim else 1)
-    hidden = int(model_info.get("hidden_size") or 0)
-    tokens = batch_size * seq_len
-    trainable_blocks = [i for i, n in enumerate(train_el) if n > 0]
-    boundary = (
-        0
-        if modules.get("embeddings") == "full"
-        else (trainable_blocks[0] if trainable_blocks else len(per_block))
-    )
-    saved_blocks = len(per_block) - boundary
-    acts = saved_blocks * ACT_BYTES_PER_TOKEN_HIDDEN_16BIT * tokens * hidden * b / 2
-    if model_info.get("task", "lm") == "lm":
-        acts += tokens * int(model_info.get("vocab_size") or 0) * 4
+    params = total * b / (w if shard_params else 1)
+    grads = trainable * b / (w if fsdp or zero >= 2 else 1)
+    opt_per_el = optimizer_bytes_per_element(engine, zero_stage, dtype)
+    optim = trainable * opt_per_el / (w if fsdp or zero >= 1 else 1)
+    acts = _activations(model_info, modules, train_el, b, batch_size, seq_len, ckpt)
     transient = max(per_block, default=0) * b if shard_params and w > 1 else 0
     return {
         "params": params,
         "grads": grads,
         "optimizer": optim,
-        "activations": float(acts),
+        "activations": acts,
         "transient": float(transient),
         "total": params + grads + optim + acts + transient,
         "_trainable": trainable,
-        "_total": total + adapters,
+        "_total": total,
     }
 
 
@@ -180,31 +208,31 @@ def predict(
     batch_size: int = 4,
     seq_len: int = 512,
     lora_rank: int = DEFAULT_LORA_RANK,
+    activation_checkpointing: bool = False,
 ) -> dict[str, Any]:
     """Per-rank bytes and per-rank FLOPs for one optimizer step, plus fractions of full FT.
 
     Full fine-tuning is the same model, engine and modules with every block `full`.
     """
-    _check(engine, zero_stage, world_size, dtype, batch_size, seq_len)
+    _check(engine, zero_stage, world_size, dtype, batch_size, seq_len, lora_rank)
     if len(treatments) != len(model_info["per_block_params"]):
         raise ValueError(
             f"{len(treatments)} treatments for {len(model_info['per_block_params'])} blocks"
         )
-    args = (engine, zero_stage, world_size, dtype, batch_size, seq_len)
+    ckpt = bool(activation_checkpointing)
+    settings = (engine, zero_stage, world_size, dtype, batch_size, seq_len, ckpt)
     tokens = batch_size * seq_len
-    full = ["full"] * len(treatments)
 
     def cost(ts):
         el = trainable_elements(model_info, ts, modules, lora_rank)
-        mem = _memory(model_info, ts, modules, el, *args)
-        fwd, bwd = _flops(model_info, ts, modules, el, tokens)
+        added = added_elements(model_info, ts, lora_rank)
+        mem = _memory(model_info, ts, modules, el, added, settings)
+        fwd, bwd = _flops(model_info, modules, el, tokens, ckpt)
         return mem, fwd, bwd
 
     mem, fwd, bwd = cost(treatments)
-    mem_full, fwd_full, bwd_full = cost(full)
+    mem_full, fwd_full, bwd_full = cost(["full"] * len(treatments))
     trainable, total = mem.pop("_trainable"), mem.pop("_total")
-    for k in ("_trainable", "_total"):
-        mem_full.pop(k)
     return {
         "engine": engine,
         "zero_stage": zero_stage if engine == "deepspeed" else None,
@@ -212,6 +240,8 @@ def predict(
         "dtype": dtype,
         "batch_size": batch_size,
         "seq_len": seq_len,
+        "lora_rank": lora_rank,
+        "activation_checkpointing": ckpt,
         "params_total": int(total),
         "params_trainable": int(trainable),
         "trainable_fraction": trainable / max(1, total),
@@ -225,3 +255,10 @@ def predict(
         "flops_full_per_step": fwd_full + bwd_full,
         "flops_fraction": (fwd + bwd) / (fwd_full + bwd_full) if fwd_full + bwd_full else 1.0,
     }
+
+
+def predict_plan(model_info: dict[str, Any], plan, **settings) -> dict[str, Any]:
+    """`predict` for a Plan: its treatments, modules and LoRA rank (plan.options)."""
+    rank = plan.options.get("lora_rank")
+    settings.setdefault("lora_rank", DEFAULT_LORA_RANK if rank is None else rank)
+    return predict(model_info, plan.treatments, plan.modules, **settings)

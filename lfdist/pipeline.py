@@ -117,6 +117,7 @@ def train(
     resume: bool = False,
     dry_run: bool = False,
     nodes=None,
+    overwrite: bool = False,
 ) -> dict | None:
     from lfdist.launch.commands import Nodes
     from lfdist.launch.run import launch_training
@@ -128,9 +129,15 @@ def train(
             raise UserError(
                 "--dry-run prints torchrun/deepspeed commands; Ray Train has none to print"
             )
-        return ray_train(cfg, plan_path, out, resume=resume)
+        return ray_train(cfg, plan_path, out, resume=resume, overwrite=overwrite)
     return launch_training(
-        cfg, plan_path, out, resume=resume, dry_run=dry_run, nodes=nodes or Nodes()
+        cfg,
+        plan_path,
+        out,
+        resume=resume,
+        dry_run=dry_run,
+        nodes=nodes or Nodes(),
+        overwrite=overwrite,
     )
 
 
@@ -142,7 +149,9 @@ def evaluate_model(cfg: RunConfig) -> dict:
     return evaluate(prepared.loaded.model, prepared.heldout, cfg.model.task, cfg.train.batch_size)
 
 
-def run(cfg: RunConfig, compare_full: bool = False, resume: bool = False) -> dict:
+def run(
+    cfg: RunConfig, compare_full: bool = False, resume: bool = False, overwrite: bool = False
+) -> dict:
     """probe -> select -> train as configured, all under cfg.out."""
     if cfg.probe.orchestrator == "ray" or cfg.train.launcher == "ray":
         from lfdist.orchestrate.cluster import ray_session
@@ -150,16 +159,21 @@ def run(cfg: RunConfig, compare_full: bool = False, resume: bool = False) -> dic
         # One Ray for the probe, the pilots and training (each start costs seconds).
         cpus = max(os.cpu_count() or 1, cfg.probe.workers, cfg.train.nproc)
         with ray_session(cfg.probe.ray_address, num_cpus=cpus):
-            return _run(cfg, compare_full, resume)
-    return _run(cfg, compare_full, resume)
+            return _run(cfg, compare_full, resume, overwrite)
+    return _run(cfg, compare_full, resume, overwrite)
 
 
-def _run(cfg: RunConfig, compare_full: bool, resume: bool) -> dict:
+def _run(cfg: RunConfig, compare_full: bool, resume: bool, overwrite: bool = False) -> dict:
     out = cfg.out
-    if os.path.exists(os.path.join(out, "plan.yaml")) and not resume:
+    if os.path.exists(os.path.join(out, "plan.yaml")) and not (resume or overwrite):
         raise UserError(
-            f"output folder {out!r} already holds a run; pass --resume or choose another out="
+            f"output folder {out!r} already holds a run; pass --resume to continue it, "
+            "--overwrite to start it over, or choose another out="
         )
+    if overwrite:  # probe and select again: the plan follows the config
+        for name in ("probe.json", "plan.yaml"):
+            if os.path.isfile(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
     os.makedirs(out, exist_ok=True)
     probe_path, plan_path = os.path.join(out, "probe.json"), os.path.join(out, "plan.yaml")
     if not os.path.exists(plan_path):
@@ -178,19 +192,21 @@ def _run(cfg: RunConfig, compare_full: bool, resume: bool) -> dict:
         )
     result = {
         "plan": plan_path,
-        "train": train(cfg, plan_path, os.path.join(out, "train"), resume=resume),
+        "train": train(
+            cfg, plan_path, os.path.join(out, "train"), resume=resume, overwrite=overwrite
+        ),
     }
     if compare_full:
-        result["full"] = train_full_reference(cfg, probe_path, out)
+        result["full"] = train_full_reference(cfg, probe_path, out, overwrite)
     atomic_write_text(os.path.join(out, "summary.json"), json.dumps(result, indent=1, default=str))
     return result
 
 
-def train_full_reference(cfg: RunConfig, probe_path: str, out: str) -> dict:
+def train_full_reference(cfg: RunConfig, probe_path: str, out: str, overwrite: bool = False) -> dict:
     """Full fine-tuning on the same engine, steps and data: the baseline savings are measured against."""
     full_plan = os.path.join(out, "plan-all.yaml")
     select(probe_path, "all", {}, {}, full_plan, overwrite=True)
-    return train(cfg, full_plan, os.path.join(out, "train-all"))
+    return train(cfg, full_plan, os.path.join(out, "train-all"), overwrite=overwrite)
 
 
 def _select_options(cfg: RunConfig) -> dict:

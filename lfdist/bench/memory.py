@@ -79,7 +79,7 @@ def _distributed(info, plans, workdir) -> list[dict]:
                 }
             )
             out = os.path.join(workdir, f"{engine}{stage or ''}{'r' if replicate else ''}-{name}")
-            m = launch_training(cfg, plan_path, out, job_extra={"evaluate": False})
+            m = launch_training(cfg, plan_path, out, evaluate=False)
             pred = _predict(info, treatments, engine, stage)
             r0 = m["per_rank"][0]
             rows.append(

@@ -40,6 +40,12 @@ class Engine(Protocol):
     def full_trainable_state(self) -> dict[str, torch.Tensor]:
         """Full (unsharded) trainable weights by original name; collective, every rank calls."""
 
+    def full_frozen_state(self) -> dict[str, torch.Tensor]:
+        """Full frozen weights by original name; collective. Tests compare them bit for bit."""
+
+    def comm_volume(self) -> dict | None:
+        """Calls and bytes per collective since the start, where the engine counts them; else None."""
+
     def save(self, folder: str) -> None:
         """Write trainable weights, optimizer and scheduler state (collective)."""
 

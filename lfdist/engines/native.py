@@ -78,6 +78,9 @@ class NativeEngine:
         frozen = {clean_name(n) for n, p in self.model.named_parameters() if not p.requires_grad}
         return {k: v for k, v in state.items() if k in frozen}
 
+    def comm_volume(self) -> dict | None:
+        return None  # torch.distributed keeps no count of its collectives
+
     def save(self, folder: str) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
         if self.world.is_main:

@@ -17,6 +17,7 @@ from torch import nn
 from lfdist.errors import UserError
 from lfdist.model.apply import bias_like  # the rule apply_plan uses for the `bias` treatment
 from lfdist.model.blocks import block_param_counts, find_blocks, fingerprint
+from lfdist.model.shapes import lora_in_out, projection_params
 from lfdist.probe.deviation import derive_curves
 from lfdist.probe.hooks import LatentHooks, find_final_norm, logit_lens, target_positions
 from lfdist.probe.result import ProbeResult
@@ -59,6 +60,11 @@ def model_info(model: nn.Module, task: str) -> dict:
         "total_params": sum(per_block) + sum(groups.values()),
         "head_matmul_params": head_matmul,
         "hidden_size": _hidden_size(model),
+        # For the cost model: LoRA adapter and mask score sizes, gated-MLP activations.
+        "per_block_lora_in_out": [lora_in_out(b) for b in blocks],
+        "per_block_projection_params": [projection_params(b) for b in blocks],
+        "intermediate_size": getattr(cfg, "intermediate_size", None),
+        "num_key_value_heads": getattr(cfg, "num_key_value_heads", None),
         "vocab_size": getattr(cfg, "vocab_size", None),
         "num_attention_heads": getattr(cfg, "num_attention_heads", None)
         or getattr(cfg, "n_head", None),

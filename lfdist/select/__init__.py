@@ -19,6 +19,7 @@ from lfdist.select import (  # noqa: F401  (register)
     critical,
     gradnorm,
     lisa,
+    lora,
     mask,
     random_blocks,
     salf,
@@ -68,6 +69,9 @@ def select_plan(
             f"strategy {strategy} has no option {unknown[0]!r}; its options: {listed} "
             f"(and {', '.join(COST_KEYS)} for costing)"
         )
+    rank = {**known, **opts}.get("lora_rank")  # a strategy's LoRA rank sizes its adapters
+    if rank is not None:
+        cost = {**cost, "lora_rank": rank}
     modules = dict(DEFAULT_MODULES)
     ctx = Context(probe, modules, cost, limits)
     ctx.predict(["full"] * ctx.n_blocks)  # checks engine, dtype, world size before any work
@@ -80,6 +84,13 @@ def select_plan(
         for i, t in enumerate(treatments)
     )
     resolved = {**known, **opts, **choice.options, **cost}
+    # PEFT treatments train at their own lr (a multiple of train.lr, LR_SCALE);
+    # the plan records it where it has such blocks, and editing it here changes the run.
+    peft = sorted({t for t in treatments if t in ("bias", "lora", "mask")})
+    if peft and "lr_scale" not in resolved:
+        from lfdist.model.treatments import LR_SCALE
+
+        resolved["lr_scale"] = {t: LR_SCALE[t] for t in peft}
     return Plan(
         strategy=strategy,
         fingerprint=probe.fingerprint,

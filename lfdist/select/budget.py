@@ -15,7 +15,15 @@ from lfdist.select.base import Choice, Context
 
 BUDGET_KEYS = ("blocks", "params", "gib", "flops")
 # How the plan is costed; accepted in the budget or in the options.
-COST_KEYS = ("engine", "zero_stage", "world_size", "dtype", "batch_size", "seq_len")
+COST_KEYS = (
+    "engine",
+    "zero_stage",
+    "world_size",
+    "dtype",
+    "batch_size",
+    "seq_len",
+    "activation_checkpointing",
+)
 COST_DEFAULTS = {"engine": "fsdp2", "zero_stage": 2, "world_size": 1, "batch_size": 4}
 
 

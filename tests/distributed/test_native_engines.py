@@ -12,6 +12,7 @@ import torch
 
 from lfdist.config import config_from_dict
 from lfdist.errors import UserError
+from lfdist.job import Debug
 from lfdist.launch.run import launch_training
 from lfdist.model.tiny import build_tiny
 from lfdist.plan import save_plan
@@ -46,9 +47,9 @@ def _plan(tmp_path, treatments, name="plan.yaml"):
 
 
 def _train(tmp_path, engine, treatments, out="run", **kw):
-    extra = {"check_frozen": True, **kw.pop("job_extra", {})}
+    debug = Debug(check_frozen=True, stop_after=kw.pop("stop_after", None))
     return launch_training(
-        _cfg(engine, **kw), _plan(tmp_path, treatments), str(tmp_path / out), job_extra=extra
+        _cfg(engine, **kw), _plan(tmp_path, treatments), str(tmp_path / out), debug=debug
     )
 
 
@@ -67,7 +68,7 @@ def single_reference(tmp_path_factory):
             _cfg("single", nproc=1, batch_size=4),
             _plan(tmp, t, f"{name}.yaml"),
             str(tmp / name),
-            job_extra={"check_frozen": True},
+            debug=Debug(check_frozen=True),
         )
         for name, t in (("prefix", PREFIX), ("gappy", GAPPY), ("full", FULL))
     }
@@ -140,7 +141,7 @@ def _predicted(treatments, engine):
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 def test_resume_is_exact(tmp_path, engine):
     straight = _train(tmp_path, engine, PREFIX, out="straight", steps=6)
-    _train(tmp_path, engine, PREFIX, out="resumed", steps=6, job_extra={"stop_after": 3})
+    _train(tmp_path, engine, PREFIX, out="resumed", steps=6, stop_after=3)
     resumed = launch_training(
         _cfg(engine, steps=6), str(tmp_path / "plan.yaml"), str(tmp_path / "resumed"), resume=True
     )
@@ -208,7 +209,7 @@ def test_deepspeed_zero3_resume_is_exact(tmp_path):
         out="resumed",
         steps=6,
         zero_stage=3,
-        job_extra={"stop_after": 3},
+        stop_after=3,
     )
     resumed = launch_training(
         _cfg("deepspeed", steps=6, zero_stage=3),
@@ -257,7 +258,7 @@ def test_prefix_cache_gives_the_same_losses_over_two_epochs(tmp_path, engine):
             }
         )
         return launch_training(
-            cfg, _plan(tmp_path, PREFIX), str(tmp_path / out), job_extra={"evaluate": True}
+            cfg, _plan(tmp_path, PREFIX), str(tmp_path / out), evaluate=True
         )
 
     plain = run("plain")

@@ -58,6 +58,7 @@ def local_ray():
 
 
 def _train(tmp_path, engine: str, check_frozen: bool = True) -> dict:
+    from lfdist.job import Debug
     from lfdist.orchestrate.train import ray_train
 
     plan = str(tmp_path / "plan.yaml")
@@ -67,7 +68,7 @@ def _train(tmp_path, engine: str, check_frozen: bool = True) -> dict:
         plan,
         str(tmp_path / "run"),
         evaluate=False,
-        job_extra={"check_frozen": check_frozen},
+        debug=Debug(check_frozen=check_frozen),
     )
 
 

@@ -127,3 +127,217 @@ def test_cost_and_report_import_without_torch():
 
     code = "import sys, lfdist.cost, lfdist.report; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- dtype-following optimizer state
+
+
+@pytest.mark.parametrize(
+    "engine,stage,optimizer",
+    [
+        # torch AdamW: exp_avg + exp_avg_sq in bf16 = 4 B per trainable element (250 of them)
+        ("ddp", 0, 250 * 4),
+        ("fsdp2", 0, 250 * 4 / 2),
+        # ZeRO: fp32 master + two fp32 states = 12 B, partitioned over 2 ranks
+        ("deepspeed", 2, 250 * 12 / 2),
+        ("deepspeed", 3, 250 * 12 / 2),
+    ],
+)
+def test_optimizer_state_follows_parameter_dtype(engine, stage, optimizer):
+    assert _bytes(engine, stage, dtype="bfloat16")["optimizer"] == optimizer
+
+
+# ---------------------------------------------------------------- LoRA rank, LoRA biases, masks
+
+# Per block: 3 bias-like elements, attention projections with in + out = 20 in all, 60 weight
+# elements in projections.
+LORA_INFO = dict(
+    INFO,
+    per_block_bias_params=[3] * 4,
+    per_block_lora_in_out=[20] * 4,
+    per_block_projection_params=[60] * 4,
+)
+
+
+def _lora(treatments, rank=None, **kw):
+    kw = dict(dict(engine="ddp", world_size=1, dtype="float32", batch_size=2, seq_len=4), **kw)
+    if rank is not None:
+        kw["lora_rank"] = rank
+    return predict(LORA_INFO, treatments, DEFAULT_MODULES, **kw)
+
+
+def test_lora_rank_and_biases_by_hand():
+    p = _lora(["frozen", "frozen", "lora", "lora"], rank=4)
+    # per lora block: 4·20 = 80 adapters + 3 biases; plus final norm 10 and head 40
+    assert p["params_trainable"] == 2 * 83 + 50
+    assert p["params_total"] == 500 + 2 * 80  # adapters are new parameters; biases are not
+    assert p["bytes"]["params"] == 660 * 4 and p["bytes"]["grads"] == 216 * 4
+    assert p["bytes"]["optimizer"] == 216 * 8
+    r16 = _lora(["frozen", "frozen", "lora", "lora"], rank=16)
+    assert r16["params_trainable"] == 2 * (16 * 20 + 3) + 50
+    assert _lora(["frozen"] * 3 + ["lora"])["params_trainable"] == 8 * 20 + 3 + 50  # default r=8
+
+
+def test_mask_trains_one_score_per_projection_weight():
+    p = _lora(["frozen", "frozen", "frozen", "mask"])
+    assert p["params_trainable"] == 60 + 50
+    assert p["params_total"] == 500 + 60
+
+
+def test_predict_plan_reads_the_lora_rank_from_plan_options():
+    from lfdist.cost import predict_plan
+    from lfdist.plan import BlockPlan, Fingerprint, Plan
+
+    blocks = tuple(BlockPlan(i, f"b.{i}", t) for i, t in enumerate(["frozen"] * 3 + ["lora"]))
+    plan = Plan("spafit", Fingerprint("X", 4, "0"), blocks, options={"lora_rank": 2})
+    p = predict_plan(LORA_INFO, plan, engine="ddp", batch_size=2, seq_len=4)
+    assert p["params_trainable"] == 2 * 20 + 3 + 50
+    with pytest.raises(UserError, match="lora_rank"):
+        _lora(["full"] * 4, rank=0)
+
+
+def test_select_costs_spafit_with_its_lora_rank():
+    from lfdist.select import select_plan
+    from tests.helpers import fake_probe
+
+    probe = fake_probe()
+    probe.model_info.update(per_block_lora_in_out=[10] * 8)
+    plans = {r: select_plan(probe, "spafit", options={"lora_rank": r}) for r in (4, 32)}
+    # cuts 1/3, 2/3 of 8 blocks: 3 frozen, 2 bias (10 each), 3 lora (r·10 adapters + 10 biases)
+    for r, plan in plans.items():
+        assert plan.treatments.count("lora") == 3
+        assert plan.predicted["params_trainable"] == 2 * 10 + 3 * (r * 10 + 10)
+
+
+# ---------------------------------------------------------------- activations
+
+
+def test_activation_checkpointing_keeps_block_inputs_and_recomputes():
+    plain = predict(INFO, PLAN, DEFAULT_MODULES, dtype="float32", batch_size=2, seq_len=4)
+    ckpt = predict(
+        INFO,
+        PLAN,
+        DEFAULT_MODULES,
+        dtype="float32",
+        batch_size=2,
+        seq_len=4,
+        activation_checkpointing=True,
+    )
+    # two checkpointed blocks keep their input (8 tokens x H 8 x 4 B) + one block recomputed
+    assert ckpt["bytes"]["activations"] == 2 * 8 * 8 * 4 + ACT_BLOCK_FP32
+    assert plain["bytes"]["activations"] == 2 * ACT_BLOCK_FP32
+    # the two blocks' forward runs again: 2 x 2·8·100
+    assert ckpt["flops_backward"] == plain["flops_backward"] + 3200
+
+
+def test_llama_block_activations_by_hand():
+    from lfdist.activations import block_activation_bytes
+
+    # Llama-3.1-8B's shape: H 4096, I 14336, 32 heads, 8 KV heads (KV width 1024), bf16.
+    info = dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    )
+    # per token: 20·4096 + 8·14336 + 4·1024 + 4·32 + 8 = 81920 + 114688 + 4096 + 136
+    assert block_activation_bytes(info, 1, 4096, 2) == 4096 * 200840
+    # unknown architectures: 34·B·T·H at 16 bits
+    assert block_activation_bytes({"hidden_size": 4096}, 1, 4096, 2) == 34 * 4096 * 4096
+
+
+def _saved_bytes_per_block(arch, dtype, batch=2, seq=24):
+    """Bytes of tensors saved for backward by one block, excluding the parameters themselves."""
+    import torch
+
+    from lfdist.model.tiny import build_tiny
+
+    model = build_tiny(arch, "lm").to(dtype)
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    ids = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(0))
+    blocks = model.model.layers
+
+    def saved(first_trainable):
+        model.requires_grad_(False)  # embeddings too: backward must stop at the boundary
+        for i, block in enumerate(blocks):
+            block.requires_grad_(i >= first_trainable)
+        seen = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in param_storages:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids)
+        return sum(seen.values())
+
+    n = len(blocks)
+    return saved(n - 2) - saved(n - 1), model
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+def test_block_activations_equal_measured_saved_tensors(arch, dtype_name):
+    import torch
+
+    from lfdist.activations import block_activation_bytes
+    from lfdist.probe.run import model_info
+
+    measured, model = _saved_bytes_per_block(arch, getattr(torch, dtype_name))
+    info = model_info(model, "lm")
+    assert measured == block_activation_bytes(info, 2, 24, 4 if dtype_name == "float32" else 2)
+
+
+# ---------------------------------------------------------------- measured: one bf16 AdamW step
+
+
+def test_bf16_adamw_step_bytes_equal_prediction_on_tiny_llama():
+    """Build tiny:llama in bf16, apply a plan with every treatment, take one AdamW step and walk
+    the parameters, gradients and optimizer states."""
+    import torch
+
+    from lfdist.cost import predict_plan
+    from lfdist.model.apply import apply_plan
+    from lfdist.model.tiny import build_tiny
+    from lfdist.probe.run import model_info
+    from tests.helpers import make_plan
+
+    model = build_tiny("llama", "lm").to(torch.bfloat16)
+    info = model_info(model, "lm")
+    treatments = ["frozen"] * 4 + ["bias", "lora", "mask", "full"]
+    plan = make_plan(model, treatments, options={"lora_rank": 4})
+    apply_plan(model, plan)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3, foreach=False)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    params = nbytes(model.parameters())
+    grads = nbytes(p.grad for p in trainable)
+    states = [s for p in trainable for s in opt.state[p].values()]
+    moments = [s for s in states if s.dim() > 0]
+    assert {s.dtype for s in moments} == {torch.bfloat16}
+    assert nbytes(s for s in states if s.dim() == 0) == 4 * len(trainable)  # step counters
+
+    # By hand: a block has q 4096, k 2048, v 2048, o 4096, gate/up/down 8192 each (36864 in
+    # projections) and 2 norms of 64 (36992); bias -> 128 norm weights; lora r=4 on q,k,v,o:
+    # 4·(128+96+96+128) = 1792 adapters + 128 norm weights; mask -> 36864 scores; full ->
+    # 36992; final norm 64, head 20480. Held: 8·36992 + embeddings 20480 + 64 + 20480 + the
+    # 1792 adapters + the 36864 scores.
+    trainable_el = 128 + 1792 + 128 + 36864 + 36992 + 64 + 20480
+    assert sum(p.numel() for p in trainable) == trainable_el
+    assert params == 2 * (8 * 36992 + 20480 + 64 + 20480 + 1792 + 36864)
+    assert grads == 2 * trainable_el
+    assert nbytes(moments) == 2 * 2 * trainable_el
+
+    p = predict_plan(info, plan, engine="single", world_size=1, dtype="bfloat16")
+    assert p["bytes"]["params"] == params
+    assert p["bytes"]["grads"] == grads
+    assert p["bytes"]["optimizer"] == nbytes(moments)
