@@ -58,7 +58,9 @@ class ProbeConfig:
     gradnorm: bool = False  # one backward pass too, for the gradnorm strategy
     ray_address: str | None = None  # join a Ray cluster; None: RAY_ADDRESS or a local Ray
     stream_layers: bool = False  # layer-streamed probe for models larger than one device
-    pilot_steps: int = 0  # salf pilot fine-tunes per depth (0: none)
+    pilots: bool = False  # salf pilot fine-tunes, sized to pilot_budget of the run
+    pilot_budget: float = 0.05  # probe + pilots at most this share of the run's cost
+    pilot_steps: int = 0  # the longer pilot's steps, overriding the budget (0: sized by it)
     pilot_depths: str = "auto"  # "auto" (1, 2, 4, ... L) or a comma list such as "1,2,4,8"
     critical_steps: int = 0  # critical: steps of the all-block pilot fine-tune (0: none)
 
@@ -67,6 +69,10 @@ class ProbeConfig:
         _positive("probe.batch_size", self.batch_size)
         _positive("probe.workers", self.workers)
         _choice("probe.orchestrator", self.orchestrator, ("local", "ray"))
+        if not 0 < self.pilot_budget < 1:
+            raise UserError(
+                f"probe.pilot_budget must be a share of the run in (0, 1), got {self.pilot_budget}"
+            )
 
 
 @dataclass(frozen=True)

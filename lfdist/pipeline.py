@@ -52,48 +52,35 @@ def probe(cfg: RunConfig, out: str, overwrite: bool = False, progress: bool = Tr
             gradnorm=cfg.probe.gradnorm,
             data_fingerprint=prepared.data_info.get("fingerprint"),
         )
-    if cfg.probe.pilot_steps or cfg.probe.critical_steps:
+    if cfg.probe.pilots or cfg.probe.pilot_steps or cfg.probe.critical_steps:
         _pilots(cfg, result, prepared or prepare(cfg))
     result.save(out)
     return result
 
 
 def _pilots(cfg: RunConfig, result, prepared) -> None:
-    """Short pilot fine-tunes (salf's `pilot` estimator, `critical`), same recipe as the run."""
-    from lfdist.probe.pilot import attach, pilot_depths, run_critical, run_pilots
+    """Pilot fine-tunes (salf's `pilot` estimator, `critical`) through the run's own training
+    step (lfdist.train.local), salf's sized to probe.pilot_budget of the run."""
+    from lfdist.probe.pilot import attach, run_critical, run_pilots
 
     pc, tc = cfg.probe, cfg.train
-    recipe = dict(
-        lr=tc.lr,
-        seed=tc.seed,
-        batch_size=tc.batch_size * tc.grad_accum * tc.nproc,
-        weight_decay=tc.weight_decay,
-        max_grad_norm=tc.max_grad_norm,
-    )
     model, data, task = prepared.loaded.model, prepared.train, cfg.model.task
-    if pc.pilot_steps:
-        if pc.orchestrator == "ray":  # one Ray task per depth, same gains as one after another
+    if pc.pilots or pc.pilot_steps:
+        sizing = dict(
+            depths=pc.pilot_depths,
+            steps=pc.pilot_steps or None,
+            budget=pc.pilot_budget,
+            probe_examples=int(result.data_info.get("n_samples") or 0),
+        )
+        if pc.orchestrator == "ray":  # one Ray task per depth, the serial loop's numbers
             from lfdist.orchestrate.pilot import ray_pilots
 
-            depths = pilot_depths(pc.pilot_depths, result.n_blocks)
-            record = ray_pilots(
-                cfg, data, depths, steps=pc.pilot_steps, run_steps=tc.steps, **recipe
-            )
+            record = ray_pilots(cfg, data, **sizing)
         else:
-            record = run_pilots(
-                model,
-                data,
-                task,
-                depths=pc.pilot_depths,
-                steps=pc.pilot_steps,
-                run_steps=tc.steps,
-                **recipe,
-            )
+            record = run_pilots(model, data, task, tc, **sizing)
         attach(result, "pilot", record)
     if pc.critical_steps:
-        attach(
-            result, "critical", run_critical(model, data, task, steps=pc.critical_steps, **recipe)
-        )
+        attach(result, "critical", run_critical(model, data, task, tc, steps=pc.critical_steps))
 
 
 def select(
@@ -179,6 +166,8 @@ def _run(cfg: RunConfig, compare_full: bool, resume: bool, overwrite: bool = Fal
     if not os.path.exists(plan_path):
         if cfg.select.strategy == "gradnorm":  # it ranks blocks by gradients: probe them too
             cfg = replace(cfg, probe=replace(cfg.probe, gradnorm=True))
+        if cfg.select.strategy == "salf" and not cfg.probe.pilot_steps:
+            cfg = replace(cfg, probe=replace(cfg.probe, pilots=True))  # sized to the budget
         if cfg.select.strategy == "critical" and not cfg.probe.critical_steps:
             cfg = replace(cfg, probe=replace(cfg.probe, critical_steps=50))  # the paper's pilot
         probe(cfg, probe_path, overwrite=True)
@@ -219,6 +208,8 @@ def _select_options(cfg: RunConfig) -> dict:
         "seq_len": cfg.data.seq_len,
         "dtype": cfg.model.dtype,
     }
+    if cfg.select.strategy == "salf":  # the pilots' cost is reported against this run's length
+        costing["run_steps"] = cfg.train.steps
     return {**costing, **cfg.select.options}
 
 

@@ -59,6 +59,10 @@ def plan_table(plan, probe=None) -> str:
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
     lines.append("modules: " + ", ".join(f"{g} {t}" for g, t in plan.modules.items()))
     lines.append(_totals(plan))
+    if plan.strategy == "salf" and plan.scores:
+        from lfdist.select.salf import explain
+
+        lines += explain(plan.scores)
     return "\n".join(lines)
 
 

@@ -1,39 +1,48 @@
-"""Short pilot fine-tunes for `salf` (estimator pilot) and `critical` (SPEC 2.1, 2.3).
+"""Pilot fine-tunes for `salf` (estimator pilot) and `critical` (SPEC 2.1, 2.3).
 
-Pure torch, one device. `run_pilot` fine-tunes the top `depth` blocks (plus the final norm and
-head, as a plan would) for a few steps and measures the loss reduction on held-out calibration
-batches; `run_critical` fine-tunes every block and records how far each block moved. Both put
-the model back exactly as they found it (weights, requires_grad flags, train/eval mode), and both
-are deterministic functions of (weights, data, settings, seed): a Ray task per depth, each with
-its own replica, returns the same numbers as the serial loop here.
+Every pilot is a short run of the real recipe: `lfdist.train.local.train_split` (the run's
+engine step, feeder, scheduler and clipping, on the run's global batch in one process), so
+"same recipe" holds by construction. `run_pilots` trains the top n blocks at a few depths, at
+two lengths that follow the run's steps, and measures held-out quality on calibration examples
+it never trained on; `plan_pilots` sizes them so that probe + pilots cost at most a share of
+the run (default 5%). `run_critical` trains every block and records how far each one moved.
+The model is put back exactly as it was found; results are deterministic functions of
+(weights, data, recipe, seed), so a Ray task per depth returns the serial loop's numbers.
 
-The results go into the probe file as `curves["pilot"]` and `curves["critical"]`, so that
+The records go into the probe file as `curves["pilot"]` and `curves["critical"]`, so that
 `select` stays a pure function of probe.json.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from lfdist.cost import predict
 from lfdist.errors import UserError
-from lfdist.model.apply import apply_plan
-from lfdist.model.blocks import find_blocks, fingerprint
-from lfdist.plan import DEFAULT_MODULES, BlockPlan, Plan
+from lfdist.model.blocks import find_blocks
+from lfdist.plan import DEFAULT_MODULES
 from lfdist.probe.result import ProbeResult
 from lfdist.probe.run import _check_data, model_info
 
-PILOT_STEPS = 20
+PILOT_BUDGET = 0.05  # probe + pilots as a share of the cheapest run salf may pick
+MIN_STEPS = 4  # the longer pilot; the shorter is half of it
 CRITICAL_STEPS = 50
 HELDOUT_SAMPLES = 64  # held-out calibration examples each pilot is scored on
 
 ModelLike = nn.Module | Callable[[], nn.Module]
+Log = Callable[[str], None]
+
+
+def stderr_log(line: str) -> None:
+    """One line per stage, whether or not stderr is a terminal (a batch job's log too)."""
+    print(f"lfdist: {line}", file=sys.stderr, flush=True)
 
 
 def pilot_depths(spec: str, n_blocks: int) -> list[int]:
@@ -76,219 +85,163 @@ def _materialize(model: ModelLike) -> nn.Module:
     return model if isinstance(model, nn.Module) else model()
 
 
-def _plan_for(model: nn.Module, treatments: list[str]) -> Plan:
-    bmap = find_blocks(model)
-    blocks = tuple(BlockPlan(i, f"{bmap.path}.{i}", t) for i, t in enumerate(treatments))
-    return Plan("pilot", fingerprint(model), blocks, dict(DEFAULT_MODULES))
+def _top(L: int, depth: int) -> list[str]:
+    return ["frozen"] * (L - depth) + ["full"] * depth
 
 
-@contextmanager
-def _trainable(model: nn.Module, treatments: list[str]) -> Iterator[list[nn.Parameter]]:
-    """Make the blocks `treatments` names trainable (as apply_plan does); yield those parameters.
-
-    Afterwards weights, requires_grad flags, gradients and train/eval mode are put back; only
-    the trainable parameters are copied, since nothing else can change.
-    """
-    params = dict(model.named_parameters())
-    flags = {n: p.requires_grad for n, p in params.items()}
-    was_training = model.training
-    saved: dict[str, torch.Tensor] = {}
-    try:
-        apply_plan(model, _plan_for(model, treatments), check_fingerprint=False)
-        saved = {n: p.detach().clone() for n, p in params.items() if p.requires_grad}
-        yield [p for p in params.values() if p.requires_grad]
-    finally:
-        with torch.no_grad():
-            for n, p in params.items():
-                if n in saved:
-                    p.copy_(saved[n])
-                p.grad = None
-                p.requires_grad_(flags[n])
-        model.train(was_training)
+def example_flops(info: dict, seq_len: int) -> dict:
+    """Analytic FLOPs (cost model) of one example: forward only, and one training step of
+    every split k (index k = frozen bottom blocks)."""
+    L = info["n_blocks"]
+    one = dict(engine="single", dtype="float32", batch_size=1, seq_len=seq_len)
+    train = [predict(info, _top(L, L - k), DEFAULT_MODULES, **one) for k in range(L)]
+    return {"forward": train[0]["flops_forward"], "train": [p["flops_per_step"] for p in train]}
 
 
-def _targets(batch: dict[str, torch.Tensor], task: str) -> int:
-    """How many targets the model's mean loss averages over (the weight of this batch)."""
-    if task == "lm":
-        return int((batch["labels"][:, 1:] != -100).sum())
-    return int(batch["input_ids"].shape[0])
+def global_batch(tc) -> int:
+    return tc.batch_size * tc.grad_accum * tc.nproc
 
 
-def heldout_loss(model: nn.Module, data: dict, task: str, batch_size: int) -> float:
-    """Mean loss over every target of `data` (eval mode, no autograd)."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, data["input_ids"].shape[0], batch_size):
-            batch = {k: v[start : start + batch_size].to(device) for k, v in data.items()}
-            n = _targets(batch, task)
-            if n:
-                total += float(model(**batch).loss.double()) * n
-                count += n
-    model.train(was_training)
-    return total / count if count else math.nan
-
-
-def fine_tune(
-    model: nn.Module,
-    data: dict[str, torch.Tensor],
-    params: list[nn.Parameter],
-    steps: int,
-    lr: float,
-    seed: int,
-    batch_size: int = 8,
-    weight_decay: float = 0.0,
-    max_grad_norm: float = 1.0,
-) -> list[float]:
-    """`steps` AdamW steps (constant lr, clipped) on `params`; the training losses.
-
-    Batches are consecutive slices of a seeded permutation, re-drawn each epoch; dropout runs
-    under the same seed. The caller restores the model (`_trainable`).
-    """
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
-    device = params[0].device
-    n = data["input_ids"].shape[0]
-    batch_size = min(batch_size, n)
-    gen = torch.Generator().manual_seed(seed)
-    order, pos, losses = torch.randperm(n, generator=gen), 0, []
-    model.train()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for _ in range(steps):
-            if pos + batch_size > n:
-                order, pos = torch.randperm(n, generator=gen), 0
-            pick = order[pos : pos + batch_size]
-            pos += batch_size
-            loss = model(**{k: v[pick].to(device) for k, v in data.items()}).loss
-            loss.backward()
-            if max_grad_norm and max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=False)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-    if not all(math.isfinite(v) for v in losses):
-        raise UserError(f"a pilot fine-tune diverged (loss {losses[-1]}); lower train.lr")
-    return losses
-
-
-def _train_flops(
-    info: dict, treatments: list[str], steps: int, batch_size: int, seq_len: int
-) -> float:
-    p = predict(
-        info,
-        treatments,
-        DEFAULT_MODULES,
-        engine="single",
-        dtype="float32",
-        batch_size=batch_size,
-        seq_len=seq_len,
+def pilot_recipe(tc, steps: int):
+    """The run's recipe (TrainConfig) for a pilot of `steps` steps, in one process: the same
+    global batch, lr, clipping and schedule shape (warm-up scaled to the pilot's length)."""
+    warmup = round(tc.warmup_steps * steps / tc.steps) if tc.steps else 0
+    return replace(
+        tc, steps=steps, batch_size=tc.batch_size * tc.nproc, nproc=1, warmup_steps=warmup
     )
-    return steps * p["flops_per_step"]
 
 
-def _forward_flops(info: dict, examples: int, seq_len: int) -> float:
-    p = predict(
-        info,
-        ["frozen"] * info["n_blocks"],
-        DEFAULT_MODULES,
-        engine="single",
-        dtype="float32",
-        batch_size=1,
-        seq_len=seq_len,
+def plan_pilots(
+    info: dict,
+    tc,
+    seq_len: int,
+    n_train: int,
+    n_heldout: int,
+    probe_examples: int,
+    depths: list[int],
+    budget: float = PILOT_BUDGET,
+    steps: int | None = None,
+) -> dict:
+    """Which depths and lengths the budget allows: probe + pilots at most `budget` of the run
+    that trains the fewest blocks salf may pick (2; 1 on a 1-block model).
+
+    `steps`: an explicit longer length (the budget is then reported, not enforced).
+    Depths are dropped from the middle (the deepest, 1 and one between are kept) before the
+    pilots get shorter than MIN_STEPS; with nothing left, `skipped` says why.
+    """
+    L = info["n_blocks"]
+    flops = example_flops(info, seq_len)
+    gb = global_batch(tc)
+    cheapest = flops["train"][max(0, L - 2)]
+    allowed = budget * tc.steps * gb * cheapest
+    probe = probe_examples * flops["forward"]
+    evals = n_heldout * flops["forward"]  # one held-out pass
+    left = allowed - probe - evals  # the pre-trained model's held-out quality, measured once
+    depths = list(depths)
+
+    def cost(ds: list[int], s2: int) -> float:
+        s = s2 + s2 // 2
+        return sum(s * gb * flops["train"][L - n] + 2 * evals for n in ds)
+
+    def longest(ds: list[int]) -> int:
+        per_step = 1.5 * sum(gb * flops["train"][L - n] for n in ds)
+        return int((left - 2 * evals * len(ds)) // per_step) if per_step > 0 else 0
+
+    if steps is None:
+        while longest(depths) < MIN_STEPS and len(depths) > 3:
+            depths.pop(len(depths) // 2)  # keep the shallowest and deepest ends
+        s2 = min(longest(depths), tc.steps)
+    else:
+        s2 = steps
+    if gb > n_train:
+        skipped = f"one global batch ({gb}) needs more than the {n_train} calibration examples"
+        s2 = 0
+    elif s2 < (2 if steps else MIN_STEPS):
+        skipped = (
+            f"the {budget:.0%} budget of a {tc.steps}-step run allows pilots of {max(s2, 0)} "
+            f"steps, fewer than {MIN_STEPS}"
+        )
+    else:
+        skipped = None
+    lengths = [] if skipped else [s2 // 2, s2]
+    pilots = evals + (cost(depths, s2) if lengths else 0.0)
+    spent = probe + pilots
+    plan = {
+        "depths": depths,
+        "lengths": lengths,
+        "budget": budget,
+        "probe_flops": probe,
+        "flops_total": pilots,  # the pilots and their held-out passes
+        "run_flops_per_example": flops["train"],
+        "global_batch": gb,
+        "planned_fraction": spent / (tc.steps * gb * cheapest),
+    }
+    if skipped:
+        return {**plan, "skipped": skipped, "budget_note": f"no pilots: {skipped}"}
+    note = (
+        f"the {budget:.0%} budget of a {tc.steps}-step run allowed pilots of "
+        f"{lengths[0]} and {lengths[1]} steps at depths {','.join(map(str, depths))}"
     )
-    return examples * p["flops_forward"]
+    return {**plan, "budget_note": note}
 
 
-def run_pilot(
+def _error(task: str, quality: dict) -> float:
+    """salf's error scale: the loss for language models, 1 - accuracy for classifiers."""
+    return quality["loss"] if task == "lm" else 1.0 - quality["accuracy"]
+
+
+def run_depth(
     model: ModelLike,
     train: dict[str, torch.Tensor],
     heldout: dict[str, torch.Tensor],
     task: str,
+    tc,
     depth: int,
-    steps: int = PILOT_STEPS,
-    lr: float = 1e-4,
-    seed: int = 0,
-    batch_size: int = 8,
-    weight_decay: float = 0.0,
-    max_grad_norm: float = 1.0,
-    loss_before: float | None = None,
+    lengths: list[int],
 ) -> dict:
-    """Fine-tune the top `depth` blocks (+ final norm and head) for `steps` steps.
+    """Train the top `depth` blocks (+ final norm and head, as a plan would) once per length,
+    each from the pre-trained weights; held-out quality after each."""
+    from lfdist.train.local import train_split
 
-    `model`: the pre-trained model (restored before returning) or a factory building it.
-    `loss_before`: the pre-trained model's held-out loss when already known (the same for every
-    depth; `heldout_loss`), else measured here. Returns gain = held-out loss before - after, the
-    two losses, the training losses, seconds and the FLOPs spent (analytic, cost model: the
-    training steps plus the held-out passes this call ran).
-    """
     model = _materialize(model)
-    info = model_info(model, task)
-    L = info["n_blocks"]
+    L = find_blocks(model).n_blocks
     if not 1 <= depth <= L:
         raise UserError(f"pilot depth {depth} must be a block count in 1..{L}")
-    train, heldout = (
-        _check_data(train, task, info["num_labels"]),
-        _check_data(heldout, task, info["num_labels"]),
-    )
-    treatments = ["frozen"] * (L - depth) + ["full"] * depth
     t0 = time.perf_counter()
-    with _trainable(model, treatments) as params:
-        before = (
-            heldout_loss(model, heldout, task, batch_size) if loss_before is None else loss_before
-        )
-        losses = fine_tune(
-            model, train, params, steps, lr, seed, batch_size, weight_decay, max_grad_norm
-        )
-        after = heldout_loss(model, heldout, task, batch_size)
-    seq_len = int(train["input_ids"].shape[1])
-    n_held = int(heldout["input_ids"].shape[0])
-    flops = _train_flops(info, treatments, steps, min(batch_size, len(train["input_ids"])), seq_len)
-    evals = 1 if loss_before is not None else 2
-    flops += evals * _forward_flops(info, n_held, int(heldout["input_ids"].shape[1]))
+    runs = [
+        train_split(model, _top(L, depth), train, heldout, task, pilot_recipe(tc, s), tc.seed)
+        for s in lengths
+    ]
+    for r in runs:
+        if not all(math.isfinite(v) for v in r["losses"]):
+            raise UserError(f"a pilot fine-tune diverged (loss {r['losses'][-1]}); lower train.lr")
     return {
         "depth": depth,
-        "gain": before - after,
-        "loss_before": before,
-        "loss_after": after,
-        "train_losses": losses,
+        "quality": [r["quality"] for r in runs],
+        "train_losses": [r["losses"] for r in runs],
         "seconds": time.perf_counter() - t0,
-        "flops": flops,
     }
 
 
-def assemble_pilots(
-    results: list[dict],
-    steps: int,
-    lr: float,
-    seed: int,
-    batch_size: int,
-    train_examples: int,
-    heldout_examples: int,
-    seq_len: int,
-    run_steps: int | None = None,
-    baseline_flops: float = 0.0,
-) -> dict:
-    """The `curves["pilot"]` record from per-depth `run_pilot` results (any order);
-    `baseline_flops`: the shared held-out pass when `loss_before` was measured once outside."""
+def assemble_pilots(results: list[dict], plan: dict, task: str, base: dict, extra: dict) -> dict:
+    """The `curves["pilot"]` record from per-depth `run_depth` results (any order)."""
     results = sorted(results, key=lambda r: r["depth"])
+    lengths = plan["lengths"]
+    held = int(extra["heldout_examples"])
+    deepest = _error(task, results[-1]["quality"][-1])
+    # Binomial spread of an accuracy on `held` examples; the loss gets its spread from the fit.
+    noise = math.sqrt(max(deepest * (1 - deepest), 0.0) / held) if task == "classify" else 0.0
     return {
-        "depths": [r["depth"] for r in results],
-        "gain": [r["gain"] for r in results],
-        "loss_before": [r["loss_before"] for r in results],
-        "loss_after": [r["loss_after"] for r in results],
+        **plan,
+        **extra,
+        "metric": "loss" if task == "lm" else "accuracy",
+        "errors": [[_error(task, r["quality"][j]) for r in results] for j in range(len(lengths))],
+        "quality": [[r["quality"][j] for r in results] for j in range(len(lengths))],
+        "train_losses": [r["train_losses"] for r in results],
+        "base": base,
+        "base_error": _error(task, base) if task == "lm" else None,
+        "noise": noise,
         "seconds": [r["seconds"] for r in results],
-        "flops": [r["flops"] for r in results],
-        "flops_total": float(sum(r["flops"] for r in results) + baseline_flops),
-        "steps": steps,
-        "lr": lr,
-        "seed": seed,
-        "batch_size": batch_size,
-        "train_examples": train_examples,
-        "heldout_examples": heldout_examples,
-        "seq_len": seq_len,
-        "run_steps": run_steps,  # the run's optimizer steps, for the pilot cost fraction
     }
 
 
@@ -296,62 +249,48 @@ def run_pilots(
     model: ModelLike,
     data: dict[str, torch.Tensor],
     task: str,
+    tc,
     depths: str | list[int] = "auto",
-    steps: int = PILOT_STEPS,
-    lr: float = 1e-4,
-    seed: int = 0,
-    batch_size: int = 8,
-    weight_decay: float = 0.0,
-    max_grad_norm: float = 1.0,
+    steps: int | None = None,
+    budget: float = PILOT_BUDGET,
     heldout_samples: int = HELDOUT_SAMPLES,
-    run_steps: int | None = None,
+    probe_examples: int = 0,
+    log: Log = stderr_log,
 ) -> dict:
-    """Serial pilots at every depth from the same pre-trained weights: `curves["pilot"]`."""
+    """Serial pilots at every depth the budget allows: the `curves["pilot"]` record.
+
+    `tc`: the run's TrainConfig (its steps size the pilots). `probe_examples`: the forward
+    probe's examples, counted in the budget.
+    """
     model = _materialize(model)
-    L = find_blocks(model).n_blocks
-    depths = (
-        pilot_depths(depths, L)
-        if isinstance(depths, str)
-        else pilot_depths(",".join(map(str, depths)), L)
-    )
-    if steps < 1:
-        raise UserError(f"pilot steps must be >= 1, got {steps}")
     info = model_info(model, task)
+    L = info["n_blocks"]
+    spec = depths if isinstance(depths, str) else ",".join(map(str, depths))
     train, heldout = split_calibration(_check_data(data, task, info["num_labels"]), heldout_samples)
-    # The pre-trained model's held-out loss is the same for every depth: measure it once.
-    t0 = time.perf_counter()
-    before = heldout_loss(model, heldout, task, batch_size)
-    baseline_s = time.perf_counter() - t0
-    results = [
-        run_pilot(
-            model,
-            train,
-            heldout,
-            task,
-            n,
-            steps,
-            lr,
-            seed,
-            batch_size,
-            weight_decay,
-            max_grad_norm,
-            loss_before=before,
-        )
-        for n in depths
-    ]
-    results[0]["seconds"] += baseline_s
-    return assemble_pilots(
-        results,
-        steps,
-        lr,
-        seed,
-        batch_size,
-        int(train["input_ids"].shape[0]),
-        int(heldout["input_ids"].shape[0]),
-        int(data["input_ids"].shape[1]),
-        run_steps,
-        _forward_flops(info, int(heldout["input_ids"].shape[0]), int(data["input_ids"].shape[1])),
+    n_train, n_held = int(train["input_ids"].shape[0]), int(heldout["input_ids"].shape[0])
+    seq_len = int(data["input_ids"].shape[1])
+    plan = plan_pilots(
+        info, tc, seq_len, n_train, n_held, probe_examples, pilot_depths(spec, L), budget, steps
     )
+    extra = {"train_examples": n_train, "heldout_examples": n_held, "seq_len": seq_len}
+    extra.update(run_steps=tc.steps, lr=tc.lr, seed=tc.seed)
+    if plan.get("skipped"):
+        log(f"pilots: skipped, {plan['skipped']}")
+        return {**plan, **extra, "seconds": [0.0]}
+    log(f"pilots: {plan['budget_note']}")
+    from lfdist.train.evaluate import evaluate
+
+    t0 = time.perf_counter()
+    base = evaluate(model, heldout, task, global_batch(tc))
+    results = []
+    for i, n in enumerate(plan["depths"], 1):
+        r = run_depth(model, train, heldout, task, tc, n, plan["lengths"])
+        results.append(r)
+        shown = ", ".join(f"{_error(task, q):.4f}" for q in r["quality"])
+        what = "loss" if task == "lm" else "error"
+        log(f"pilot {i}/{len(plan['depths'])}: top {n} blocks, held-out {what} {shown}")
+    results[0]["seconds"] += time.perf_counter() - t0 - sum(r["seconds"] for r in results)
+    return assemble_pilots(results, plan, task, base, extra)
 
 
 def _block_change(before: list[torch.Tensor], after: list[torch.Tensor]) -> tuple[float, float]:
@@ -369,47 +308,48 @@ def run_critical(
     model: ModelLike,
     data: dict[str, torch.Tensor],
     task: str,
+    tc,
     steps: int = CRITICAL_STEPS,
-    lr: float = 1e-4,
-    seed: int = 0,
-    batch_size: int = 8,
-    weight_decay: float = 0.0,
-    max_grad_norm: float = 1.0,
+    log: Log = stderr_log,
 ) -> dict:
-    """Fine-tune every block for `steps` steps; per block relative L1 change and angular distance.
+    """Train every block for `steps` steps with the run's recipe (`train_split`); per block
+    relative L1 change and angular distance. The `curves["critical"]` record."""
+    from lfdist.train.local import train_split
 
-    The `curves["critical"]` record; the model is restored afterwards.
-    """
     model = _materialize(model)
     info = model_info(model, task)
     data = _check_data(data, task, info["num_labels"])
     if steps < 1:
         raise UserError(f"critical pilot steps must be >= 1, got {steps}")
     blocks = find_blocks(model).blocks(model)
-    before = [[p.detach().clone() for p in b.parameters()] for b in blocks]
     L = len(blocks)
-    t0 = time.perf_counter()
-    with _trainable(model, ["full"] * L) as params:
-        losses = fine_tune(
-            model, data, params, steps, lr, seed, batch_size, weight_decay, max_grad_norm
+    log(f"critical: training all {L} blocks for {steps} steps")
+    changes: list[tuple[float, float]] = []
+    before = [[p.detach().clone() for p in b.parameters()] for b in blocks]
+
+    def measure(trained: nn.Module) -> None:  # called before the weights are put back
+        tb = find_blocks(trained).blocks(trained)
+        changes.extend(
+            _block_change(before[i], [p.detach() for p in b.parameters()]) for i, b in enumerate(tb)
         )
-        changes = [
-            _block_change(before[i], [p.detach() for p in b.parameters()])
-            for i, b in enumerate(blocks)
-        ]
-    seq_len = int(data["input_ids"].shape[1])
+
+    t0 = time.perf_counter()
+    run = train_split(
+        model, ["full"] * L, data, None, task, pilot_recipe(tc, steps), tc.seed, after=measure
+    )
+    seconds = time.perf_counter() - t0
+    log(f"critical: done in {seconds:.1f} s")
+    flops = example_flops(info, int(data["input_ids"].shape[1]))["train"][0]
     return {
         "l1": [c[0] for c in changes],
         "angular": [c[1] for c in changes],
-        "train_losses": losses,
+        "train_losses": run["losses"],
         "steps": steps,
-        "lr": lr,
-        "seed": seed,
-        "batch_size": batch_size,
-        "seconds": time.perf_counter() - t0,
-        "flops": _train_flops(
-            info, ["full"] * L, steps, min(batch_size, len(data["input_ids"])), seq_len
-        ),
+        "lr": tc.lr,
+        "seed": tc.seed,
+        "batch_size": global_batch(tc),
+        "seconds": seconds,
+        "flops": steps * global_batch(tc) * flops,
     }
 
 

@@ -3,18 +3,20 @@
 The paper's derivation is not public; this is lfdist's documented reconstruction
 (docs/strategies.md). k is the number of frozen bottom blocks, 0..L-1; blocks k..L-1 train.
 
-Part 1, the gain curve G(k), from one of two estimators:
-- `pilot` (the scaling-law reading; default when the probe holds pilot fine-tunes): pilots of
-  the top n blocks at a few depths measure the held-out loss reduction g_n; a power law
-  G(n) = A·n^beta (beta > 0) is fitted by least squares in log space, beta shrunk toward the
-  trace's own log-log slope in proportion to the pilots' noise, and G(k) = A·(L - k)^beta.
+Part 1, what each split k is expected to achieve, from one of two estimators:
+- `pilot` (default when the probe holds pilots): pilot fine-tunes of the top n blocks, sized
+  to a share of the run's cost, measure held-out quality; the saturating scaling law
+  l(n) = l_inf + B n^-alpha through them predicts the run's END quality of every split
+  (lfdist.select.salf_fit), with an interval.
 - `trace` (forward only): from the deviation trace d_0..d_L,
     G(k) = (D_k - d_L) / (D_0 - d_L),   D_k = max_{j >= k} d_j,
   the share of the trace's fall from latent space k to the output that the trainable blocks
   carry (the running max keeps G non-increasing on bumpy traces). A trace that does not fall
   carries no information, and G falls back to the uniform share (L - k) / L.
-Part 2, the decision: `target` (largest k with G(k) >= (1 - epsilon) G(0)), `budget` (best
-G(k) among plans inside the budget), `ratio` (argmax G(k) / C(k), C = FLOPs fraction).
+Part 2, the decision: `target` (pilot: the cheapest k whose predicted quality is within
+`tolerance` of full fine-tuning's in the user's metric; trace: the largest k with
+G(k) >= (1 - epsilon) G(0)), `budget` (the best predicted quality among plans inside the
+budget), `ratio` (argmax gain / C(k), C = FLOPs fraction).
 k = L-1 (one block) is never picked unless the budget leaves nothing else.
 """
 
@@ -26,13 +28,10 @@ from lfdist.errors import UserError
 from lfdist.registry import register_strategy
 from lfdist.select.base import Choice, Context, frozen_prefix
 from lfdist.select.budget import infeasible
+from lfdist.select.salf_fit import Z, predict_quality
 
 ESTIMATORS = ("trace", "pilot")
 DECISIONS = ("target", "budget", "ratio")
-PRIOR_SD = 0.5  # spread of the trace-shape prior on beta
-SIGMA2_TWO_POINTS = 0.05  # log-gain noise assumed when two pilots leave no residual to measure it
-SIGMA2_FLOOR = 1e-6
-BETA_MIN = 1e-3  # beta > 0: a deeper pilot never predicts less gain
 
 
 def trace_gain(d: list[float]) -> tuple[list[float], bool]:
@@ -69,86 +68,77 @@ def decide(
     return _argmax_last(gain, ok)
 
 
-def _loglog_slope(xs: list[float], ys: list[float]) -> tuple[float, float, float, float]:
-    """Least squares of log y on log x: (slope, intercept, residual sum of squares, Sxx)."""
-    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
-    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
-    sxx = sum((x - mx) ** 2 for x in lx)
-    slope = sum((x - mx) * (y - my) for x, y in zip(lx, ly)) / sxx if sxx > 0 else 0.0
-    rss = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(lx, ly))
-    return slope, my - slope * mx, rss, sxx
+TOLERANCE = {"lm": 0.01, "classify": 1.0}  # 1% of perplexity; 1 accuracy point
 
 
-def trace_slope(d: list[float]) -> float | None:
-    """The trace's shape as a power law in n = L - k: log-log slope of the trace gain, or None
-    when the trace is uninformative (it does not fall, or fewer than 2 positive points)."""
-    gain, fallback = trace_gain(d)
-    L = len(gain)
-    pts = [(n, gain[L - n]) for n in range(1, L + 1) if gain[L - n] > 0]
-    if fallback or len(pts) < 2:
-        return None
-    return max(BETA_MIN, _loglog_slope([n for n, _ in pts], [g for _, g in pts])[0])
+def _metric(task: str) -> str:
+    return "perplexity" if task == "lm" else "accuracy"
 
 
-def fit_power_law(
-    depths: list[int], gains: list[float], prior_beta: float | None, prior_sd: float | None
-) -> dict:
-    """G(n) = A·n^beta through the pilots with a positive gain.
-
-    Least squares in log space; with a prior, beta is the precision-weighted mean of the free
-    fit (precision Sxx / sigma^2, sigma^2 the residual variance, or SIGMA2_TWO_POINTS when two
-    pilots leave no residual) and the prior (precision 1 / prior_sd^2): clean pilots keep their
-    own slope, noisy ones lean on the trace's shape. beta is kept > 0.
-    """
-    pts = [(n, g) for n, g in zip(depths, gains) if g > 0]
-    fit = {"points": len(pts), "beta_prior": prior_beta, "prior_sd": prior_sd}
-    if not pts:
-        return {**fit, "A": None, "beta": None}
-    xs, ys = [n for n, _ in pts], [g for _, g in pts]
-    use_prior = prior_beta is not None and prior_sd is not None and prior_sd > 0
-    if len({*xs}) < 2:  # one depth: the slope can only come from the prior
-        beta_free, sigma2, beta = None, None, prior_beta if use_prior else 1.0
-    else:
-        beta_free, _, rss, sxx = _loglog_slope(xs, ys)
-        sigma2 = max(rss / (len(xs) - 2), SIGMA2_FLOOR) if len(xs) > 2 else SIGMA2_TWO_POINTS
-        beta = beta_free
-        if use_prior:
-            w_data, w_prior = sxx / sigma2, 1.0 / prior_sd**2
-            beta = (w_data * beta_free + w_prior * prior_beta) / (w_data + w_prior)
-    beta = max(beta, BETA_MIN)
-    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
-    a = sum(ly) / len(ly) - beta * sum(lx) / len(lx)  # the intercept given beta
-    return {**fit, "A": math.exp(a), "beta": beta, "beta_free": beta_free, "sigma2": sigma2}
+def to_metric(task: str, error: float) -> float:
+    """An error on salf's scale (loss in nats, or 1 - accuracy) in the user's metric."""
+    return math.exp(min(error, 50.0)) if task == "lm" else 1.0 - error
 
 
-def _pilot_gain(ctx: Context, d: list[float], prior_sd: float | None) -> tuple[list[float], dict]:
+def within(task: str, error: float, full: float, tolerance: float) -> bool:
+    """Whether `error` is within the tolerance of full fine-tuning's, in the user's metric:
+    perplexity at most (1 + tolerance) times full's, or accuracy at most `tolerance` points below."""
+    if task == "lm":
+        return error - full <= math.log1p(tolerance) + 1e-12
+    return (error - full) * 100.0 <= tolerance + 1e-9
+
+
+def interval(task: str, error: float, se: float) -> list[float]:
+    lo, hi = sorted(to_metric(task, e) for e in (error - Z * se, error + Z * se))
+    return [max(lo, 0.0), min(hi, 1.0)] if task == "classify" else [lo, hi]
+
+
+def pilot_decide(
+    task: str, errors: list[float], decision: str, gain: list[float], cost, feasible, tolerance
+) -> int:
+    """errors[k]: predicted end error of split k; the same rules as `decide`, `target` in the
+    user's metric."""
+    L = len(errors)
+    if decision != "target":
+        return decide(decision, gain, cost, feasible, 0.0)
+    usual = list(range(max(1, L - 1)))
+    return max(k for k in usual if within(task, errors[k], errors[0], tolerance))
+
+
+def _pilot_scores(ctx: Context, run_steps: int | None) -> tuple[list[float], dict]:
+    """Predicted end error per split k (index k) and the record for plan.scores."""
     pilot = ctx.probe.curves["pilot"]
     L = ctx.n_blocks
-    fit = fit_power_law(pilot["depths"], pilot["gain"], trace_slope(d), prior_sd)
-    fit.update(depths=list(pilot["depths"]), measured=list(pilot["gain"]))
-    if fit["A"] is None:
-        return [], fit
-    return [fit["A"] * (L - k) ** fit["beta"] for k in range(L)], fit
+    pred = predict_quality(pilot, L, run_steps)
+    errors = [pred["error"][L - k - 1] for k in range(L)]
+    return errors, {**pred, "measured": pilot["errors"], "metric": pilot.get("metric")}
 
 
-def pilot_cost(ctx: Context, k: int, run_steps: int | None) -> dict:
-    """The pilots' FLOPs as full fine-tuning steps of the costed run, and as a fraction of the
-    run that trains blocks k.. for `run_steps` steps (None when the step count is unknown)."""
-    flops = float(ctx.probe.curves["pilot"].get("flops_total") or 0.0)
-    world = int(ctx.cost.get("world_size", 1))
-    p = ctx.predict(frozen_prefix(ctx.n_blocks, k))
-    out = {
-        "pilot_flops": flops,
-        "pilot_cost_full_steps": flops / (world * p["flops_full_per_step"]),
-    }
-    steps = run_steps or ctx.probe.curves["pilot"].get("run_steps")
-    out["run_steps"] = steps
-    out["pilot_cost_fraction"] = flops / (steps * world * p["flops_per_step"]) if steps else None
+def _cost_fraction(ctx: Context, k: int, run_steps: int | None) -> dict:
+    """Probe + pilot FLOPs as a fraction of the run that trains blocks k.. (SPEC 2.1: < 5%)."""
+    pilot = ctx.probe.curves["pilot"]
+    steps = run_steps or pilot.get("run_steps")
+    spent = float(pilot.get("flops_total") or 0.0) + float(pilot.get("probe_flops") or 0.0)
+    out = {"run_steps": steps, "probe_pilot_flops": spent, "budget": pilot.get("budget")}
+    per_example = pilot.get("run_flops_per_example")  # per frozen split k, one example
+    if steps and per_example:
+        run = steps * int(pilot["global_batch"]) * per_example[k]
+        out["cost_fraction"] = spent / run
+    else:
+        out["cost_fraction"] = None
     return out
 
 
-def _check_options(ctx: Context, estimator, decision, epsilon, prior_sd, run_steps) -> str:
-    has_pilot = "pilot" in ctx.probe.curves
+def _number(name: str, value, ok) -> None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value)
+    ):
+        raise UserError(f"salf {name}={value!r} must be {ok.__doc__}")
+
+
+def _check_options(ctx: Context, estimator, decision, epsilon, tolerance, run_steps) -> str:
+    pilot = ctx.probe.curves.get("pilot")
+    has_pilot = bool(pilot) and "errors" in pilot
     if estimator is None:
         estimator = "pilot" if has_pilot else "trace"
     if estimator not in ESTIMATORS:
@@ -156,22 +146,29 @@ def _check_options(ctx: Context, estimator, decision, epsilon, prior_sd, run_ste
             f"salf estimator={estimator!r} is unknown; use one of {', '.join(ESTIMATORS)}"
         )
     if estimator == "pilot" and not has_pilot:
+        why = (pilot or {}).get("skipped") or "the probe did not run them"
         raise UserError(
-            "salf estimator=pilot needs pilot fine-tunes the probe did not run; rerun "
-            "`lfdist probe` with probe.pilot_steps=20, or use estimator=trace"
+            f"salf estimator=pilot needs pilot fine-tunes ({why}); rerun `lfdist probe` with "
+            "probe.pilots=true (or a larger probe.pilot_budget), or use estimator=trace"
         )
     if decision not in DECISIONS:
         raise UserError(f"salf decision={decision!r} is unknown; use one of {', '.join(DECISIONS)}")
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 <= epsilon < 1:
-        raise UserError(f"salf epsilon={epsilon!r} must be a number in [0, 1)")
-    if prior_sd is not None and (
-        isinstance(prior_sd, bool) or not isinstance(prior_sd, (int, float)) or not prior_sd > 0
-    ):
-        raise UserError(f"salf prior_sd={prior_sd!r} must be a number > 0, or null for no prior")
-    if run_steps is not None and (
-        isinstance(run_steps, bool) or not isinstance(run_steps, int) or run_steps < 1
-    ):
-        raise UserError(f"salf run_steps={run_steps!r} must be a whole number of steps >= 1")
+
+    def fraction(v):
+        """a number in [0, 1)"""
+        return 0 <= v < 1
+
+    def non_negative(v):
+        """a number >= 0 (relative for lm: 0.01 is 1%; accuracy points for classifiers)"""
+        return v >= 0
+
+    def whole(v):
+        """a whole number of steps >= 1"""
+        return isinstance(v, int) and v >= 1
+
+    _number("epsilon", epsilon, fraction)
+    _number("tolerance", tolerance, non_negative)
+    _number("run_steps", run_steps, whole)
     if decision == "budget" and not ctx.limits:
         raise UserError(
             "salf decision=budget needs a budget; add one such as flops=0.5 or gib=40, "
@@ -185,48 +182,97 @@ def salf(
     ctx: Context,
     estimator: str | None = None,
     decision: str = "target",
+    tolerance: float | None = None,
     epsilon: float = 0.02,
-    prior_sd: float | None = PRIOR_SD,
     run_steps: int | None = None,
 ) -> Choice:
-    """estimator: pilot | trace (default: pilot when the probe holds pilots). prior_sd: spread of
-    the trace-shape prior on beta (null: none). run_steps: the run's steps, for the pilot cost
-    fraction (default: the value the probe recorded)."""
-    estimator = _check_options(ctx, estimator, decision, epsilon, prior_sd, run_steps)
+    """estimator: pilot | trace (default: pilot when the probe holds pilots). tolerance (pilot,
+    target): relative perplexity for lm (default 0.01 = 1%), accuracy points for classifiers
+    (default 1). epsilon (trace, target): share of the trace gain that may be lost. run_steps:
+    the run's steps (default: what the probe recorded)."""
+    estimator = _check_options(ctx, estimator, decision, epsilon, tolerance, run_steps)
     L = ctx.n_blocks
+    task = ctx.probe.task
     d = list(ctx.probe.deviation)
-    scores: dict = {"deviation": d}
-    gain, fallback = trace_gain(d)
-    if estimator == "pilot":
-        pilot_gain, fit = _pilot_gain(ctx, d, prior_sd)
-        scores["pilot"] = fit
-        if pilot_gain:
-            gain, fallback = pilot_gain, False
-        else:
-            scores["fallback"] = "trace gain: no pilot reduced the held-out loss"
+    scores: dict = {"deviation": d, "estimator": estimator}
     plans = [frozen_prefix(L, k) for k in range(L)]
     cost = [ctx.predict(p)["flops_fraction"] for p in plans]
     feasible = [ctx.fits(p) for p in plans] if decision == "budget" else [True] * L
     if not any(feasible):
         raise infeasible(ctx, plans[-1])
-    k = decide(decision, gain, cost, feasible, float(epsilon))
+    gain, fallback = trace_gain(d)
+    if estimator == "pilot":
+        tolerance = TOLERANCE[task] if tolerance is None else float(tolerance)
+        errors, fit = _pilot_scores(ctx, run_steps)
+        base = ctx.probe.curves["pilot"].get("base_error")
+        gain = [(errors[-1] if base is None else base) - e for e in errors]
+        fallback = False
+        k = pilot_decide(task, errors, decision, gain, cost, feasible, tolerance)
+        metric = _metric(task)
+        scores.update(
+            pilot=fit,
+            metric=metric,
+            tolerance=tolerance,
+            predicted={
+                "metric": metric,
+                "pick": to_metric(task, errors[k]),
+                "full": to_metric(task, errors[0]),
+                "pick_interval": interval(task, errors[k], fit["se"]),
+                "full_interval": interval(task, errors[0], fit["se"]),
+                "per_split": [to_metric(task, e) for e in errors],
+            },
+            **_cost_fraction(ctx, k, run_steps),
+            pilot_plan=ctx.probe.curves["pilot"].get("budget_note"),
+        )
+    else:
+        k = decide(decision, gain, cost, feasible, float(epsilon))
+        skipped = (ctx.probe.curves.get("pilot") or {}).get("skipped")
+        if skipped:
+            scores["pilot_skipped"] = skipped
     gap = chord_gap(d)
     scores.update(
-        estimator=estimator,
         gain=gain,
         cost=cost,
         chord_gap=gap,
         knee=max(range(len(gap)), key=lambda i: gap[i]),
         split=k,
     )
-    if estimator == "pilot":
-        scores.update(pilot_cost(ctx, k, run_steps))
     if fallback:
         scores["fallback"] = "uniform gain: the deviation trace does not fall"
+    options = {"estimator": estimator}
+    if estimator == "pilot":
+        options["tolerance"] = tolerance
     return Choice(
         plans[k],
         list(range(L - 1, k - 1, -1)),
         scores=scores,
         block_scores=gain,
-        options={"estimator": estimator},
+        options=options,
     )
+
+
+def explain(scores: dict) -> list[str]:
+    """What salf decided and on what evidence, for `plan show` and the quick start."""
+    k = scores.get("split")
+    if scores.get("estimator") == "pilot":
+        p, metric = scores["predicted"], scores["predicted"]["metric"]
+        fmt = (lambda v: f"{v:.2f}") if metric == "perplexity" else (lambda v: f"{v:.1%}")
+        tol = scores["tolerance"]
+        tol_text = f"{tol:.1%}" if metric == "perplexity" else f"{tol:g} accuracy point(s)"
+        lo, hi = p["pick_interval"]
+        lines = [
+            f"salf (pilot): freezes {k} blocks; predicted end-of-run {metric} {fmt(p['pick'])} "
+            f"(interval {fmt(lo)}..{fmt(hi)}) vs full fine-tuning {fmt(p['full'])}, "
+            f"tolerance {tol_text}",
+            f"salf pilots: {scores.get('pilot_plan')}",
+        ]
+        if scores.get("cost_fraction") is not None:
+            lines.append(f"salf probe + pilot cost: {scores['cost_fraction']:.1%} of this run")
+        return lines
+    lines = [
+        f"salf (trace, forward only): freezes {k} blocks, keeping the share "
+        f"{scores['gain'][k]:.3f} of the trace's fall"
+    ]
+    if scores.get("pilot_skipped"):
+        lines.append(f"salf pilots skipped: {scores['pilot_skipped']}")
+    return lines

@@ -156,19 +156,20 @@ def test_killed_actor_is_retried_and_classifier_result_unchanged(cluster):
 
 
 def test_parallel_pilots_equal_serial_pilots(cluster):
-    """salf pilots as Ray tasks (one per depth, one per node) give the serial gain curve."""
+    """salf pilots as Ray tasks (one per depth, one per node) give the serial pilots' numbers."""
     from lfdist.orchestrate.pilot import ray_pilots
     from lfdist.probe.pilot import run_pilots
 
     cfg = _cfg("llama", ray_address=cluster.address)
     p = prepare(cfg)
     data = {k: v[:24] for k, v in p.train.items()}
-    settings = dict(steps=2, lr=1e-3, seed=0, batch_size=4, heldout_samples=4)
-    got = ray_pilots(cfg, data, [1, 8], **settings)
-    ref = run_pilots(p.loaded.model, data, "lm", depths=[1, 8], **settings)
-    assert got["depths"] == ref["depths"] == [1, 8]
-    for key in ("gain", "loss_before", "loss_after", "flops", "flops_total"):
-        assert got[key] == pytest.approx(ref[key], rel=1e-6), key
+    got = ray_pilots(cfg, data, depths="1,8", steps=4, heldout_samples=4)
+    ref = run_pilots(p.loaded.model, data, "lm", cfg.train, "1,8", 4, heldout_samples=4)
+    assert got["depths"] == ref["depths"] == [1, 8] and got["lengths"] == [2, 4]
+    assert got["base"] == pytest.approx(ref["base"], rel=1e-6)
+    for j in range(2):
+        assert got["errors"][j] == pytest.approx(ref["errors"][j], rel=1e-6)
+    assert got["flops_total"] == ref["flops_total"]
 
 
 def _resident_bound(name: str) -> tuple[int, int]:

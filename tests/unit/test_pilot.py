@@ -1,10 +1,12 @@
-"""Pilot fine-tunes (salf estimator pilot, critical): determinism, restoration, probe.json."""
+"""Pilot fine-tunes (salf estimator pilot, critical): the run's own training step, sizing to
+the budget, restoration, determinism, probe.json."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from lfdist.config import TrainConfig
 from lfdist.data import load_task_data
 from lfdist.errors import UserError
 from lfdist.model.tiny import build_tiny
@@ -13,14 +15,22 @@ from lfdist.probe import load_probe, run_probe
 from lfdist.probe.pilot import (
     attach,
     pilot_depths,
+    pilot_recipe,
+    plan_pilots,
     run_critical,
-    run_pilot,
     run_pilots,
     split_calibration,
 )
 from lfdist.select import select_plan
+from lfdist.train.local import train_split
+from tests.helpers import fake_probe
 
-STEPS, LR, BATCH = 3, 1e-3, 4
+# the pilots train in one process on the run's global batch of 4
+TC = TrainConfig(steps=600, batch_size=2, nproc=2, lr=1e-3, warmup_steps=60)
+
+
+def quiet(_: str) -> None:
+    pass
 
 
 @pytest.fixture(scope="module")
@@ -56,70 +66,77 @@ def test_split_calibration_is_disjoint(data):
     assert torch.equal(held["input_ids"], data["input_ids"][[3, 7, 11, 15, 19]])
 
 
-def test_pilot_restores_the_model_and_repeats_exactly(data):
+def test_pilot_recipe_is_the_run_on_one_process():
+    r = pilot_recipe(TC, 8)
+    assert (r.steps, r.batch_size, r.nproc, r.warmup_steps, r.lr) == (8, 4, 1, 1, 1e-3)
+
+
+INFO = fake_probe().model_info  # 8 blocks of 100, embeddings 100: one token trains the top n
+# blocks for 1600 + 400 n FLOPs (n = 2: 2400) and runs forward for 1600
+
+
+def test_plan_pilots_by_hand():
+    tc = TrainConfig(steps=1000, batch_size=1, nproc=1)
+    # allowed 5% of 1000 steps x 2400 = 120000; probe 10 x 1600 = 16000; base held-out pass
+    # 4 x 1600 = 6400; left 97600. Depths 1,2,4,8 cost 1.5 s (2000+2400+3200+4800) + 8 x 6400
+    # -> s = 2.5 < 4: drop 4; 1,2,8: 1.5 s (9200) + 6 x 6400 -> s = 4.29 -> 4 (pilots 2 and 4)
+    plan = plan_pilots(INFO, tc, 1, 100, 4, 10, [1, 2, 4, 8])
+    assert plan["depths"] == [1, 2, 8] and plan["lengths"] == [2, 4]
+    assert plan["flops_total"] == 6400 + 6 * 9200 + 6 * 6400  # 100000
+    assert plan["probe_flops"] == 16000
+    assert plan["planned_fraction"] == pytest.approx(116000 / 2_400_000)
+    assert "allowed pilots of 2 and 4 steps at depths 1,2,8" in plan["budget_note"]
+    short = plan_pilots(INFO, TrainConfig(steps=100, batch_size=1, nproc=1), 1, 100, 4, 10, [1, 8])
+    assert short["lengths"] == [] and "fewer than 4" in short["skipped"]
+    explicit = plan_pilots(INFO, tc, 1, 100, 4, 10, [1, 8], steps=10)
+    assert explicit["lengths"] == [5, 10] and "skipped" not in explicit
+
+
+def test_pilots_are_the_runs_own_step_and_restore_the_model(data):
     model = build_tiny("llama", "lm")
     model.train()
     for p in model.parameters():  # an odd starting state that must come back as it was
         p.requires_grad_(False)
     state = _state(model)
-    train, held = split_calibration(data, 8)
-    a = run_pilot(model, train, held, "lm", depth=2, steps=STEPS, lr=LR, batch_size=BATCH)
+    rec = run_pilots(model, data, "lm", TC, "2,8", 8, heldout_samples=8, log=quiet)
     assert _same(model, state) and model.training
-    b = run_pilot(model, train, held, "lm", depth=2, steps=STEPS, lr=LR, batch_size=BATCH)
-    # a fresh replica built by a factory (a Ray task) gives the same numbers
-    c = run_pilot(
-        lambda: build_tiny("llama", "lm"),
-        train,
-        held,
-        "lm",
-        depth=2,
-        steps=STEPS,
-        lr=LR,
-        batch_size=BATCH,
+    assert rec["depths"] == [2, 8] and rec["lengths"] == [4, 8]
+    assert (rec["train_examples"], rec["heldout_examples"], rec["run_steps"]) == (40, 8, 600)
+    # the depth-2 pilot of 8 steps is train_split with the run's recipe, number for number
+    train, held = split_calibration(data, 8)
+    ref = train_split(
+        model, ["frozen"] * 6 + ["full"] * 2, train, held, "lm", pilot_recipe(TC, 8), TC.seed
     )
-    # the held-out loss of the pre-trained model measured once outside (run_pilots does)
-    d = run_pilot(
-        model, train, held, "lm", 2, STEPS, LR, batch_size=BATCH, loss_before=a["loss_before"]
-    )
-    assert d["flops"] < a["flops"]
-    for r in (b, c, d):
-        assert (r["gain"], r["loss_after"], r["train_losses"]) == (
-            a["gain"],
-            a["loss_after"],
-            a["train_losses"],
-        )
-    assert a["gain"] == a["loss_before"] - a["loss_after"] and a["gain"] > 0
-    assert a["flops"] > 0 and a["seconds"] > 0
-    with pytest.raises(UserError, match="depth"):
-        run_pilot(model, train, held, "lm", depth=9)
+    assert rec["quality"][1][0] == ref["quality"] and rec["train_losses"][0][1] == ref["losses"]
+    assert rec["errors"][1][0] == ref["quality"]["loss"]
+    # the pilots trained: 8 steps end lower than 4, and both below the pre-trained model
+    for i in range(2):
+        assert rec["base_error"] > rec["errors"][0][i] > rec["errors"][1][i]
+    again = run_pilots(model, data, "lm", TC, "2,8", 8, heldout_samples=8, log=quiet)
+    assert again["errors"] == rec["errors"]
+
+
+def test_pilots_log_one_line_per_stage(data):
+    lines: list[str] = []
+    run_pilots(build_tiny("llama", "lm"), data, "lm", TC, "1,8", 8, log=lines.append)
+    assert len(lines) == 3 and "allowed pilots of 4 and 8 steps" in lines[0]
+    assert lines[1].startswith("pilot 1/2: top 1 blocks") and lines[2].startswith("pilot 2/2")
+    skipped: list[str] = []
+    tc = TrainConfig(steps=20, batch_size=2, nproc=2)
+    rec = run_pilots(build_tiny("llama", "lm"), data, "lm", tc, log=skipped.append)
+    assert "skipped" in rec and skipped == [f"pilots: skipped, {rec['skipped']}"]
 
 
 def test_pilots_and_critical_in_probe_json(tmp_path, data):
     model = build_tiny("llama", "lm")
     state = _state(model)
     result = run_probe(model, data, "lm", samples=16, progress=False)
-    record = run_pilots(
-        model,
-        data,
-        "lm",
-        depths="1,8",
-        steps=STEPS,
-        lr=LR,
-        batch_size=BATCH,
-        heldout_samples=8,
-        run_steps=100,
-    )
-    crit = run_critical(model, data, "lm", steps=STEPS, lr=LR, batch_size=BATCH)
+    long_run = TrainConfig(steps=3000, batch_size=2, nproc=2, lr=1e-3)  # room for 4 depths
+    record = run_pilots(model, data, "lm", long_run, probe_examples=16, log=quiet)
+    assert record["depths"] == [1, 2, 4, 8] and "skipped" not in record
+    crit = run_critical(model, data, "lm", TC, steps=3, log=quiet)
     assert _same(model, state)
-    assert record["depths"] == [1, 8] and len(record["gain"]) == 2
-    assert record["flops_total"] > sum(record["flops"])  # + the shared held-out pass
-    assert record["loss_before"][0] == record["loss_before"][1]
-    assert (record["train_examples"], record["heldout_examples"], record["run_steps"]) == (
-        40,
-        8,
-        100,
-    )
-    assert len(crit["l1"]) == len(crit["angular"]) == 8
+    assert len(crit["train_losses"]) == 3 and crit["batch_size"] == 4
     assert all(v > 0 for v in crit["l1"]) and all(0 < v < 0.5 for v in crit["angular"])
     attach(attach(result, "pilot", record), "critical", crit)
     assert result.timings["pilot_s"] == pytest.approx(sum(record["seconds"]))
@@ -127,20 +144,26 @@ def test_pilots_and_critical_in_probe_json(tmp_path, data):
     assert loaded.curves["pilot"] == record and loaded.curves["critical"] == crit
     plan = select_plan(loaded, "salf")
     assert (
-        plan.scores["estimator"] == "pilot" and plan.scores["pilot"]["measured"] == record["gain"]
+        plan.scores["estimator"] == "pilot"
+        and plan.scores["pilot"]["measured"] == (record["errors"])
     )
-    assert plan.scores["pilot_cost_fraction"] > 0
+    assert plan.scores["predicted"]["metric"] == "perplexity"
+    assert 0 < plan.scores["cost_fraction"] < 0.05
     ranked = sorted(range(8), key=lambda i: (-crit["l1"][i], -i))[:2]
     assert select_plan(loaded, "critical").trainable_blocks == sorted(ranked)
 
 
-def test_pilot_on_a_classifier():
+def test_classifier_pilots_measure_accuracy():
     model = build_tiny("bert", "classify", num_labels=3)
     g = torch.Generator().manual_seed(0)
     data = {
-        "input_ids": torch.randint(0, 250, (24, 12), generator=g),
-        "labels": torch.arange(24) % 3,
+        "input_ids": torch.randint(0, 250, (48, 12), generator=g),
+        "labels": torch.arange(48) % 3,
     }
-    train, held = split_calibration(data, 6)
-    r = run_pilot(model, train, held, "classify", depth=1, steps=2, lr=LR, batch_size=BATCH)
-    assert r["loss_before"] > 0 and r["gain"] == r["loss_before"] - r["loss_after"]
+    rec = run_pilots(model, data, "classify", TC, depths="1,2", heldout_samples=12, log=quiet)
+    assert rec["metric"] == "accuracy" and rec["base_error"] is None
+    for j in range(2):
+        for i in range(2):
+            q = rec["quality"][j][i]
+            assert q["examples"] == 12 and rec["errors"][j][i] == 1.0 - q["accuracy"]
+            assert q["accuracy"] * 12 == round(q["accuracy"] * 12)  # a count of 12 examples

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from lfdist.errors import UserError
@@ -11,7 +9,8 @@ from lfdist.plan import Plan, load_plan, save_plan
 from lfdist.probe import ProbeResult
 from lfdist.registry import strategy_names
 from lfdist.select import select_plan
-from lfdist.select.salf import trace_gain
+from lfdist.select.salf import trace_gain, within
+from lfdist.select.salf_fit import ALPHA_GRID, along_steps, fit_saturating, line_fit
 from tests import helpers
 
 L = 8
@@ -55,10 +54,13 @@ def test_top_bottom_all_random():
     assert trained(select_plan(p, "top", options={"n": 3})) == [5, 6, 7]
     assert trained(select_plan(p, "bottom", options={"n": 3})) == [0, 1, 2]
     assert trained(select_plan(p, "all")) == list(range(L))
-    drawn = random.Random(7).sample(range(L), 3)
+    # Python's random.Random(7).sample(range(8), 3) draws 5, 1, 3 (the same on every platform)
     plan = select_plan(p, "random", options={"n": 3, "seed": 7})
-    assert trained(plan) == sorted(drawn) and plan.options["seed"] == 7
-    assert trained(select_plan(p, "random", options={"n": 3, "seed": 7})) == sorted(drawn)  # seeded
+    assert trained(plan) == [1, 3, 5] and plan.options["seed"] == 7
+    assert trained(select_plan(p, "random", options={"n": 3, "seed": 7})) == [1, 3, 5]  # seeded
+    # a budget drops the last drawn first
+    assert trained(select_plan(p, "random", {"blocks": 2}, {"n": 3, "seed": 7})) == [1, 5]
+    assert trained(select_plan(p, "random", options={"n": 3, "seed": 8})) != [1, 3, 5]
 
 
 def test_gradnorm_picks_largest_ratios():
@@ -203,6 +205,138 @@ def test_salf_options_and_scores():
             select_plan(fake_probe(FALLING), "salf", options=options)
 
 
+# --- SALF, estimator pilot: the saturating law, the step extrapolation, the decision ---
+
+ALPHA = ALPHA_GRID[39]  # 0.05 * 1.1^39 = 2.0568, on the grid the fit searches
+
+
+def sat(n: int) -> float:
+    """A classifier's error after training the top n blocks: 0.05 + 0.2 n^-2.0568."""
+    return 0.05 + 0.2 * n**-ALPHA
+
+
+def pilot_record(errors, depths=(1, 2, 4, 8), lengths=(10,), run_steps=10, **extra) -> dict:
+    return {
+        "depths": list(depths),
+        "lengths": list(lengths),
+        "errors": [list(e) for e in errors],
+        "run_steps": run_steps,
+        "metric": "accuracy",
+        **extra,
+    }
+
+
+def salf_pilot(record, budget=None, **options):
+    plan = select_plan(helpers.fake_probe(pilot=record), "salf", budget, options)
+    assert plan.trainable_blocks == list(range(plan.boundary, L))
+    return plan
+
+
+def test_saturating_fit_recovers_the_law():
+    fit = fit_saturating([1, 2, 4, 8], [sat(n) for n in (1, 2, 4, 8)])
+    assert fit["alpha"] == ALPHA and fit["dof"] == 1
+    assert fit["l_inf"] == pytest.approx(0.05, abs=1e-12) and fit["B"] == pytest.approx(0.2)
+    assert fit["rss"] == pytest.approx(0.0, abs=1e-20)
+    # errors that rise with depth: B >= 0 keeps it flat at their mean
+    flat = fit_saturating([1, 2, 4], [0.1, 0.2, 0.3])
+    assert (flat["B"], flat["l_inf"]) == (0.0, pytest.approx(0.2))
+    assert flat["rss"] == pytest.approx(0.02)
+    assert line_fit([0.0, 1.0], [1.0, 3.0]) == (1.0, 2.0, 0.0)
+
+
+def test_along_steps_by_hand():
+    # lengths 4 and 16, run 64, gamma 0.5: reach = (1/4 - 1/8) / (1/2 - 1/4) = 0.5
+    errors = {4: [0.5, 0.4, 0.3], 16: [0.4, 0.32, 0.26]}
+    # deepest: 0.26 + (0.26 - 0.30) * 0.5 = 0.24; gaps 0.2 -> 0.14 -> 0.11; 0.1 -> 0.06 -> 0.04
+    assert along_steps(errors, [4, 16], 64) == pytest.approx([0.35, 0.28, 0.24])
+    # a gap that shrinks fast settles at 0, never below
+    assert along_steps({4: [0.9, 0.3], 16: [0.35, 0.26]}, [4, 16], 64) == pytest.approx(
+        [0.24, 0.24]
+    )
+    assert along_steps(errors, [16], 64) == [0.4, 0.32, 0.26]  # one length: read as measured
+    assert along_steps(errors, [4, 16], 16) == [0.4, 0.32, 0.26]  # the run is no longer
+
+
+def test_tolerance_in_the_users_metric():
+    assert within("lm", 2.0099, 2.0, 0.01) and not within("lm", 2.0100, 2.0, 0.01)  # ln 1.01
+    assert within("classify", 0.109, 0.1, 1.0) and not within("classify", 0.111, 0.1, 1.0)
+
+
+@pytest.mark.parametrize(
+    "tolerance,k",
+    [
+        # e(n) - e(8) = 0.2 (n^-2.0568 - 0.01389): n = 4: 0.0088, n = 3: 0.0181, n = 2: 0.0453
+        (None, 4),  # default 1 accuracy point: n = 4
+        (2.0, 5),  # n = 3
+        (5.0, 6),  # n = 2
+        (30.0, 6),  # n = 1 would do (0.197), but never L-1 unless forced
+        (0.0, 0),
+    ],
+)
+def test_salf_pilot_target_by_hand(tolerance, k):
+    options = {} if tolerance is None else {"tolerance": tolerance}
+    plan = salf_pilot(pilot_record([[sat(n) for n in (1, 2, 4, 8)]]), **options)
+    assert plan.boundary == k and plan.scores["estimator"] == "pilot"
+
+
+def test_salf_pilot_scores_and_interval():
+    from lfdist.report import plan_table
+
+    plan = salf_pilot(pilot_record([[sat(n) for n in (1, 2, 4, 8)]], noise=0.01))
+    pred = plan.scores["predicted"]
+    assert pred["metric"] == "accuracy" and plan.scores["tolerance"] == 1.0
+    assert pred["pick"] == pytest.approx(0.95 - 0.2 * 4**-ALPHA)  # 0.93846
+    assert pred["full"] == pytest.approx(0.95 - 0.2 * 8**-ALPHA)  # 0.94722
+    # the fit leaves no residual: the interval is 2 x the measurement noise 0.01
+    assert pred["pick_interval"] == pytest.approx([pred["pick"] - 0.02, pred["pick"] + 0.02])
+    assert plan.options["tolerance"] == 1.0 and plan.options["estimator"] == "pilot"
+    lines = plan_table(plan).splitlines()[-3:]
+    assert lines[1].startswith(
+        "salf (pilot): freezes 4 blocks; predicted end-of-run accuracy 93.8% (interval "
+        "91.8%..95.8%) vs full fine-tuning 94.7%, tolerance 1 accuracy point(s)"
+    )
+
+
+def test_salf_pilot_extrapolates_to_the_run():
+    # at 5 and 10 steps shallow pilots trail; their gaps shrink with steps (gamma 0.5: reach to
+    # 160 steps = (10^-.5 - 160^-.5) / (5^-.5 - 10^-.5) = 1.8107), so the run catches up
+    short = [0.30, 0.20, 0.12, 0.10]
+    longer = [0.20, 0.14, 0.09, 0.08]
+    record = pilot_record([short, longer], lengths=(5, 10), run_steps=160)
+    at_end = salf_pilot(record).scores["pilot"]["at_run_steps"]
+    deep = 0.08 - 0.02 * 1.8107
+    gaps = [0.12 - 0.08 * 1.8107, 0.06 - 0.04 * 1.8107, 0.01 - 0.01 * 1.8107]
+    assert at_end == pytest.approx([deep + max(0, g) for g in gaps] + [deep], abs=1e-4)
+    assert salf_pilot(record, run_steps=10).scores["pilot"]["at_run_steps"] == longer
+
+
+def test_salf_pilot_cost_fraction():
+    # 100 steps of one example; the pick (k = 4, top 4 blocks) costs 3200 per example-step
+    record = pilot_record(
+        [[sat(n) for n in (1, 2, 4, 8)]],
+        flops_total=10000.0,
+        probe_flops=6000.0,
+        global_batch=1,
+        run_flops_per_example=[4800, 4400, 4000, 3600, 3200, 2800, 2400, 2000],
+    )
+    plan = salf_pilot(record, run_steps=100)
+    assert plan.boundary == 4 and plan.scores["cost_fraction"] == pytest.approx(0.05)
+    assert plan.scores["probe_pilot_flops"] == 16000.0
+
+
+def test_salf_pilot_needs_pilots():
+    with pytest.raises(UserError, match="probe.pilots=true"):
+        select_plan(fake_probe(FALLING), "salf", options={"estimator": "pilot"})
+    skipped = helpers.fake_probe(FALLING, pilot={"skipped": "the 5% budget allows 2 steps"})
+    plan = select_plan(skipped, "salf")  # the trace, saying why
+    assert plan.scores["estimator"] == "trace" and plan.boundary == 4
+    assert plan.scores["pilot_skipped"] == "the 5% budget allows 2 steps"
+    with pytest.raises(UserError, match="the 5% budget allows 2 steps"):
+        select_plan(skipped, "salf", options={"estimator": "pilot"})
+    with pytest.raises(UserError, match="tolerance"):
+        salf_pilot(pilot_record([[0.1] * 4]), tolerance=-1)
+
+
 def test_plan_round_trip_with_predictions(tmp_path):
     plan = select_plan(fake_probe(FALLING, head=100), "salf", {"flops": 0.9}, COST)
     assert plan.predicted["flops_fraction"] <= 0.9
@@ -229,8 +363,11 @@ def test_report_table_and_plot(tmp_path):
         "score",
     ]
     assert lines[2].split()[:4] == ["0", "layers.0", "frozen", "100"]
-    assert lines[-1].startswith("strategy salf: 4/8 blocks train, backward stops at block 4")
-    assert "saves" in lines[-1]
+    assert lines[-2].startswith("strategy salf: 4/8 blocks train, backward stops at block 4")
+    assert "saves" in lines[-2]
+    assert lines[-1] == (
+        "salf (trace, forward only): freezes 4 blocks, keeping the share 1.000 of the trace's fall"
+    )
     assert "params" in plan_table(select_plan(probe, "top"))  # works without the probe too
     png = plot_plan(plan, str(tmp_path / "plan.png"), probe)
     with open(png, "rb") as f:

@@ -1,4 +1,4 @@
-"""salf-pilot, spafit, critical, lisa and mask on hand-built statistics, and the lora and mask
+"""spafit, critical, lisa and mask on hand-built statistics, and the lora and mask
 treatments on tiny models, where the right answer is known."""
 
 from __future__ import annotations
@@ -27,12 +27,10 @@ from lfdist.probe import ProbeResult
 from lfdist.registry import strategy_names
 from lfdist.select import select_plan
 from lfdist.select.lisa import lisa_blocks, lisa_treatments
-from lfdist.select.salf import fit_power_law, trace_slope
 from tests.helpers import fake_probe, make_plan
 
 L = 8
-FLAT = [1.0] * (L + 1)  # a trace that does not fall: no prior
-LINEAR = [float(L - i) for i in range(L + 1)]  # trace gain (8 - k)/8: log-log slope 1
+FLAT = [1.0] * (L + 1)  # a trace that does not fall
 FALLING = [4.0, 4.0, 4.0, 4.0, 4.0, 3.0, 2.0, 1.0, 0.0]  # trace salf picks k = 4
 FROZEN_MODULES = {"embeddings": "frozen", "final_norm": "frozen", "head": "frozen"}
 
@@ -43,113 +41,8 @@ def probe(deviation=FLAT, pilot=None, critical=None) -> ProbeResult:
     return fake_probe(deviation, pilot=pilot, critical=critical)
 
 
-def pilots(beta: float, depths=(1, 2, 4, 8), a: float = 0.1, flops: float = 0.0, run_steps=None):
-    return {
-        "depths": list(depths),
-        "gain": [a * n**beta for n in depths],
-        "flops_total": flops,
-        "run_steps": run_steps,
-    }
-
-
 def test_strategies_registered():
     assert {"critical", "lisa", "mask", "spafit"} <= set(strategy_names())
-
-
-# ---------------------------------------------------------------- salf, estimator pilot
-
-
-def salf_k(beta, budget=None, deviation=FLAT, **options) -> int:
-    plan = select_plan(probe(deviation, pilots(beta)), "salf", budget, options)
-    assert plan.scores["estimator"] == "pilot" and plan.options["estimator"] == "pilot"
-    assert plan.trainable_blocks == list(range(plan.boundary, L))
-    return plan.boundary
-
-
-@pytest.mark.parametrize(
-    "beta,options,k",
-    [
-        # target: largest k with ((8 - k)/8)^beta >= 1 - eps, i.e. n = 8 - k >= 8 (1 - eps)^(1/beta)
-        (0.5, {}, 0),  # n >= 7.68
-        (0.5, {"epsilon": 0.1}, 1),  # n >= 6.48
-        (0.5, {"epsilon": 0.3}, 4),  # n >= 3.92
-        (0.1, {}, 1),  # n >= 6.54
-        (0.1, {"epsilon": 0.1}, 5),  # n >= 2.79
-        (0.01, {"epsilon": 0.2}, 6),  # n >= 1.6e-9: k = 7 would do, but never L-1 unless forced
-        # ratio: G/C = A n^beta / ((4 + n)/12), maximal at n = 4 beta / (1 - beta)
-        (0.5, {"decision": "ratio"}, 4),  # n = 4: .25 beats n = 3: .2474 and n = 5: .2485
-        (0.8, {"decision": "ratio"}, 0),  # n* = 16 > 8
-    ],
-)
-def test_salf_pilot_decisions_by_hand(beta, options, k):
-    assert salf_k(beta, **options) == k
-
-
-def test_salf_pilot_budget_decision():
-    # flops (4 + n)/12 <= 0.5 -> n <= 2 -> k >= 6; G falls with k, so k = 6
-    assert salf_k(0.5, {"flops": 0.5}, decision="budget") == 6
-    assert salf_k(0.5, {"blocks": 3}, decision="budget") == 5
-    assert salf_k(0.5, {"blocks": 1}, decision="budget") == 7  # forced by the budget
-
-
-def test_salf_pilot_fit_and_scores():
-    plan = select_plan(probe(FLAT, pilots(0.5)), "salf")
-    fit = plan.scores["pilot"]
-    assert fit["beta"] == pytest.approx(0.5, rel=1e-9) and fit["A"] == pytest.approx(0.1, rel=1e-9)
-    assert fit["beta_prior"] is None  # the flat trace carries no shape
-    assert plan.scores["gain"] == pytest.approx([0.1 * (L - k) ** 0.5 for k in range(L)])
-    assert [b.score for b in plan.blocks] == pytest.approx(plan.scores["gain"])
-
-
-def test_default_estimator_follows_the_probe():
-    assert select_plan(probe(FALLING), "salf").scores["estimator"] == "trace"
-    assert select_plan(probe(FALLING, pilots(0.5)), "salf").scores["estimator"] == "pilot"
-    trace = select_plan(probe(FALLING, pilots(0.5)), "salf", options={"estimator": "trace"})
-    assert trace.scores["estimator"] == "trace" and trace.boundary == 4
-    with pytest.raises(UserError, match="pilot_steps"):
-        select_plan(probe(FALLING), "salf", options={"estimator": "pilot"})
-    with pytest.raises(UserError, match="prior_sd"):
-        select_plan(probe(FALLING, pilots(0.5)), "salf", options={"prior_sd": -1})
-
-
-def test_power_law_fit_with_the_trace_prior():
-    assert trace_slope(FLAT) is None
-    assert trace_slope(LINEAR) == pytest.approx(1.0)
-    # clean pilots keep their own slope: the residual is zero, the prior has no weight
-    clean = fit_power_law([1, 2, 4, 8], [0.1 * n**0.2 for n in (1, 2, 4, 8)], 1.0, 0.5)
-    assert clean["beta"] == pytest.approx(0.2, abs=1e-4)
-    # two pilots leave no residual: noise sigma^2 = 0.05 is assumed; Sxx = (ln 8)^2 / 2
-    two = fit_power_law([1, 8], [0.1, 0.1 * 8**0.2], 1.0, 0.5)
-    w_data, w_prior = math.log(8) ** 2 / 2 / 0.05, 1 / 0.25
-    assert two["beta"] == pytest.approx((w_data * 0.2 + w_prior * 1.0) / (w_data + w_prior))
-    assert fit_power_law([1, 8], [0.1, 0.1 * 8**0.2], 1.0, None)["beta"] == pytest.approx(0.2)
-    # gains falling with depth: beta is kept > 0
-    assert fit_power_law([1, 2, 4], [0.3, 0.2, 0.1], None, None)["beta"] == pytest.approx(1e-3)
-    # pilots that gained nothing are dropped; none left means no fit
-    assert fit_power_law([1, 2, 4], [-0.1, 0.2, 0.4], None, None)["points"] == 2
-    assert fit_power_law([1, 2], [0.0, -0.1], None, None)["A"] is None
-
-
-def test_no_pilot_gain_falls_back_to_the_trace():
-    p = probe(FALLING, {"depths": [1, 8], "gain": [-0.1, 0.0], "flops_total": 0.0})
-    plan = select_plan(p, "salf")
-    assert plan.boundary == 4 and "no pilot" in plan.scores["fallback"]
-
-
-def test_pilot_cost_fraction():
-    # one token per step (batch 1, seq 1, one rank): full FT costs 4800 FLOPs per step, the
-    # picked plan (k = 0) too; 100 steps -> 480000 FLOPs, the pilots 48000
-    cost = {"engine": "ddp", "batch_size": 1, "world_size": 1}
-    p = probe(FLAT, pilots(0.5, flops=48000.0))
-    plan = select_plan(p, "salf", options={**cost, "run_steps": 100})
-    assert plan.boundary == 0
-    assert plan.scores["pilot_cost_fraction"] == pytest.approx(0.1)
-    assert plan.scores["pilot_cost_full_steps"] == pytest.approx(10.0)
-    assert select_plan(p, "salf", options=cost).scores["pilot_cost_fraction"] is None
-    recorded = probe(FLAT, pilots(0.5, flops=48000.0, run_steps=50))
-    assert select_plan(recorded, "salf", options=cost).scores[
-        "pilot_cost_fraction"
-    ] == pytest.approx(0.2)
 
 
 # ---------------------------------------------------------------- spafit
@@ -256,9 +149,10 @@ def test_engine_support_checks():
     lisa_plan = make_plan(model, ["frozen"] * 6 + ["full"] * 2, strategy="lisa")
     with pytest.raises(UserError, match="DeepSpeed cannot"):
         check_engine_supports(lisa_plan, "deepspeed")
-    for engine in ("ddp", "fsdp2", "fsdp1", "single"):  # the re-drawing loop is not built yet
-        with pytest.raises(UserError, match="does not do yet"):
-            check_engine_supports(lisa_plan, engine)
+    with pytest.raises(UserError, match="FSDP1 cannot"):
+        check_engine_supports(lisa_plan, "fsdp1")
+    for engine in ("ddp", "fsdp2", "single"):  # the engines that re-draw (lfdist.train.redraw)
+        check_engine_supports(lisa_plan, engine)
     lora_plan = make_plan(model, ["frozen"] * 6 + ["lora"] * 2)
     with pytest.raises(UserError, match="fsdp1 cannot train the lora"):
         check_engine_supports(lora_plan, "fsdp1")
