@@ -66,16 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="load one block at a time (models larger than one device); with --orchestrator ray",
     )
     q.add_argument(
-        "--pilots",
-        action="store_true",
-        default=None,
-        help="salf pilot fine-tunes, sized to probe.pilot_budget (5%%) of the train.steps run",
-    )
-    q.add_argument(
         "--pilot-steps",
         type=int,
         default=None,
-        help="salf pilots of this many steps (and half as many) per depth, ignoring the budget",
+        help="salf pilot fine-tunes of this many steps per depth",
     )
     q.add_argument(
         "--critical-steps", type=int, default=None, help="all-block pilot for the critical strategy"
@@ -109,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("plan")
     show.add_argument("--probe", default=None, help="probe.json to plot the deviation trace from")
     show.add_argument("--png", default=None)
+    from lfdist.plan_cost import add_cost_parser
+
+    add_cost_parser(plsub)
 
     t = sub.add_parser("train", help="fine-tune with a plan on ddp, fsdp1, fsdp2 or deepspeed")
     _common_model_data(t)
@@ -223,7 +220,6 @@ def dispatch(args) -> int:
                     "gradnorm": args.gradnorm,
                     "ray_address": args.ray_address,
                     "stream_layers": args.stream_layers,
-                    "pilots": args.pilots,
                     "pilot_steps": args.pilot_steps,
                     "critical_steps": args.critical_steps,
                 }
@@ -244,6 +240,10 @@ def dispatch(args) -> int:
 
         print(plan_table(plan, load_probe(args.probe)))
         print(f"wrote {args.out}")
+    elif args.command == "plan" and args.plan_command == "cost":
+        from lfdist.plan_cost import run_cli
+
+        print(run_cli(args))
     elif args.command == "plan":
         from lfdist.plan import load_plan
         from lfdist.probe import load_probe

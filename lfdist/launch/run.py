@@ -1,20 +1,35 @@
 """Launch a training job: validate everything first (nothing is written on bad input), then
-write the job file and run torchrun or the deepspeed launcher."""
+lock the run folder, write the job file and run torchrun or the deepspeed launcher under
+supervision (signals forwarded, one line for however the job ended)."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 from lfdist.config import RunConfig
-from lfdist.errors import UserError
+from lfdist.errors import JobFailed, UserError
+from lfdist.job import Debug, new_job, raise_reported_error, read_metrics, read_reports, write_job
 from lfdist.launch.commands import Nodes, deepspeed_command, shell_line, torchrun_command
-from lfdist.launch.worker import raise_rank_error
+from lfdist.launch.folder import check_run_folder, clear_results, make_run_folder, run_lock
+from lfdist.launch.supervise import (
+    dead_rank,
+    kill_leftover_ranks,
+    launcher_log,
+    resume_command,
+    supervise,
+)
 
 
-def validate(cfg: RunConfig, plan_path: str, out: str, resume: bool) -> None:
-    """Every check a rank would fail on, done once up front in this process."""
+def validate(
+    cfg: RunConfig,
+    plan_path: str,
+    out: str,
+    resume: bool,
+    overwrite: bool = False,
+    world_size: int | None = None,
+) -> None:
+    """Every check a rank would fail on, done once up front in this process; writes nothing."""
     from lfdist.model.blocks import fingerprint
     from lfdist.model.treatments import check_engine_supports
     from lfdist.plan import load_plan
@@ -23,13 +38,12 @@ def validate(cfg: RunConfig, plan_path: str, out: str, resume: bool) -> None:
 
     plan = load_plan(plan_path)
     check_engine_supports(plan, cfg.train.engine)
-    has_run = latest_checkpoint(os.path.join(out, "checkpoints")) is not None
-    if has_run and not resume:
-        raise UserError(
-            f"output folder {out!r} already holds a run; pass --resume to continue it or choose another --out"
-        )
-    if resume and not has_run:
-        raise UserError(f"--resume: no checkpoint in {out!r}; drop --resume to start a new run")
+    world_size = world_size or cfg.train.nproc
+    checkpoint = latest_checkpoint(os.path.join(out, "checkpoints"))
+    check_run_folder(out, resume, overwrite, checkpoint is not None)
+    check_engine_config(cfg, world_size)
+    if resume:
+        check_resumable(checkpoint, cfg, world_size)
     prepared = prepare(cfg)
     plan.check_model(fingerprint(prepared.loaded.model))
     if not plan.trainable_blocks and all(v == "frozen" for v in plan.modules.values()):
@@ -40,6 +54,41 @@ def validate(cfg: RunConfig, plan_path: str, out: str, resume: bool) -> None:
         raise UserError(
             f"the training data has {n} examples but one global batch needs {global_batch}; "
             "use more data or a smaller train.batch_size"
+        )
+
+
+def check_engine_config(cfg: RunConfig, world_size: int) -> None:
+    """DeepSpeed config problems (missing, malformed, conflicting) before anything is written."""
+    if cfg.train.engine != "deepspeed":
+        return
+    from lfdist.engines.deepspeed import fill_config, read_config
+
+    fill_config(read_config(cfg.train), cfg.train, world_size, cfg.model.dtype)
+
+
+def check_resumable(folder: str, cfg: RunConfig, world_size: int) -> None:
+    """--resume on the world size and engine that wrote the checkpoint (its state.json)."""
+    try:
+        with open(os.path.join(folder, "state.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"checkpoint {folder!r} has no readable state.json ({e}); resume from an earlier one"
+        ) from None
+    engine = state.get("engine")
+    if engine is not None and engine != cfg.train.engine:
+        raise UserError(
+            f"checkpoint {folder!r} was written by engine {engine} but this run uses "
+            f"{cfg.train.engine}; resume with --engine {engine}"
+        )
+    written_by = state.get("world_size")
+    from lfdist.train.checkpoint import can_reshard
+
+    if written_by is not None and written_by != world_size and not can_reshard(cfg.train.engine):
+        raise UserError(
+            f"checkpoint {folder!r} was written by {written_by} ranks but this run has "
+            f"{world_size}; {cfg.train.engine} cannot reshard its checkpoint: resume with "
+            f"--nproc {written_by}"
         )
 
 
@@ -59,37 +108,58 @@ def launch_training(
     nodes: Nodes = Nodes(),
     evaluate: bool = True,
     validate_first: bool = True,
-    job_extra: dict | None = None,
+    debug: Debug | None = None,
+    overwrite: bool = False,
 ) -> dict | None:
+    """Validate, lock out/, write out/job.json, run the job; returns out/metrics.json.
+
+    Bad input raises UserError before anything is written; a job that fails, dies or is
+    stopped by a signal raises JobFailed with one line that says how, and how to resume.
+    """
     import torch
 
     cuda = torch.cuda.is_available()
-    job_path = os.path.join(out, "job.json")
-    argv, env = build_command(cfg, job_path, nodes, cuda)
+    argv, env = build_command(cfg, os.path.join(out, "job.json"), nodes, cuda)
     if dry_run:
         print(shell_line(argv, env))
         return None
+    world_size = cfg.train.nproc * nodes.nnodes
     if validate_first:
-        validate(cfg, plan_path, out, resume)
-    os.makedirs(out, exist_ok=True)
-    error_file = os.path.join(out, "error.txt")
-    if os.path.exists(error_file):
-        os.remove(error_file)
-    job = {
-        "config": cfg.to_dict(),
-        "plan": os.path.abspath(plan_path),
-        "out": os.path.abspath(out),
-        "resume": resume,
-        "evaluate": evaluate,
-        **(job_extra or {}),
-    }
-    with open(job_path, "w") as f:
-        json.dump(job, f, indent=1)
-    proc = subprocess.run(argv, env={**os.environ, **env})
-    raise_rank_error(error_file)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"training failed with exit code {proc.returncode}; see the rank output above"
+        validate(cfg, plan_path, out, resume, overwrite, world_size)
+    make_run_folder(out)
+    with run_lock(out) as lock_fd:
+        if overwrite:
+            clear_results(out)
+        write_job(new_job(cfg, plan_path, out, resume, evaluate, debug))
+        ended = supervise(argv, {**os.environ, **env}, out, pass_fds=(lock_fd,))
+        kill_leftover_ranks(out)
+    first = nodes.node_rank * cfg.train.nproc
+    check_ended(out, ended.returncode, ended.signal, range(first, first + cfg.train.nproc))
+    return read_metrics(out)
+
+
+def check_ended(out: str, returncode: int, signum: int | None, ranks: range) -> None:
+    """Raise the one line that says how a job ended, if not well."""
+    from lfdist.job import signal_name
+
+    if signum is not None:
+        stopped = [r for r in read_reports(out) if r.kind == "stopped"]
+        saved = f"; {stopped[0].message}" if stopped else ""
+        raise JobFailed(
+            f"stopped by {signal_name(signum)}{saved}; continue with: {resume_command()}",
+            exit_code=128 + signum,
         )
-    with open(os.path.join(out, "metrics.json")) as f:
-        return json.load(f)
+    raise_reported_error(out)
+    if returncode == 0:
+        return
+    died = dead_rank(out, ranks)
+    if died is not None:
+        rank, how = died
+        raise JobFailed(
+            f"rank {rank} {how}; its output is in {os.path.join(out, 'logs', f'rank-{rank}.log')}"
+            f"; continue from the last checkpoint with: {resume_command()}"
+        )
+    raise JobFailed(
+        f"the launcher exited with code {returncode} and no rank reported why; see "
+        f"{launcher_log(out)}"
+    )

@@ -2,14 +2,24 @@
 they all export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
 
 Usage (built by lfdist.launch.commands): python -m lfdist.launch.worker JOB.json
+
+Under torchrun and deepspeed (main()), the rank also
+- writes all its output to out/logs/rank-N.log (rank 0's prints also reach the terminal), so a
+  traceback stays in the run folder and never buries the launcher's one line;
+- exits when its launcher is gone (PR_SET_PDEATHSIG), and treats SIGTERM/SIGINT as a request
+  to stop at the next step boundary with a checkpoint (lfdist.job.request_stop);
+- reports what ended it through out/error.txt (lfdist.job's error protocol).
 """
 
 from __future__ import annotations
 
-import json
 import os
+import signal
 import sys
+import time
 import traceback
+
+from lfdist.job import Job, rank_log, read_job, request_stop, write_report
 
 
 def _world():
@@ -37,58 +47,88 @@ def _world():
     return World(rank, world_size, local_rank, device)
 
 
-def run_job(job: dict) -> None:
+def run_job(job: Job) -> None:
     from lfdist.train.job import run_training
 
     run_training(job, _world())
 
 
+def report_failure(job: Job, rank: int, e: BaseException) -> int:
+    """Write this rank's report of `e` (its traceback goes to stderr); returns the exit code."""
+    from lfdist.errors import UserError
+
+    if isinstance(e, UserError):
+        write_report(job.out, rank, "user", str(e))
+        return 2
+    traceback.print_exc()
+    write_report(job.out, rank, "crash", f"{type(e).__name__}: {e}")
+    return 1
+
+
+class _Tee:
+    """Rank 0's stdout: the terminal and the rank's log file."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self):
+        for s in self.streams:
+            s.flush()
+
+    def isatty(self):
+        return False
+
+    def fileno(self):
+        return self.streams[-1].fileno()
+
+
+def _log_to_file(out: str, rank: int) -> None:
+    """Point this process's stdout and stderr (Python's and the C runtime's) at its log."""
+    path = rank_log(out, rank)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    log = open(path, "a", buffering=1)  # noqa: SIM115 — lives as long as the process
+    log.write(f"=== rank {rank} pid {os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    terminal = os.fdopen(os.dup(1), "w", buffering=1) if rank == 0 else None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = _Tee(terminal, log) if terminal is not None else log
+    sys.stderr = log
+
+
+def _watch_launcher() -> None:
+    from lfdist.launch.supervise import die_with_parent
+
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() == 1:  # the launcher died before the request above took effect
+        os._exit(1)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, request_stop)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    with open(argv[0]) as f:
-        job = json.load(f)
+    job = read_job(argv[0])
+    rank = int(os.environ.get("RANK", 0))
+    _log_to_file(job.out, rank)
+    _watch_launcher()
     code = 0
     try:
         run_job(job)
     except Exception as e:  # noqa: BLE001 — every failure must end this rank cleanly
-        from lfdist.errors import UserError
-
-        code = 2 if isinstance(e, UserError) else 1
-        rank = int(os.environ.get("RANK", 0))
-        if isinstance(e, UserError):
-            if rank == 0:
-                print(f"lfdist: error: {e}", file=sys.stderr)
-                write_error(job, str(e))
-        else:
-            traceback.print_exc()
-            write_error(job, f"CRASH rank {rank}: {type(e).__name__}: {e}")
+        code = report_failure(job, rank, e)
     _shutdown(ok=code == 0)
     sys.stdout.flush()
     sys.stderr.flush()
     # gloo can abort at interpreter exit ("terminate called without an active exception"),
     # which makes torchrun report a failure after a good run: leave without the teardown.
     os._exit(code)
-
-
-def write_error(job: dict, message: str) -> None:
-    """Ranks report failures through out/error.txt; a crash (not bad input) starts with CRASH."""
-    try:
-        with open(os.path.join(job["out"], "error.txt"), "a") as f:
-            f.write(message + "\n")
-    except OSError:
-        pass
-
-
-def raise_rank_error(error_file: str) -> None:
-    """In the launching process: turn what a rank wrote into the right exception, if anything."""
-    from lfdist.errors import UserError
-
-    if os.path.exists(error_file):
-        with open(error_file) as f:
-            message = f.read().strip().splitlines()[0]
-        if message.startswith("CRASH"):
-            raise RuntimeError(f"training failed: {message}")
-        raise UserError(message)
 
 
 def _shutdown(ok: bool) -> None:

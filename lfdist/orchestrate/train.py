@@ -3,21 +3,20 @@
 Ray only schedules and exports the torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT) and opens the process group (gloo on CPU, nccl on GPU); every worker then runs the
 same `lfdist.launch.worker.run_job` -> `lfdist.train.job.run_training` as under torchrun or the
-deepspeed launcher, so FSDP2, DeepSpeed and the rest behave the same. Validation, the job file
-and the result files (out/job.json, out/metrics.json, out/error.txt) are those of
+deepspeed launcher, so FSDP2, DeepSpeed and the rest behave the same. Validation, the run
+folder's lock and the job, result and error files (lfdist.job) are those of
 `lfdist.launch.run.launch_training`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-import traceback
 
 from lfdist.config import RunConfig
-from lfdist.errors import UserError
+from lfdist.errors import JobFailed, UserError
+from lfdist.job import Debug, Job, new_job, raise_reported_error, read_metrics, write_job
 
 
 def ray_train(
@@ -25,17 +24,19 @@ def ray_train(
     plan_path: str,
     out: str,
     resume: bool = False,
-    job_extra: dict | None = None,
+    debug: Debug | None = None,
     evaluate: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Train `plan_path` as cfg says on `cfg.train.nproc` Ray Train workers; returns metrics.json.
 
     Joins `cfg.probe.ray_address` / RAY_ADDRESS when given, else starts a local Ray for the run.
     """
+    from lfdist.launch.folder import clear_results, make_run_folder, run_lock
     from lfdist.launch.run import validate
     from lfdist.orchestrate.cluster import ray_session
 
-    validate(cfg, plan_path, out, resume)  # nothing is written on bad input
+    validate(cfg, plan_path, out, resume, overwrite)  # nothing is written on bad input
     nproc = cfg.train.nproc
     failure = None
     with ray_session(cfg.probe.ray_address, num_cpus=max(os.cpu_count() or 1, nproc)) as res:
@@ -47,36 +48,21 @@ def ray_train(
                 f"the Ray cluster has {have:g} {kind} but train.nproc={nproc} workers need "
                 f"{nproc}; lower train.nproc or add nodes"
             )
-        job, error_file = _write_job(cfg, plan_path, out, resume, evaluate, job_extra)
-        try:
-            _trainer(cfg, job, use_gpu).fit()
-        except Exception as e:  # noqa: BLE001 — the ranks' own error file says more, read below
-            failure = e
-    _raise_rank_error(error_file, failure)
-    with open(os.path.join(out, "metrics.json")) as f:
-        return json.load(f)
+        make_run_folder(out)
+        with run_lock(out):
+            if overwrite:
+                clear_results(out)
+            job = new_job(cfg, plan_path, out, resume, evaluate, debug)
+            write_job(job)
+            try:
+                _trainer(cfg, job, use_gpu).fit()
+            except Exception as e:  # noqa: BLE001 — the ranks' own reports say more, read below
+                failure = e
+    _raise_rank_error(out, failure)
+    return read_metrics(out)
 
 
-def _write_job(cfg, plan_path, out, resume, evaluate, job_extra) -> tuple[dict, str]:
-    """out/job.json in launch_training's layout; a stale error file from a last run removed."""
-    os.makedirs(out, exist_ok=True)
-    error_file = os.path.join(out, "error.txt")
-    if os.path.exists(error_file):
-        os.remove(error_file)
-    job = {
-        "config": cfg.to_dict(),
-        "plan": os.path.abspath(plan_path),
-        "out": os.path.abspath(out),
-        "resume": resume,
-        "evaluate": evaluate,
-        **(job_extra or {}),
-    }
-    with open(os.path.join(out, "job.json"), "w") as f:
-        json.dump(job, f, indent=1)
-    return job, error_file
-
-
-def _trainer(cfg: RunConfig, job: dict, use_gpu: bool):
+def _trainer(cfg: RunConfig, job: Job, use_gpu: bool):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -88,12 +74,12 @@ def _trainer(cfg: RunConfig, job: dict, use_gpu: bool):
     env = base_env(tc.nproc, tc.engine, cuda=use_gpu)
     return TorchTrainer(
         _train_worker,
-        train_loop_config={"job": job, "cwd": os.getcwd()},
+        train_loop_config={"job": job.to_dict(), "cwd": os.getcwd()},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=tc.nproc, use_gpu=use_gpu),
         run_config=RunConfig(
             name=f"ray-train-{time.strftime('%Y%m%d-%H%M%S')}",  # Ray Train's own run folder
-            storage_path=os.path.join(job["out"], "ray"),
+            storage_path=os.path.join(job.out, "ray"),
             failure_config=FailureConfig(max_failures=0),  # lfdist resumes from its own checkpoints
             worker_runtime_env={"env_vars": env},
         ),
@@ -104,20 +90,16 @@ def _train_worker(config: dict) -> None:
     """One Ray Train worker = one rank. Ray has opened the process group already."""
     import torch.distributed as dist
 
-    from lfdist.launch.worker import run_job, write_error
+    from lfdist.launch.worker import report_failure, run_job
 
-    job = config["job"]
+    job = Job.from_dict(config["job"])
     rank = int(os.environ.get("RANK", 0))
     if os.path.isdir(config["cwd"]):  # Ray Train moves workers to its own folder; relative data
         os.chdir(config["cwd"])  # and DeepSpeed config paths mean the driver's, as under torchrun
     try:
         run_job(job)
     except Exception as e:
-        if not isinstance(e, UserError):
-            traceback.print_exc()
-            write_error(job, f"CRASH rank {rank}: {type(e).__name__}: {e}")
-        elif rank == 0:
-            write_error(job, str(e))
+        report_failure(job, rank, e)
         raise
     # The gloo exit rule (SPEC 8), as Ray Train needs it: end every rank together and close the
     # group here. No os._exit: Ray Train must see this function return; it then stops the worker
@@ -129,13 +111,11 @@ def _train_worker(config: dict) -> None:
     sys.stderr.flush()
 
 
-def _raise_rank_error(error_file: str, failure: Exception | None) -> None:
-    from lfdist.launch.worker import raise_rank_error
-
-    raise_rank_error(error_file)
+def _raise_rank_error(out: str, failure: Exception | None) -> None:
+    raise_reported_error(out)
     if failure is not None:
         first = str(failure).strip().splitlines()
-        raise RuntimeError(
+        raise JobFailed(
             f"training under Ray Train failed: {type(failure).__name__}: "
             f"{first[0] if first else ''}"
         ) from failure

@@ -13,9 +13,9 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from lfdist.config import config_from_dict
 from lfdist.engines import build_engine
 from lfdist.errors import UserError
+from lfdist.job import Fault, Job, signal_name, stop_requested, write_report
 from lfdist.model.apply import apply_plan
 from lfdist.model.blocks import find_blocks
 from lfdist.model.checkpointing import checkpoint_trainable_blocks
@@ -36,22 +36,22 @@ def _gather(obj) -> list:
     return out
 
 
-def run_training(job: dict, world) -> None:
-    cfg = config_from_dict(job["config"])
+def run_training(job: Job, world) -> None:
+    cfg = job.config
     tc = cfg.train
-    out = job["out"]
+    out = job.out
     ckpt_root = os.path.join(out, "checkpoints")
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
 
     prepared = prepare(cfg)
     model = prepared.loaded.model
-    plan = load_plan(job["plan"])
+    plan = load_plan(job.plan)
     applied = apply_plan(model, plan)
     tracer = BackwardTracer(find_blocks(model).blocks(model))
     frozen_before = (
         _digest({n: p for n, p in model.named_parameters() if not p.requires_grad})
-        if job.get("check_frozen")
+        if job.debug.check_frozen
         else None
     )
     checkpointed = checkpoint_trainable_blocks(model) if tc.activation_checkpointing else []
@@ -64,7 +64,7 @@ def run_training(job: dict, world) -> None:
     )
 
     start = 0
-    if job.get("resume"):
+    if job.resume:
         folder = latest_checkpoint(ckpt_root)
         if folder is not None:
             start = load_checkpoint(folder, engine, world)["step"]
@@ -77,16 +77,16 @@ def run_training(job: dict, world) -> None:
             "model": dataclasses.asdict(cfg.model),
             "num_labels": int(getattr(model.config, "num_labels", 2)),
         }
-        save_checkpoint(ckpt_root, step, engine, world, job["plan"], extra)
+        save_checkpoint(ckpt_root, step, engine, world, job.plan, extra)
 
-    do_eval = job.get("evaluate", True) and len(prepared.heldout.get("input_ids", []))
+    do_eval = job.evaluate and len(prepared.heldout.get("input_ids", []))
     # The base model's quality on the same held-out set: the reference the run is judged by.
     before = (
         evaluate(engine.model, prepared.heldout, cfg.model.task, tc.batch_size, world.device)
         if do_eval and start == 0
         else None
     )
-    last = min(tc.steps, job.get("stop_after") or tc.steps)  # stop_after: a simulated preemption
+    last = min(tc.steps, job.debug.stop_after or tc.steps)  # a simulated preemption
     result = train_loop(
         engine,
         feeder,
@@ -96,10 +96,22 @@ def run_training(job: dict, world) -> None:
         save,
         tracer,
         before_micro=cache.select if cache else None,
+        stop=_step_boundary(job, world),
     )
     tracer.remove()
-    save(last)
-    frozen_after = _digest(engine.full_frozen_state()) if job.get("check_frozen") else None
+    done = start + len(result["losses"])
+    stopped = done < last  # the loop ends early only where every rank agreed to stop
+    if not (stopped and done == start and start > 0):  # else that checkpoint exists already
+        save(done)
+    if stopped and world.is_main:
+        write_report(
+            out,
+            world.rank,
+            "stopped",
+            f"checkpoint after step {done} in {os.path.join(ckpt_root, f'step-{done:06d}')}",
+        )
+    do_eval = do_eval and not stopped  # a stopped job ends as soon as it can
+    frozen_after = _digest(engine.full_frozen_state()) if job.debug.check_frozen else None
     memory = peak_memory_bytes(world.device)
     per_rank = _gather({"rank": world.rank, **result["counts"], "memory": memory})
     quality = None
@@ -133,9 +145,47 @@ def run_training(job: dict, world) -> None:
             "checkpointed_blocks": checkpointed,
             "prefix_cache": {"hits": cache.hits, "misses": cache.misses} if cache else None,
             "frozen_digest": {"before": frozen_before, "after": frozen_after},
-            "comms": engine.comm_volume() if hasattr(engine, "comm_volume") else None,
+            "comms": engine.comm_volume(),
+            "stopped": {"step": done, "signal": _stop_signal()} if stopped else None,
         }
         _merge_metrics(os.path.join(out, "metrics.json"), metrics)
+
+
+def _step_boundary(job: Job, world):
+    """Called before each step: fires the faults a test injected into this rank, and says
+    whether to stop, which every rank agrees on (one all-reduce), so all stop at one step."""
+    faults = [f for f in job.debug.inject_faults if f.rank in (None, world.rank)]
+
+    def at(step: int) -> bool:
+        for fault in faults:
+            _fire(fault, step, world.rank)
+        flag = torch.tensor([1 if stop_requested() else 0], device=world.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    return at
+
+
+def _stop_signal() -> str:
+    signum = stop_requested()
+    return signal_name(signum) if signum else "a stop request on another rank"
+
+
+def _fire(fault: Fault, step: int, rank: int) -> None:
+    import signal
+    import time
+
+    if fault.kind == "sleep" and step >= fault.step:
+        time.sleep(fault.seconds)
+    elif step != fault.step:
+        return
+    elif fault.kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif fault.kind == "crash":
+        raise RuntimeError(f"injected crash on rank {rank} at step {step}")
+    elif fault.kind == "user":
+        raise UserError(f"injected bad input on rank {rank} at step {step}")
 
 
 def _prefix_cache(model, plan, prepared, cfg):

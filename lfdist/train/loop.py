@@ -31,6 +31,7 @@ def train_loop(
     tracer=None,
     log: Callable[[str], None] = print,
     before_micro: Callable | None = None,
+    stop: Callable[[int], bool] | None = None,
 ) -> dict:
     """Runs steps start_step..cfg.steps-1. Returns per-step losses, times and first-step counts."""
     losses, times, counts = {}, [], {}
@@ -38,6 +39,8 @@ def train_loop(
     scale = 1.0 / cfg.grad_accum
     progress = _progress(cfg.steps, start_step, world)
     for step in range(start_step, cfg.steps):
+        if stop is not None and stop(step):  # e.g. SIGTERM: every rank stops at this step
+            break
         t0 = time.perf_counter()
         micro_losses = []
         for idx, batch in zip(feeder.micro_indices(step), feeder.micro_batches(step, world.device)):
