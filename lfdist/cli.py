@@ -66,10 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="load one block at a time (models larger than one device); with --orchestrator ray",
     )
     q.add_argument(
+        "--pilots",
+        action="store_true",
+        default=None,
+        help="salf pilot fine-tunes, sized to probe.pilot_budget (5%%) of the train.steps run",
+    )
+    q.add_argument(
         "--pilot-steps",
         type=int,
         default=None,
-        help="salf pilot fine-tunes of this many steps per depth",
+        help="salf pilots of this many steps (and half as many) per depth, ignoring the budget",
     )
     q.add_argument(
         "--critical-steps", type=int, default=None, help="all-block pilot for the critical strategy"
@@ -220,6 +226,7 @@ def dispatch(args) -> int:
                     "gradnorm": args.gradnorm,
                     "ray_address": args.ray_address,
                     "stream_layers": args.stream_layers,
+                    "pilots": args.pilots,
                     "pilot_steps": args.pilot_steps,
                     "critical_steps": args.critical_steps,
                 }
