@@ -45,9 +45,7 @@ def ray_pilots(
         PILOT_BUDGET,
         assemble_pilots,
         global_batch,
-        pilot_depths,
-        plan_pilots,
-        split_calibration,
+        size_pilots,
         stderr_log,
     )
     from lfdist.probe.run import model_info
@@ -55,24 +53,10 @@ def ray_pilots(
 
     tc, task = cfg.train, cfg.model.task
     m = model_spec(cfg)
-    train, heldout = split_calibration(data, heldout_samples or HELDOUT_SAMPLES)
-    n_train, n_held = int(train["input_ids"].shape[0]), int(heldout["input_ids"].shape[0])
-    seq_len = int(data["input_ids"].shape[1])
     base_model = load_replica(m, "cpu")
+    sizing = (depths, steps, budget or PILOT_BUDGET, heldout_samples or HELDOUT_SAMPLES)
     info = model_info(base_model, task)
-    plan = plan_pilots(
-        info,
-        tc,
-        seq_len,
-        n_train,
-        n_held,
-        probe_examples,
-        pilot_depths(depths, info["n_blocks"]),
-        budget or PILOT_BUDGET,
-        steps,
-    )
-    extra = {"train_examples": n_train, "heldout_examples": n_held, "seq_len": seq_len}
-    extra.update(run_steps=tc.steps, lr=tc.lr, seed=tc.seed)
+    plan, train, heldout, extra = size_pilots(info, data, task, tc, *sizing, probe_examples)
     if plan.get("skipped"):
         stderr_log(f"pilots: skipped, {plan['skipped']}")
         return {**plan, **extra, "seconds": [0.0]}

@@ -34,7 +34,8 @@ from lfdist.probe.run import _check_data, model_info
 PILOT_BUDGET = 0.05  # probe + pilots as a share of the cheapest run salf may pick
 MIN_STEPS = 4  # the longer pilot; the shorter is half of it
 CRITICAL_STEPS = 50
-HELDOUT_SAMPLES = 64  # held-out calibration examples each pilot is scored on
+HELDOUT_SAMPLES = 64  # held-out calibration examples each pilot is scored on, at most
+MIN_HELDOUT = 16
 
 ModelLike = nn.Module | Callable[[], nn.Module]
 Log = Callable[[str], None]
@@ -115,19 +116,21 @@ def plan_pilots(
     info: dict,
     tc,
     seq_len: int,
-    n_train: int,
+    n_examples: int,
     n_heldout: int,
     probe_examples: int,
     depths: list[int],
     budget: float = PILOT_BUDGET,
     steps: int | None = None,
 ) -> dict:
-    """Which depths and lengths the budget allows: probe + pilots at most `budget` of the run
-    that trains the fewest blocks salf may pick (2; 1 on a 1-block model).
+    """Which depths, lengths and held-out examples the budget allows: probe + pilots at most
+    `budget` of the run that trains the fewest blocks salf may pick (2; 1 on a 1-block model).
 
-    `steps`: an explicit longer length (the budget is then reported, not enforced).
-    Depths are dropped from the middle (the deepest, 1 and one between are kept) before the
-    pilots get shorter than MIN_STEPS; with nothing left, `skipped` says why.
+    `n_examples`: the calibration examples (held-out ones included); `n_heldout`: the most
+    held-out examples. `steps`: an explicit longer length (the budget is reported, not enforced).
+    Before the pilots get shorter than MIN_STEPS, depths are dropped from the middle (1, the
+    deepest and one between stay), then the held-out set halves down to MIN_HELDOUT; with
+    nothing left, `skipped` says why.
     """
     L = info["n_blocks"]
     flops = example_flops(info, seq_len)
@@ -135,27 +138,29 @@ def plan_pilots(
     cheapest = flops["train"][max(0, L - 2)]
     allowed = budget * tc.steps * gb * cheapest
     probe = probe_examples * flops["forward"]
-    evals = n_heldout * flops["forward"]  # one held-out pass
-    left = allowed - probe - evals  # the pre-trained model's held-out quality, measured once
-    depths = list(depths)
 
-    def cost(ds: list[int], s2: int) -> float:
-        s = s2 + s2 // 2
-        return sum(s * gb * flops["train"][L - n] + 2 * evals for n in ds)
+    def cost(ds: list[int], s2: int, held: int) -> float:  # + the pre-trained model's pass
+        train = (s2 + s2 // 2) * gb * sum(flops["train"][L - n] for n in ds)
+        return train + (2 * len(ds) + 1) * held * flops["forward"]
 
-    def longest(ds: list[int]) -> int:
-        per_step = 1.5 * sum(gb * flops["train"][L - n] for n in ds)
-        return int((left - 2 * evals * len(ds)) // per_step) if per_step > 0 else 0
+    def longest(ds: list[int], held: int) -> int:
+        per_step = 1.5 * gb * sum(flops["train"][L - n] for n in ds)
+        return int((allowed - probe - cost(ds, 0, held)) // per_step)
 
+    depths, held = list(depths), min(n_heldout, max(1, n_examples // 4))
     if steps is None:
-        while longest(depths) < MIN_STEPS and len(depths) > 3:
+        while longest(depths, held) < MIN_STEPS and len(depths) > 3:
             depths.pop(len(depths) // 2)  # keep the shallowest and deepest ends
-        s2 = min(longest(depths), tc.steps)
+        while longest(depths, held) < MIN_STEPS and held // 2 >= MIN_HELDOUT:
+            held //= 2
+        s2 = min(longest(depths, held), tc.steps)
     else:
         s2 = steps
-    if gb > n_train:
-        skipped = f"one global batch ({gb}) needs more than the {n_train} calibration examples"
-        s2 = 0
+    if gb > n_examples - held:
+        skipped = (
+            f"one global batch ({gb}) needs more than the {n_examples - held} calibration "
+            "examples left for training"
+        )
     elif s2 < (2 if steps else MIN_STEPS):
         skipped = (
             f"the {budget:.0%} budget of a {tc.steps}-step run allows pilots of {max(s2, 0)} "
@@ -164,23 +169,24 @@ def plan_pilots(
     else:
         skipped = None
     lengths = [] if skipped else [s2 // 2, s2]
-    pilots = evals + (cost(depths, s2) if lengths else 0.0)
-    spent = probe + pilots
+    pilots = cost(depths, s2, held) if lengths else 0.0
     plan = {
         "depths": depths,
         "lengths": lengths,
+        "heldout_examples": held,
         "budget": budget,
         "probe_flops": probe,
         "flops_total": pilots,  # the pilots and their held-out passes
         "run_flops_per_example": flops["train"],
         "global_batch": gb,
-        "planned_fraction": spent / (tc.steps * gb * cheapest),
+        "planned_fraction": (probe + pilots) / (tc.steps * gb * cheapest),
     }
     if skipped:
         return {**plan, "skipped": skipped, "budget_note": f"no pilots: {skipped}"}
     note = (
         f"the {budget:.0%} budget of a {tc.steps}-step run allowed pilots of "
-        f"{lengths[0]} and {lengths[1]} steps at depths {','.join(map(str, depths))}"
+        f"{lengths[0]} and {lengths[1]} steps at depths {','.join(map(str, depths))}, "
+        f"scored on {held} held-out examples"
     )
     return {**plan, "budget_note": note}
 
@@ -227,7 +233,7 @@ def assemble_pilots(results: list[dict], plan: dict, task: str, base: dict, extr
     """The `curves["pilot"]` record from per-depth `run_depth` results (any order)."""
     results = sorted(results, key=lambda r: r["depth"])
     lengths = plan["lengths"]
-    held = int(extra["heldout_examples"])
+    held = int(plan["heldout_examples"])
     deepest = _error(task, results[-1]["quality"][-1])
     # Binomial spread of an accuracy on `held` examples; the loss gets its spread from the fit.
     noise = math.sqrt(max(deepest * (1 - deepest), 0.0) / held) if task == "classify" else 0.0
@@ -243,6 +249,29 @@ def assemble_pilots(results: list[dict], plan: dict, task: str, base: dict, extr
         "noise": noise,
         "seconds": [r["seconds"] for r in results],
     }
+
+
+def size_pilots(
+    info: dict,
+    data: dict[str, torch.Tensor],
+    task: str,
+    tc,
+    depths: str | list[int],
+    steps: int | None,
+    budget: float,
+    heldout_samples: int,
+    probe_examples: int,
+) -> tuple[dict, dict, dict, dict]:
+    """(plan_pilots' plan, pilot training data, held-out data, the record's run facts)."""
+    data = _check_data(data, task, info["num_labels"])
+    spec = depths if isinstance(depths, str) else ",".join(map(str, depths))
+    n, seq_len = int(data["input_ids"].shape[0]), int(data["input_ids"].shape[1])
+    ds = pilot_depths(spec, info["n_blocks"])
+    plan = plan_pilots(info, tc, seq_len, n, heldout_samples, probe_examples, ds, budget, steps)
+    train, heldout = split_calibration(data, plan["heldout_examples"])
+    extra = {"train_examples": int(train["input_ids"].shape[0]), "seq_len": seq_len}
+    extra.update(run_steps=tc.steps, lr=tc.lr, seed=tc.seed)
+    return plan, train, heldout, extra
 
 
 def run_pilots(
@@ -264,16 +293,8 @@ def run_pilots(
     """
     model = _materialize(model)
     info = model_info(model, task)
-    L = info["n_blocks"]
-    spec = depths if isinstance(depths, str) else ",".join(map(str, depths))
-    train, heldout = split_calibration(_check_data(data, task, info["num_labels"]), heldout_samples)
-    n_train, n_held = int(train["input_ids"].shape[0]), int(heldout["input_ids"].shape[0])
-    seq_len = int(data["input_ids"].shape[1])
-    plan = plan_pilots(
-        info, tc, seq_len, n_train, n_held, probe_examples, pilot_depths(spec, L), budget, steps
-    )
-    extra = {"train_examples": n_train, "heldout_examples": n_held, "seq_len": seq_len}
-    extra.update(run_steps=tc.steps, lr=tc.lr, seed=tc.seed)
+    sizing = (depths, steps, budget, heldout_samples, probe_examples)
+    plan, train, heldout, extra = size_pilots(info, data, task, tc, *sizing)
     if plan.get("skipped"):
         log(f"pilots: skipped, {plan['skipped']}")
         return {**plan, **extra, "seconds": [0.0]}

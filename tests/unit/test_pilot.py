@@ -85,11 +85,21 @@ def test_plan_pilots_by_hand():
     assert plan["flops_total"] == 6400 + 6 * 9200 + 6 * 6400  # 100000
     assert plan["probe_flops"] == 16000
     assert plan["planned_fraction"] == pytest.approx(116000 / 2_400_000)
-    assert "allowed pilots of 2 and 4 steps at depths 1,2,8" in plan["budget_note"]
+    assert (
+        "allowed pilots of 2 and 4 steps at depths 1,2,8, scored on 4 held-out"
+        in (plan["budget_note"])
+    )
     short = plan_pilots(INFO, TrainConfig(steps=100, batch_size=1, nproc=1), 1, 100, 4, 10, [1, 8])
     assert short["lengths"] == [] and "fewer than 4" in short["skipped"]
     explicit = plan_pilots(INFO, tc, 1, 100, 4, 10, [1, 8], steps=10)
     assert explicit["lengths"] == [5, 10] and "skipped" not in explicit
+    # 3000 steps allow 360000; 3 pilots at 64 held-out examples pay 7 x 64 x 1600 = 716800 for
+    # their held-out passes alone, at 32 still 358400; at 16: (360000 - 179200) / 13800 -> 13
+    halved = plan_pilots(
+        INFO, TrainConfig(steps=3000, batch_size=1, nproc=1), 1, 400, 64, 0, [1, 2, 8]
+    )
+    assert (halved["heldout_examples"], halved["lengths"]) == (16, [6, 13])
+    assert halved["depths"] == [1, 2, 8]
 
 
 def test_pilots_are_the_runs_own_step_and_restore_the_model(data):
@@ -102,6 +112,7 @@ def test_pilots_are_the_runs_own_step_and_restore_the_model(data):
     assert _same(model, state) and model.training
     assert rec["depths"] == [2, 8] and rec["lengths"] == [4, 8]
     assert (rec["train_examples"], rec["heldout_examples"], rec["run_steps"]) == (40, 8, 600)
+    assert rec["lr"] == 1e-3 and rec["seq_len"] == 32
     # the depth-2 pilot of 8 steps is train_split with the run's recipe, number for number
     train, held = split_calibration(data, 8)
     ref = train_split(
