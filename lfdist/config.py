@@ -91,6 +91,11 @@ class TrainConfig:
     batch_size: int = 4  # micro-batch per rank
     grad_accum: int = 1
     lr: float = 1e-4
+    # PEFT treatments' own lr (absolute); None: train.lr x the plan's lr_scale (LoRA and BitFit
+    # 10x, mask scores 100x: lfdist.model.treatments.LR_SCALE)
+    lr_lora: float | None = None
+    lr_bias: float | None = None
+    lr_mask: float | None = None
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
@@ -116,6 +121,12 @@ class TrainConfig:
             _positive(f"train.{name}", getattr(self, name))
         if self.lr <= 0:
             raise UserError(f"train.lr must be > 0, got {self.lr}")
+        for name in ("lr_lora", "lr_bias", "lr_mask"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UserError(
+                    f"train.{name} must be greater than 0, got {value}; or leave it unset"
+                )
 
 
 @dataclass(frozen=True)

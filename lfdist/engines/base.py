@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from lfdist.model.treatments import LR_SCALE
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,87 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def make_optimizer(params: list[nn.Parameter], cfg) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+TREATMENT_GROUPS = tuple(LR_SCALE)
+_BLOCK_INDEX = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.3." -> the block's prefix
+
+
+def treatment_lrs(cfg, scales: dict[str, float] | None = None) -> dict[str, float]:
+    """Learning rate per treatment: train.lr_<t> where set, else train.lr x the plan's scale
+    (`scales`, from its options) or LR_SCALE."""
+    scales = {**LR_SCALE, **(scales or {})}
+    out = {}
+    for t in TREATMENT_GROUPS:
+        explicit = getattr(cfg, f"lr_{t}", None) if t != "full" else None
+        out[t] = float(explicit) if explicit is not None else cfg.lr * float(scales[t])
+    return out
+
+
+def with_treatment_lrs(cfg, scales: dict[str, float] | None = None):
+    """`cfg` (a TrainConfig) with lr_lora / lr_bias / lr_mask resolved from a plan's lr_scale,
+    so every engine builds the same groups from the config alone."""
+    lrs = treatment_lrs(cfg, scales)
+    return dataclasses.replace(cfg, **{f"lr_{t}": lrs[t] for t in TREATMENT_GROUPS if t != "full"})
+
+
+def treatment_of_parameters(model: nn.Module) -> dict[str, str]:
+    """The treatment group of every trainable parameter, read off the model itself (so every
+    engine, wrapped or not, agrees): LoRA adapters and mask scores by name; the other trainable
+    parameters of a block with LoRA are its biases (the lora treatment trains both); a block
+    that trains only some of its parameters is a bias block; the rest is full fine-tuning."""
+    named = [(clean_name(n), p) for n, p in model.named_parameters()]
+    by_block: dict[str, list[tuple[str, bool]]] = {}
+    for name, p in named:
+        m = _BLOCK_INDEX.match(name)
+        if m:
+            by_block.setdefault(m.group(1), []).append((name, p.requires_grad))
+    block_kind = {}
+    for prefix, members in by_block.items():
+        on = [n for n, g in members if g]
+        if any(".lora_" in n for n in on):
+            block_kind[prefix] = "lora"
+        elif any(n.endswith("mask_scores") for n in on):
+            block_kind[prefix] = "mask"
+        elif on and len(on) < len(members):
+            block_kind[prefix] = "bias"
+        else:
+            block_kind[prefix] = "full"
+    out = {}
+    for name, p in named:
+        if p.requires_grad:
+            m = _BLOCK_INDEX.match(name)
+            out[name] = block_kind[m.group(1)] if m else "full"
+    return out
+
+
+def param_groups(model: nn.Module, cfg, scales: dict[str, float] | None = None) -> list[dict]:
+    """One optimizer group per treatment that trains something, each with its lr; never an
+    all-frozen group (ZeRO-1/2 crash on one)."""
+    kinds = treatment_of_parameters(model)
+    lrs = treatment_lrs(cfg, scales)
+    members: dict[str, list[nn.Parameter]] = {t: [] for t in TREATMENT_GROUPS}
+    seen: set[int] = set()
+    for n, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            members[kinds[clean_name(n)]].append(p)
+    return [{"params": ps, "lr": lrs[t], "treatment": t} for t, ps in members.items() if ps]
+
+
+def make_optimizer(model_or_params, cfg, scales=None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: one group per treatment (a module), or one group
+    at train.lr (a list of parameters)."""
+    if isinstance(model_or_params, nn.Module):
+        groups = param_groups(model_or_params, cfg, scales)
+    else:
+        groups = [{"params": list(model_or_params), "lr": cfg.lr, "treatment": "full"}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+
+
+def optimizer_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The peak learning rate of each treatment group (what metrics.json reports)."""
+    return {
+        g.get("treatment", "full"): g.get("initial_lr", g["lr"]) for g in optimizer.param_groups
+    }
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:

@@ -8,6 +8,8 @@ left out (they come back from the base model).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -18,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.nn.parallel import DistributedDataParallel
 
 from lfdist.engines.base import (
     clean_name,
@@ -26,7 +29,9 @@ from lfdist.engines.base import (
     optimizer_state_counts,
     param_counts,
     trainable_parameters,
+    treatment_of_parameters,
 )
+from lfdist.errors import UserError
 
 
 class NativeEngine:
@@ -35,24 +40,110 @@ class NativeEngine:
         self.model = model
         self.cfg = cfg
         self.world = world
-        self.optimizer = make_optimizer(trainable_parameters(model), cfg)
+        self.optimizer = make_optimizer(model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg)
+        self._micro = 0  # micro-steps since the last optimizer step
 
     def micro_step(self, batch, scale: float) -> torch.Tensor:
-        loss = self.model(**batch).loss
-        (loss * scale).backward()
+        self._micro += 1
+        # Gradients are reduced across ranks only on the step's last micro-batch; the others
+        # accumulate locally (the reduction is linear, so one reduce of the sum is the same).
+        with self._gradient_sync(self._micro >= self.cfg.grad_accum):
+            loss = self.model(**batch).loss
+            (loss * scale).backward()
         return loss.detach()
 
+    @contextmanager
+    def _gradient_sync(self, sync: bool) -> Iterator[None]:
+        if sync or not dist.is_initialized():
+            yield
+        elif isinstance(self.model, DistributedDataParallel) or self.name == "fsdp1":
+            with self.model.no_sync():
+                yield
+        elif self.name == "fsdp2":
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        else:
+            yield
+
     def optimizer_step(self) -> None:
-        if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
-            params = trainable_parameters(self.model)
-            if self.name == "fsdp1":
-                self.model.clip_grad_norm_(self.cfg.max_grad_norm)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm, foreach=False)
+        self._micro = 0
+        norm = self._clip_gradients()
+        if not torch.isfinite(norm):
+            # Checked before the step: a non-finite gradient never reaches the weights.
+            self.optimizer.zero_grad(set_to_none=True)
+            raise UserError(
+                f"the gradient norm became {norm.item()} before the optimizer step (weights not "
+                "updated); lower train.lr, keep train.max_grad_norm on, or check the data"
+            )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """The global gradient norm (every rank gets the same value), clipping to
+        train.max_grad_norm where it is set; inf as the bound only measures."""
+        bound = self.cfg.max_grad_norm if self.cfg.max_grad_norm else float("inf")
+        if self.name == "fsdp1":
+            norm = self.model.clip_grad_norm_(bound)
+        else:
+            params = trainable_parameters(self.model)
+            norm = torch.nn.utils.clip_grad_norm_(params, bound, foreach=False)
+        full = getattr(norm, "full_tensor", None)  # FSDP2: a DTensor over the mesh
+        return (full() if full is not None else norm).detach().float().cpu()
+
+    def retrain(self, wanted: Callable[[str], bool]) -> list[str]:
+        """Change the trainable set between steps (LISA): `wanted(name)` says whether the
+        parameter of that original name trains from now on. Returns the names that changed.
+
+        Parameters that stop training lose their gradients and optimizer state (LISA's memory
+        accounting holds only the sampled blocks' states); those that start join the full
+        fine-tuning group with fresh state. FSDP2 follows requires_grad at its next all-gather
+        and reduce-scatters only the gradients that exist; DDP's reducer registers its hooks
+        when it is built, so the wrapper is rebuilt around the same module (no weight
+        broadcast: the ranks hold the same weights already).
+        """
+        changed = []
+        for name, p in self.model.named_parameters():
+            name = clean_name(name)
+            on = bool(wanted(name))
+            if on != p.requires_grad:
+                changed.append(name)
+                p.grad = None
+                p.requires_grad_(on)
+                if not on:
+                    self.optimizer.state.pop(p, None)
+        if not changed:
+            return changed
+        self._regroup()
+        if isinstance(self.model, DistributedDataParallel):
+            module, device_ids = self.model.module, self.model.device_ids
+            self.model = None  # the old reducer and its autograd hooks go before the new one
+            self.model = DistributedDataParallel(module, device_ids=device_ids, init_sync=False)
+        return changed
+
+    def _regroup(self) -> None:
+        """Each optimizer group lists the parameters of its treatment that train now (the
+        groups, their lrs and the scheduler stay as built)."""
+        kinds = treatment_of_parameters(self.model)
+        members: dict[str, list] = {g["treatment"]: [] for g in self.optimizer.param_groups}
+        seen: set[int] = set()
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            kind = kinds[clean_name(name)]
+            if kind not in members:
+                raise UserError(
+                    f"{clean_name(name)} would start training in a {kind} group the optimizer "
+                    "was not built with; re-drawing changes only fully trained blocks"
+                )
+            members[kind].append(p)
+        for group in self.optimizer.param_groups:
+            group["params"] = members[group["treatment"]]
 
     def local_counts(self) -> dict[str, int]:
         counts = param_counts(self.model)

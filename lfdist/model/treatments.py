@@ -30,6 +30,16 @@ LORA_DEFAULTS = {
     "lora_seed": 0,
 }
 MASK_DEFAULTS = {"sparsity": 0.1}
+# Learning rate of each treatment as a multiple of train.lr (full fine-tuning's): select_plan
+# writes these into a plan's options as lr_scale, and train.lr_lora / lr_bias / lr_mask override
+# them with absolute values (lfdist.engines.base.treatment_lrs). Peers' practice:
+# - lora 10x: LoRA (Hu et al. 2021) and the peft/QLoRA recipes train adapters at 1e-4..2e-4 where
+#   full fine-tuning of the same models uses 1e-5..2e-5, about 10x.
+# - bias 10x: BitFit (Ben Zaken et al. 2022) swept 1e-4..1e-3 for biases against 2e-5..5e-5 for
+#   full BERT fine-tuning.
+# - mask 100x: movement pruning (Sanh et al. 2020) trains its mask scores at 1e-2 beside weights
+#   at 3e-5; our scores start near 1 (|w| / mean |w|), so small steps would never reorder them.
+LR_SCALE = {"full": 1.0, "lora": 10.0, "bias": 10.0, "mask": 100.0}
 SCORES = "mask_scores"
 _ATTENTION_HINTS = ("attn", "attention")
 _BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)  # big-endian bit order, as numpy.packbits
@@ -280,15 +290,16 @@ def merge_treatments(model: nn.Module) -> nn.Module:
 
 def check_engine_supports(plan: Plan, engine: str) -> None:
     """One-line UserError when `engine` cannot run `plan` (call before launching)."""
-    if plan.strategy == "lisa" and engine == "deepspeed":
-        raise UserError(
-            "strategy lisa re-draws its trainable blocks every period, which DeepSpeed cannot do "
-            "(its optimizer partitions are fixed when the engine is built); use --engine ddp or fsdp2"
+    if plan.strategy == "lisa" and engine in ("deepspeed", "fsdp1"):
+        why = (
+            "its optimizer partitions are fixed when the engine is built"
+            if engine == "deepspeed"
+            else "its flat parameters fix requires_grad when the units are built"
         )
-    if plan.strategy == "lisa":
         raise UserError(
-            "strategy lisa needs the trainable set re-drawn every period, which lfdist's training "
-            "loop does not do yet; `lfdist plan show` shows its schedule; train with top, random or salf"
+            f"strategy lisa re-draws its trainable blocks every period, which "
+            f"{'DeepSpeed' if engine == 'deepspeed' else 'FSDP1'} cannot do "
+            f"({why}); use --engine ddp or fsdp2"
         )
     partial = sorted({t for t in plan.treatments if t in ("bias", "lora", "mask")})
     if engine == "fsdp1" and partial:

@@ -19,6 +19,7 @@ from lfdist.select import (  # noqa: F401  (register)
     critical,
     gradnorm,
     lisa,
+    lora,
     mask,
     random_blocks,
     salf,
@@ -83,6 +84,13 @@ def select_plan(
         for i, t in enumerate(treatments)
     )
     resolved = {**known, **opts, **choice.options, **cost}
+    # PEFT treatments train at their own lr (a multiple of train.lr, LR_SCALE);
+    # the plan records it where it has such blocks, and editing it here changes the run.
+    peft = sorted({t for t in treatments if t in ("bias", "lora", "mask")})
+    if peft and "lr_scale" not in resolved:
+        from lfdist.model.treatments import LR_SCALE
+
+        resolved["lr_scale"] = {t: LR_SCALE[t] for t in peft}
     return Plan(
         strategy=strategy,
         fingerprint=probe.fingerprint,

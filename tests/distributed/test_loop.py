@@ -1,0 +1,112 @@
+"""The training loop on 2 gloo ranks (tests/distributed/loop_worker.py runs each rank): gradient
+accumulation reduces once per step, a bad step never reaches the weights or a checkpoint, and
+LISA's re-drawing trains exactly the scheduled blocks on DDP and FSDP2."""
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from lfdist.select.lisa import lisa_blocks
+from tests.distributed import loop_worker
+
+N = loop_worker.N_BLOCKS
+PREFIX = ["frozen"] * 5 + ["full"] * 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(tmp_path, scenario: dict) -> list[dict]:
+    mp.spawn(loop_worker.run, args=(2, _free_port(), str(tmp_path), scenario), nprocs=2)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _block_elements(i: int = 0) -> int:
+    from lfdist.model.tiny import build_tiny
+
+    model = build_tiny("llama", "lm")
+    return sum(p.numel() for p in model.model.layers[i].parameters())
+
+
+def _changed_blocks(before: dict, after: dict) -> list[int]:
+    changed = set()
+    for name, t in before.items():
+        if name.startswith("model.layers.") and not torch.equal(t, after[name]):
+            changed.add(int(name.split(".")[2]))
+    return sorted(changed)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_gradient_accumulation_reduces_once_per_step(tmp_path, engine):
+    def reductions(accum):
+        train = {"engine": engine, "steps": 2, "batch_size": 2, "grad_accum": accum, "lr": 1e-3}
+        ranks = _run(tmp_path / f"a{accum}", {"train": train, "treatments": PREFIX})
+        assert ranks[0]["error"] is None
+        return ranks[0]["reduced"][:2]
+
+    one, two = reductions(1), reductions(2)
+    # Two micro-batches per step reduce exactly what one does (before: twice as many calls).
+    assert two == one
+    if engine == "fsdp2":  # one reduce-scatter per trainable block and one for the root
+        assert [len(step) for step in one] == [4, 4]
+
+
+def test_a_bad_step_never_reaches_the_weights_or_a_checkpoint(tmp_path):
+    train = {"engine": "ddp", "steps": 6, "batch_size": 2, "lr": 1e-3, "save_every": 1}
+    ranks = _run(tmp_path, {"train": train, "treatments": PREFIX, "lr_bomb_at": 2})
+    for r in ranks:
+        # step 2's update (lr 1e30) blows the weights up; step 3's forward sees it first
+        assert r["error"].startswith("loss became nan at step 3, before its optimizer step")
+        assert "the last good checkpoint (step 2) is kept" in r["error"]
+        assert sorted(r["saved"]) == [1, 2]  # the exploded state after step 3 was never saved
+        for step, weights in r["saved"].items():
+            assert all(torch.isfinite(t).all() for t in weights.values())
+            # what was saved is the state after `step` steps, untouched by the bad update
+            assert all(torch.equal(t, r["snapshots"][step][n]) for n, t in weights.items())
+    assert all(torch.equal(t, ranks[1]["saved"][2][n]) for n, t in ranks[0]["saved"][2].items())
+
+
+def test_lr_1e30_stops_at_step_1_and_writes_no_checkpoint(tmp_path):
+    train = {"engine": "ddp", "steps": 4, "batch_size": 2, "lr": 1e30, "save_every": 1}
+    train["max_grad_norm"] = 0.0
+    for r in _run(tmp_path, {"train": train, "treatments": PREFIX}):
+        assert r["error"].startswith("loss became nan at step 1, before its optimizer step")
+        assert "no checkpoint passed the check, so none was written" in r["error"]
+        assert r["saved"] == {}
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_lisa_trains_exactly_the_scheduled_blocks(tmp_path, engine):
+    n, period, seed, steps = 2, 2, 2, 6
+    options = {"n": n, "period": period, "seed": seed}
+    first = lisa_blocks(N, n, period, seed, 0)
+    treatments = ["full" if i in first else "frozen" for i in range(N)]
+    train = {"engine": engine, "steps": steps, "batch_size": 2, "lr": 1e-3}
+    scenario = {"train": train, "treatments": treatments, "strategy": "lisa", "options": options}
+    ranks = _run(tmp_path, scenario)
+    schedule = {s: lisa_blocks(N, n, period, seed, s) for s in range(steps)}
+    # The schedule changes the trained set at the period boundaries (seed 2: [2, 6], [6, 7], [3, 5]; block 6 carries on).
+    assert len({tuple(b) for b in schedule.values()}) == 3
+    head_and_norm = 64 * 320 + 64  # lm_head + final norm stay trainable throughout
+    for r in ranks:
+        assert r["error"] is None
+        assert r["trained_blocks"] == schedule
+        snaps = r["snapshots"]
+        for s in range(steps):
+            # a block changes in step s exactly when the schedule trains it there; the
+            # others stay bit for bit what they were
+            assert _changed_blocks(snaps[s], snaps[s + 1]) == schedule[s], s
+        if engine == "ddp":  # all-reduced gradient elements: the drawn blocks + head + norm
+            per_step = [sum(x) for x in r["reduced"]]
+            assert per_step == [n * _block_elements() + head_and_norm] * steps
+        else:  # a reduce-scatter per drawn block and one for the root, nothing for the rest
+            assert [len(x) for x in r["reduced"]] == [n + 1] * steps
+        # the optimizer holds the last draw's blocks (9 tensors each) + norm + head, no others
+        assert r["optimizer_params"] == r["optimizer_state_params"] == n * 9 + 2
+    for name, t in ranks[0]["snapshots"][steps].items():
+        assert torch.equal(t, ranks[1]["snapshots"][steps][name]), name
