@@ -112,6 +112,12 @@ def pilot_recipe(tc, steps: int):
     )
 
 
+def _most_crowded(depths: list[int]) -> int:
+    """The interior depth whose neighbours are closest on a log scale: dropping it leaves the
+    others spread from 1 to L (1, 2, 4, 8, 16, 30 -> 1, 2, 4, 8, 30 -> 1, 4, 8, 30 -> 1, 4, 30)."""
+    return min(range(1, len(depths) - 1), key=lambda i: depths[i + 1] / depths[i - 1])
+
+
 def plan_pilots(
     info: dict,
     tc,
@@ -128,8 +134,8 @@ def plan_pilots(
 
     `n_examples`: the calibration examples (held-out ones included); `n_heldout`: the most
     held-out examples. `steps`: an explicit longer length (the budget is reported, not enforced).
-    Before the pilots get shorter than MIN_STEPS, depths are dropped from the middle (1, the
-    deepest and one between stay), then the held-out set halves down to MIN_HELDOUT; with
+    Before the pilots get shorter than MIN_STEPS, interior depths are dropped (1, the deepest
+    and one between stay), then the held-out set halves down to MIN_HELDOUT; with
     nothing left, `skipped` says why.
     """
     L = info["n_blocks"]
@@ -150,7 +156,7 @@ def plan_pilots(
     depths, held = list(depths), min(n_heldout, max(1, n_examples // 4))
     if steps is None:
         while longest(depths, held) < MIN_STEPS and len(depths) > 3:
-            depths.pop(len(depths) // 2)  # keep the shallowest and deepest ends
+            depths.pop(_most_crowded(depths))
         while longest(depths, held) < MIN_STEPS and held // 2 >= MIN_HELDOUT:
             held //= 2
         s2 = min(longest(depths, held), tc.steps)

@@ -226,9 +226,11 @@ def salf(
         )
     else:
         k = decide(decision, gain, cost, feasible, float(epsilon))
-        skipped = (ctx.probe.curves.get("pilot") or {}).get("skipped")
-        if skipped:
-            scores["pilot_skipped"] = skipped
+        record = ctx.probe.curves.get("pilot") or {}
+        if record.get("skipped"):
+            scores["pilot_skipped"] = record["skipped"]
+        if "probe_flops" in record:  # the probe's own cost, as sized for the pilots
+            scores.update(_cost_fraction(ctx, k, run_steps))
     gap = chord_gap(d)
     scores.update(
         gain=gain,
@@ -275,4 +277,6 @@ def explain(scores: dict) -> list[str]:
     ]
     if scores.get("pilot_skipped"):
         lines.append(f"salf pilots skipped: {scores['pilot_skipped']}")
+    if scores.get("cost_fraction") is not None:
+        lines.append(f"salf probe cost: {scores['cost_fraction']:.1%} of this run")
     return lines

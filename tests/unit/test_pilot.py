@@ -76,17 +76,18 @@ INFO = fake_probe().model_info  # 8 blocks of 100, embeddings 100: one token tra
 
 
 def test_plan_pilots_by_hand():
-    tc = TrainConfig(steps=1000, batch_size=1, nproc=1)
-    # allowed 5% of 1000 steps x 2400 = 120000; probe 10 x 1600 = 16000; base held-out pass
-    # 4 x 1600 = 6400; left 97600. Depths 1,2,4,8 cost 1.5 s (2000+2400+3200+4800) + 8 x 6400
-    # -> s = 2.5 < 4: drop 4; 1,2,8: 1.5 s (9200) + 6 x 6400 -> s = 4.29 -> 4 (pilots 2 and 4)
+    tc = TrainConfig(steps=1100, batch_size=1, nproc=1)
+    # allowed 5% of 1100 steps x 2400 = 132000; probe 10 x 1600 = 16000; held-out passes of
+    # 4 x 1600 = 6400 (one for the pre-trained model, two per depth). Depths 1,2,4,8: 1.5 s x
+    # (2000+2400+3200+4800) + 9 x 6400 fits s = 3.1 < 4: drop 2 (4/1 ties 8/2: the first);
+    # 1,4,8: 1.5 s x 10000 + 7 x 6400 -> s = 4.75 -> pilots of 2 and 4 steps
     plan = plan_pilots(INFO, tc, 1, 100, 4, 10, [1, 2, 4, 8])
-    assert plan["depths"] == [1, 2, 8] and plan["lengths"] == [2, 4]
-    assert plan["flops_total"] == 6400 + 6 * 9200 + 6 * 6400  # 100000
+    assert plan["depths"] == [1, 4, 8] and plan["lengths"] == [2, 4]
+    assert plan["flops_total"] == 6 * 10000 + 7 * 6400  # 104800
     assert plan["probe_flops"] == 16000
-    assert plan["planned_fraction"] == pytest.approx(116000 / 2_400_000)
+    assert plan["planned_fraction"] == pytest.approx(120800 / 2_640_000)
     assert (
-        "allowed pilots of 2 and 4 steps at depths 1,2,8, scored on 4 held-out"
+        "allowed pilots of 2 and 4 steps at depths 1,4,8, scored on 4 held-out"
         in (plan["budget_note"])
     )
     short = plan_pilots(INFO, TrainConfig(steps=100, batch_size=1, nproc=1), 1, 100, 4, 10, [1, 8])

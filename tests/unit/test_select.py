@@ -333,6 +333,11 @@ def test_salf_pilot_needs_pilots():
     assert plan.scores["pilot_skipped"] == "the 5% budget allows 2 steps"
     with pytest.raises(UserError, match="the 5% budget allows 2 steps"):
         select_plan(skipped, "salf", options={"estimator": "pilot"})
+    # the probe's own cost is still reported: 4800 / (10 steps x 3200 for k = 4) = 0.15
+    sized = {"skipped": "too short", "probe_flops": 4800.0, "flops_total": 0.0, "global_batch": 1}
+    sized["run_flops_per_example"] = [4800, 4400, 4000, 3600, 3200, 2800, 2400, 2000]
+    plan = select_plan(helpers.fake_probe(FALLING, pilot=sized), "salf", options={"run_steps": 10})
+    assert plan.scores["cost_fraction"] == pytest.approx(0.15)
     with pytest.raises(UserError, match="tolerance"):
         salf_pilot(pilot_record([[0.1] * 4]), tolerance=-1)
 
