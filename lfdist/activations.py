@@ -52,3 +52,30 @@ def block_activation_bytes(
         + 8
     )
     return tokens * per_token
+
+
+def lm_head_activation_bytes(
+    model_info: dict[str, Any],
+    batch_size: int,
+    seq_len: int,
+    dtype_bytes: int,
+    norm_trains: bool,
+    head_trains: bool,
+) -> int:
+    """What the final norm, LM head and loss save: fp32 log-softmax (4·V per token), the int64
+    targets, the loss scalar, and the H-wide input of each of norm weight and head weight that
+    trains (measured exactly on tiny llama by tests/unit/test_bench_gpu.py)."""
+    tokens = batch_size * seq_len
+    vocab = int(model_info.get("vocab_size") or 0)
+    hidden = int(model_info.get("hidden_size") or 0)
+    widths = int(norm_trains) + int(head_trains)
+    return tokens * (4 * vocab + 8 + widths * dtype_bytes * hidden) + 4
+
+
+def rotary_bytes(model_info: dict[str, Any], seq_len: int, dtype_bytes: int) -> int:
+    """cos and sin (1 x T x head_dim each), saved once and shared by every block that needs
+    input gradients; 0 outside Llama-style models."""
+    if not _llama_style(model_info):
+        return 0
+    head_dim = int(model_info["hidden_size"]) // int(model_info["num_attention_heads"])
+    return 2 * seq_len * head_dim * dtype_bytes

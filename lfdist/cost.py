@@ -22,7 +22,8 @@ Assumptions (each is a number a benchmark can check):
 - activations saved for backward, per block at or above the backward boundary (lfdist.activations).
   With activation checkpointing (non-reentrant, trainable blocks only) a trainable block keeps
   only its input, B·T·H in `dtype`, plus one block's full activations while it is recomputed.
-  LM heads add fp32 logits, B·T·V·4 bytes.
+  LM heads add the fp32 log-softmax, B·T·V·4 bytes, the targets and the inputs of the final
+  norm and head weights that train; Llama-style models add the shared rotary cos/sin.
 - FLOPs: forward 2·N·tokens over blocks and head; backward 2·N·tokens for the input gradient of
   every stage at or above the boundary plus 2·N_trainable·tokens for weight gradients; with
   activation checkpointing each checkpointed block's forward runs twice. A frozen prefix with
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lfdist.activations import block_activation_bytes
+from lfdist.activations import block_activation_bytes, lm_head_activation_bytes, rotary_bytes
 from lfdist.errors import UserError
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -164,8 +165,14 @@ def _activations(model_info, modules, train_el, b, batch_size, seq_len, ckpt) ->
     acts = (len(above) - len(checkpointed)) * full_block
     if checkpointed:  # inputs kept, one block recomputed at a time
         acts += len(checkpointed) * tokens * hidden * b + full_block
+    if len(above):
+        acts += rotary_bytes(model_info, seq_len, b)
     if model_info.get("task", "lm") == "lm":
-        acts += tokens * int(model_info.get("vocab_size") or 0) * 4
+        groups = model_info["group_params"]
+        norm, head = (
+            modules.get(g) == "full" and groups.get(g, 0) > 0 for g in ("final_norm", "head")
+        )
+        acts += lm_head_activation_bytes(model_info, batch_size, seq_len, b, norm, head)
     return float(acts)
 
 

@@ -34,7 +34,12 @@ def test_scale_rows_by_hand(tmp_path):
     assert g["params"] * GIB == pytest.approx(TOTAL_8B * 2 / 8)
     assert g["grads"] * GIB == pytest.approx(trainable * 2 / 8)
     assert g["optimizer"] * GIB == pytest.approx(trainable * 4 / 8)  # bf16 AdamW states
-    assert g["activations"] * GIB == pytest.approx(8 * TOKENS * ACT_TOKEN + TOKENS * 128256 * 4)
+    # 8 blocks; fp32 log-softmax 4·V, int64 targets and the bf16 inputs of the final norm's and
+    # head's weights per token; the loss scalar; rotary cos + sin (4096 x 128 each, bf16)
+    head = TOKENS * (4 * 128256 + 8 + 2 * 2 * 4096) + 4
+    assert g["activations"] * GIB == pytest.approx(
+        8 * TOKENS * ACT_TOKEN + head + 2 * 4096 * 128 * 2
+    )
     assert g["transient"] * GIB == pytest.approx(BLOCK_8B * 2)
     zero2 = next(
         r

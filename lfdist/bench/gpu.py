@@ -1,0 +1,319 @@
+"""The prepared GPU check: measured memory and step time next to the cost model, one device.
+
+For SmolLM2-135M and a generated 1.1B Llama (TinyLlama's shape, seeded random weights) in
+bf16: full fine-tuning against a plan training the top quarter of blocks, each with and
+without activation checkpointing. Per run, one process, one device:
+
+- parameters, gradients and AdamW states walked tensor by tensor; activations saved for
+  backward through saved-tensor hooks (runs without checkpointing: checkpointed blocks keep
+  their tensors out of the hooks' sight);
+- peak memory: `torch.cuda.max_memory_allocated` over the timed steps on a GPU, the
+  process's peak RSS on CPU (coarse: it includes the interpreter and libraries);
+- median step time after warm-up;
+
+each next to `lfdist.cost.predict` for engine `single` (nothing sharded). The training step is
+the single engine's: `torch.optim.AdamW(foreach=False)` on the trainable parameters only.
+`--tiny` runs tiny:llama for two steps on the CPU (the default CPU test suite runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Any
+
+from lfdist.errors import UserError
+
+GENERATED_1B = dict(  # TinyLlama-1.1B's architecture: 1,100,048,384 parameters
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+# name -> (source, micro-batch, sequence length)
+GPU_MODELS = {
+    "SmolLM2-135M": ("pkg:smollm2-135m", 8, 1024),
+    "Llama-1.1B (generated)": ("generated:1b", 4, 1024),
+}
+TINY_MODELS = {"tiny:llama": ("tiny:llama", 2, 32)}
+WARMUP, STEPS, TINY_STEPS = 2, 8, 2
+
+
+def _build(source: str, device: str):
+    import torch
+
+    if source == "generated:1b":
+        import transformers
+
+        torch.manual_seed(0)
+        with torch.device(device):
+            return transformers.AutoModelForCausalLM.from_config(
+                transformers.LlamaConfig(**GENERATED_1B), dtype=torch.bfloat16
+            )
+    from lfdist.model.specs import load_model
+
+    return load_model(source, dtype="bfloat16").model.to(device)
+
+
+def _plans(n_blocks: int) -> dict[str, list[str]]:
+    quarter = max(1, n_blocks // 4)
+    return {
+        "full": ["full"] * n_blocks,
+        "top quarter": ["frozen"] * (n_blocks - quarter) + ["full"] * quarter,
+    }
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _saved_activation_bytes(model, ids) -> int:
+    """Bytes saved for backward by one forward, parameters excluded."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    del loss
+    return sum(seen.values())
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_one(source, treatments, ckpt, batch, seq, device, steps) -> dict[str, Any]:
+    """Train one plan for warm-up + `steps` steps; what it held and how long a step took."""
+    import torch
+
+    from lfdist.model.apply import apply_plan
+    from lfdist.model.checkpointing import checkpoint_trainable_blocks
+    from lfdist.probe.run import model_info
+    from lfdist.train.measure import make_plan_for
+
+    model = _build(source, device)
+    info = model_info(model, "lm")
+    apply_plan(model, make_plan_for(model, treatments, "bench-gpu"))
+    model.config.use_cache = False
+    model.train()
+    if ckpt:
+        checkpoint_trainable_blocks(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-5, foreach=False)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, info["vocab_size"], (batch, seq), generator=gen).to(device)
+    cuda = device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    times, walked = [], {}
+    for step in range(WARMUP + steps):
+        if step == WARMUP and cuda:  # optimizer states exist from here on
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t0 = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        if step == WARMUP:
+            walked["grads"] = _nbytes(p.grad for p in trainable)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        if step >= WARMUP:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss()
+    walked["params"] = _nbytes(model.parameters())
+    walked["optimizer"] = _nbytes(
+        s for p in trainable for s in opt.state[p].values() if s.dim() > 0
+    )
+    walked["activations"] = None if ckpt else _saved_activation_bytes(model, ids)
+    del model, opt, trainable
+    if cuda:
+        torch.cuda.empty_cache()
+    return {
+        "info": info,
+        "measured": walked,
+        "peak_bytes": peak,
+        "peak_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
+        "step_s_median": statistics.median(times),
+    }
+
+
+def rows(tiny: bool) -> list[dict[str, Any]]:
+    import torch
+
+    from lfdist.cost import predict
+    from lfdist.plan import DEFAULT_MODULES
+
+    device = "cpu" if tiny else "cuda"
+    if not tiny and not torch.cuda.is_available():
+        raise SystemExit("bench gpu: no CUDA device; run with --tiny on a CPU")
+    out = []
+    for name, (source, batch, seq) in (TINY_MODELS if tiny else GPU_MODELS).items():
+        try:
+            plans = _plans(_n_blocks(source))
+        except UserError as e:  # e.g. the SmolLM2 package is not installed on this machine
+            out.append({"model": name, "skipped": str(e)})
+            continue
+        for plan, treatments in plans.items():
+            for ckpt in (False, True):
+                m = measure_one(
+                    source, treatments, ckpt, batch, seq, device, TINY_STEPS if tiny else STEPS
+                )
+                p = predict(
+                    m["info"],
+                    treatments,
+                    DEFAULT_MODULES,
+                    engine="single",
+                    world_size=1,
+                    dtype="bfloat16",
+                    batch_size=batch,
+                    seq_len=seq,
+                    activation_checkpointing=ckpt,
+                )
+                out.append(
+                    {
+                        "model": name,
+                        "params_total": m["info"]["total_params"],
+                        "n_blocks": m["info"]["n_blocks"],
+                        "plan": plan,
+                        "trainable_blocks": treatments.count("full"),
+                        "activation_checkpointing": ckpt,
+                        "batch_size": batch,
+                        "seq_len": seq,
+                        "device": device,
+                        "predicted": p["bytes"],
+                        "measured": m["measured"],
+                        "peak_bytes": m["peak_bytes"],
+                        "peak_kind": m["peak_kind"],
+                        "step_s_median": m["step_s_median"],
+                        "predicted_flops_fraction": p["flops_fraction"],
+                    }
+                )
+    return out
+
+
+def _n_blocks(source: str) -> int:
+    if source == "generated:1b":
+        return GENERATED_1B["num_hidden_layers"]
+    from lfdist.model.meta_info import load_config
+
+    return load_config(source).num_hidden_layers
+
+
+def card() -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"device": "cpu"}
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "device": props.name,
+        "total_memory_gib": props.total_memory / 2**30,
+        "capability": f"{props.major}.{props.minor}",
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+    }
+
+
+def _unit(tiny: bool) -> tuple[str, int]:
+    return ("MiB", 2**20) if tiny else ("GiB", 2**30)
+
+
+def markdown(table: list[dict[str, Any]], tiny: bool) -> str:
+    name, div = _unit(tiny)
+
+    def size(x) -> str:
+        return "-" if x is None else f"{x / div:.3f}"
+
+    skipped = [r for r in table if "skipped" in r]
+    table = [r for r in table if "skipped" not in r]
+    kind = table[0]["peak_kind"] if table else ""
+    lines = [
+        (
+            "**CPU `--tiny` run: a smoke test of the script, not GPU numbers.** "
+            if tiny
+            else "**Measured on the GPU named above.** "
+        )
+        + f"Each row: one process, bf16, engine `single`, AdamW (foreach=False); measured = "
+        f"tensors walked (params, grads, AdamW states) and saved-tensor hooks (activations, "
+        f"runs without checkpointing); peak = {kind}; predicted = lfdist.cost. {name}.",
+        "",
+        "| model | plan | AC | tokens | params pred / meas | grads pred / meas | "
+        "optimizer pred / meas | activations pred / meas | total pred | peak meas | "
+        "peak / pred | step s (median) | step vs full: meas / pred FLOPs |",
+        "|---|---|---|---:|---|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in table:
+        full = next(
+            f
+            for f in table
+            if f["model"] == r["model"]
+            and f["plan"] == "full"
+            and f["activation_checkpointing"] == r["activation_checkpointing"]
+        )
+        pr, me = r["predicted"], r["measured"]
+        pair = " | ".join(
+            f"{size(pr[k])} / {size(me[k])}"
+            for k in ("params", "grads", "optimizer", "activations")
+        )
+        lines.append(
+            f"| {r['model']} | {r['plan']} ({r['trainable_blocks']}/{r['n_blocks']}) | "
+            f"{'on' if r['activation_checkpointing'] else 'off'} | "
+            f"{r['batch_size']}x{r['seq_len']} | {pair} | {size(pr['total'])} | "
+            f"{size(r['peak_bytes'])} | {r['peak_bytes'] / pr['total']:.2f} | "
+            f"{r['step_s_median']:.4f} | {r['step_s_median'] / full['step_s_median']:.2f} / "
+            f"{r['predicted_flops_fraction']:.2f} |"
+        )
+    lines += [f"\nSkipped {r['model']}: {r['skipped']}" for r in skipped]
+    return "\n".join(lines)
+
+
+def run(out_dir: str, tiny: bool = False) -> str:
+    from lfdist.bench.record import write_result
+
+    table = rows(tiny)
+    result = {
+        "kind": "cpu smoke test (--tiny)" if tiny else "measured on a GPU",
+        "card": card(),
+        "settings": {"warmup_steps": WARMUP, "steps": TINY_STEPS if tiny else STEPS},
+        "rows": table,
+    }
+    return write_result(out_dir, "tiny_cpu" if tiny else "gpu", result, markdown(table, tiny))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="measured memory and step time vs the cost model")
+    parser.add_argument("--tiny", action="store_true", help="tiny:llama, two steps, on the CPU")
+    parser.add_argument(
+        "--out", default=None, help="default: benchmarks/gpu (a temp folder with --tiny)"
+    )
+    args = parser.parse_args(argv)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = args.out or (
+        os.path.join("/tmp", "lfdist-gpu-tiny")
+        if args.tiny
+        else os.path.join(root, "benchmarks", "gpu")
+    )
+    print(f"wrote {run(out, tiny=args.tiny)}")
+
+
+if __name__ == "__main__":
+    main()
