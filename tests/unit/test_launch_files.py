@@ -1,0 +1,300 @@
+"""The launcher's side of a job, without starting one: the typed job file, the rank error
+protocol, the run folder's rules and lock, validation that writes nothing, the one line for a
+dead rank."""
+
+import json
+import os
+import signal
+
+import pytest
+
+from lfdist.config import config_from_dict
+from lfdist.errors import JobFailed, UserError
+from lfdist.job import (
+    Debug,
+    Fault,
+    Job,
+    new_job,
+    raise_reported_error,
+    read_job,
+    read_reports,
+    write_job,
+    write_report,
+)
+from lfdist.launch.folder import check_run_folder, clear_results, run_lock
+from lfdist.launch.supervise import dead_rank, descendants, launcher_log, resume_command
+
+
+def _cfg(**train):
+    return config_from_dict(
+        {
+            "model": {"spec": "tiny:llama"},
+            "data": {"spec": "synthetic:lm:200", "seq_len": 32},
+            "train": {"engine": "fsdp2", "nproc": 2, "steps": 3, "batch_size": 2, **train},
+        }
+    )
+
+
+def test_job_file_round_trips_with_its_debug_section(tmp_path):
+    debug = Debug(check_frozen=True, stop_after=3, inject_faults=(Fault("kill", 2, rank=1),))
+    job = new_job(_cfg(), "plan.yaml", str(tmp_path), resume=True, evaluate=False, debug=debug)
+    write_job(job)
+    back = read_job(str(tmp_path / "job.json"))
+    assert back == job
+    assert back.plan == os.path.abspath("plan.yaml") and back.out == str(tmp_path)
+    raw = json.loads((tmp_path / "job.json").read_text())
+    assert sorted(raw) == ["config", "debug", "evaluate", "out", "plan", "resume"]
+    assert raw["debug"]["inject_faults"] == [{"kind": "kill", "step": 2, "rank": 1, "seconds": 0.0}]
+    assert Job.from_dict({**raw, "debug": {}}).debug == Debug()
+
+
+def test_writing_a_job_removes_a_stale_error_file(tmp_path):
+    write_report(str(tmp_path), 0, "crash", "old")
+    write_job(new_job(_cfg(), "p.yaml", str(tmp_path)))
+    assert not (tmp_path / "error.txt").exists()
+
+
+def test_bad_input_on_one_rank_wins_over_the_crashes_it_caused(tmp_path):
+    # Rank 1 refuses its input; rank 0 then crashes on the broken collective. Before, only
+    # rank 0 wrote user errors, and the launcher printed "see the rank output above".
+    out = str(tmp_path)
+    write_report(out, 0, "crash", "RuntimeError: Connection closed by peer")
+    write_report(out, 1, "user", "loss became nan at step 3;\nlower train.lr")
+    assert [(r.rank, r.kind) for r in read_reports(out)] == [(0, "crash"), (1, "user")]
+    with pytest.raises(UserError) as e:
+        raise_reported_error(out)
+    assert str(e.value) == "loss became nan at step 3; lower train.lr"
+
+
+def test_a_crash_names_its_rank_and_log(tmp_path):
+    out = str(tmp_path)
+    write_report(out, 1, "crash", "ValueError: boom")
+    with pytest.raises(JobFailed) as e:
+        raise_reported_error(out)
+    assert str(e.value) == (
+        f"training failed on rank 1: ValueError: boom (traceback in {out}/logs/rank-1.log)"
+    )
+
+
+def test_no_report_raises_nothing(tmp_path):
+    raise_reported_error(str(tmp_path))
+
+
+def _touch(path, text=""):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_run_folder_with_user_files_is_refused_unless_overwrite(tmp_path):
+    _touch(tmp_path / "notes.txt", "mine")
+    _touch(tmp_path / "data.csv")
+    with pytest.raises(UserError, match=r"not an lfdist training run \(data.csv, notes.txt\)"):
+        check_run_folder(str(tmp_path), resume=False, overwrite=False, has_checkpoint=False)
+    check_run_folder(str(tmp_path), resume=False, overwrite=True, has_checkpoint=False)
+
+
+def test_finished_run_without_checkpoints_is_refused_unless_overwrite(tmp_path):
+    _touch(tmp_path / "job.json", "{}")
+    _touch(tmp_path / "metrics.json", "{}")
+    with pytest.raises(UserError, match="finished run whose checkpoints/ is gone"):
+        check_run_folder(str(tmp_path), resume=False, overwrite=False, has_checkpoint=False)
+    check_run_folder(str(tmp_path), resume=False, overwrite=True, has_checkpoint=False)
+
+
+def test_run_folder_rules(tmp_path):
+    check_run_folder(str(tmp_path / "new"), False, False, False)  # absent: fine
+    check_run_folder(str(tmp_path), False, False, False)  # empty: fine
+    _touch(tmp_path / "job.json", "{}")  # a run that failed before its first checkpoint
+    _touch(tmp_path / "logs/rank-0.log")
+    check_run_folder(str(tmp_path), False, False, False)
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        check_run_folder(str(tmp_path), False, False, True)
+    with pytest.raises(UserError, match="no checkpoint in"):
+        check_run_folder(str(tmp_path), True, False, False)
+    with pytest.raises(UserError, match="pass one of them"):
+        check_run_folder(str(tmp_path), True, True, True)
+    _touch(tmp_path / "file")
+    with pytest.raises(UserError, match="is an existing file"):
+        check_run_folder(str(tmp_path / "file"), False, False, False)
+
+
+def test_overwrite_clears_results_and_keeps_user_files(tmp_path):
+    for name in ("metrics.json", "error.txt", "checkpoints/latest", "logs/rank-0.log", "mine.txt"):
+        _touch(tmp_path / name)
+    clear_results(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["mine.txt"]
+
+
+def test_second_lock_on_one_folder_is_refused(tmp_path):
+    with run_lock(str(tmp_path)):
+        with pytest.raises(UserError) as e:
+            with run_lock(str(tmp_path)):
+                pass
+        assert str(e.value) == (
+            f"another lfdist job (pid {os.getpid()}) is running in {str(tmp_path)!r}; wait for "
+            "it to end or choose another --out"
+        )
+    with run_lock(str(tmp_path)):  # released with the first
+        pass
+
+
+@pytest.fixture
+def plan_path(tmp_path):
+    from lfdist.model.tiny import build_tiny
+    from lfdist.plan import save_plan
+    from tests.helpers import make_plan
+
+    path = str(tmp_path / "plan.yaml")
+    save_plan(make_plan(build_tiny("llama", "lm"), ["frozen"] * 5 + ["full"] * 3), path)
+    return path
+
+
+def _ds(tmp_path, content) -> str:
+    path = tmp_path / "ds.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return str(path)
+
+
+DS_PROBLEMS = {
+    "missing": (None, "does not exist"),
+    "malformed": ("{not json", "is not valid JSON"),
+    "list": ([{"zero_optimization": {"stage": 2}}], "must be a JSON object"),
+    "batch": ({"train_batch_size": 6}, "train_batch_size=6 does not match"),
+    "stage": ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3 conflicts"),
+    "optimizer": ({"optimizer": {"type": "Adam"}}, "has an 'optimizer' section"),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(DS_PROBLEMS))
+def test_deepspeed_config_problems_are_refused_before_anything_is_written(
+    tmp_path, plan_path, problem
+):
+    from lfdist.launch.run import launch_training
+
+    content, message = DS_PROBLEMS[problem]
+    path = str(tmp_path / "absent.json") if content is None else _ds(tmp_path, content)
+    cfg = _cfg(engine="deepspeed", zero_stage=2, deepspeed_config=path)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=message):
+        launch_training(cfg, plan_path, str(out))
+    assert not out.exists()
+
+
+def _checkpoint(out, **state):
+    _touch(out / "checkpoints/step-000002/state.json", json.dumps({"step": 2, **state}))
+    _touch(out / "checkpoints/latest", "step-000002")
+    _touch(out / "job.json", "{}")
+
+
+@pytest.mark.parametrize(
+    "train, message",
+    [
+        (
+            {"engine": "deepspeed", "zero_stage": 2, "nproc": 4},
+            "written by 2 ranks but this run has 4; deepspeed cannot reshard its checkpoint: "
+            "resume with --nproc 2",
+        ),
+        (
+            {"engine": "fsdp2"},
+            "written by engine deepspeed but this run uses fsdp2; resume with --engine deepspeed",
+        ),
+    ],
+)
+def test_resume_on_another_world_size_or_engine_writes_nothing(tmp_path, plan_path, train, message):
+    from lfdist.launch.run import launch_training
+
+    out = tmp_path / "run"
+    _checkpoint(out, world_size=2, engine="deepspeed")
+    (out / "checkpoints/step-000002/plan.yaml").write_text(open(plan_path).read())
+    before = sorted(str(p) for p in out.rglob("*"))
+    with pytest.raises(UserError, match=message):
+        launch_training(_cfg(**train), plan_path, str(out), resume=True)
+    assert sorted(str(p) for p in out.rglob("*")) == before  # no error.txt, no lock, no logs
+
+
+TORCHRUN_SUMMARY = """torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+lfdist.launch.worker FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-11-30_02:24:23
+  host      : node
+  rank      : 0 (local_rank: 0)
+  exitcode  : 1 (pid: 13322)
+  error_file: <N/A>
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-30_02:24:23
+  host      : node
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 13323)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 13323
+============================================================
+"""
+
+
+def _ranks_started(out, n=2):
+    for r in range(n):
+        _touch(out / f"logs/rank-{r}.log", f"=== rank {r} pid {1000 + r}\n")
+
+
+def test_dead_rank_from_torchrun_summary(tmp_path):
+    _ranks_started(tmp_path)
+    write_report(str(tmp_path), 0, "crash", "RuntimeError: Connection closed by peer")
+    _touch(tmp_path / "logs/launcher.log", TORCHRUN_SUMMARY)
+    assert dead_rank(str(tmp_path), range(2)) == (1, "was killed by SIGKILL")
+
+
+def test_dead_rank_under_the_deepspeed_launcher(tmp_path):
+    _ranks_started(tmp_path)
+    write_report(str(tmp_path), 1, "crash", "RuntimeError: Connection closed by peer")
+    _touch(
+        tmp_path / "logs/launcher.log",
+        "[ERROR] [launch.py:259:sigkill_handler] ['python', "
+        "'-u', '-m', 'lfdist.launch.worker', 'job.json'] exits with return code = -9\n",
+    )
+    assert dead_rank(str(tmp_path), range(2)) == (0, "was killed by SIGKILL")
+    assert launcher_log(str(tmp_path)) == str(tmp_path / "logs/launcher.log")
+
+
+def test_no_dead_rank_when_every_rank_reported(tmp_path):
+    _ranks_started(tmp_path)
+    write_report(str(tmp_path), 0, "crash", "x")
+    write_report(str(tmp_path), 1, "user", "y")
+    assert dead_rank(str(tmp_path), range(2)) is None
+
+
+def test_resume_command_repeats_the_users_command(monkeypatch):
+    argv = ["lfdist", "train", "--plan", "my plan.yaml", "--out", "o", "--overwrite"]
+    monkeypatch.setattr("sys.argv", argv)
+    assert resume_command() == "lfdist train --plan 'my plan.yaml' --out o --resume"
+    monkeypatch.setattr("sys.argv", ["lfdist", "train", "--out", "o", "--resume"])
+    assert resume_command() == "lfdist train --out o --resume"
+    monkeypatch.setattr("sys.argv", ["pytest"])
+    assert resume_command() == "the same `lfdist train` command with --resume"
+
+
+def test_descendants_walks_the_process_tree():
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess; subprocess.run(['sleep', '30'])"]
+    )
+    try:
+        for _ in range(200):  # until the child has started its own child
+            below = descendants(child.pid)
+            if below:
+                break
+            time.sleep(0.05)
+        assert len(below) == 1  # the sleep, a grandchild of this process
+        assert child.pid in descendants(os.getpid()) and below[0] in descendants(os.getpid())
+    finally:
+        for p in descendants(child.pid):
+            os.kill(p, signal.SIGKILL)
+        child.kill()
+        child.wait()
