@@ -8,8 +8,14 @@ from torch.nn.parallel import DistributedDataParallel
 from lfdist.engines.native import NativeEngine
 
 
-def build(model, cfg, world):
-    model = model.to(world.device)
+def build(source, cfg, world):
+    from lfdist.model.materialize import prepare
+
+    model, filler = prepare(source)
+    if filler is None:
+        model = model.to(world.device)
+    else:  # a replica by design: each tensor read once, in the training dtype, on the device
+        filler.replicate(model, world.device)
     if cfg.engine == "ddp" and dist.is_initialized() and world.world_size > 1:
         device_ids = [world.device.index] if world.device.type == "cuda" else None
         # DDP only registers hooks on parameters that require grad, so frozen blocks cost no

@@ -199,7 +199,9 @@ def _model_dtype(model: nn.Module) -> str:
 # --------------------------------------------------------------------------- ZeRO-3 frozen prefix
 
 
-def _keep_frozen_out_of_zero3(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+def _keep_frozen_out_of_zero3(
+    model: nn.Module, recurse: bool = True
+) -> list[tuple[nn.Module, str, torch.Tensor]]:
     """Turn every frozen parameter into a non-persistent buffer before ZeRO-3 sees the model.
 
     ZeRO-3 converts every `nn.Parameter` of the module it is given and re-partitions all of
@@ -209,7 +211,7 @@ def _keep_frozen_out_of_zero3(model: nn.Module) -> list[tuple[nn.Module, str, to
     rank, and the forward reads `module.weight` the same way. Tied weights stay one tensor.
     """
     moved, seen = [], {}
-    for module in model.modules():
+    for module in model.modules() if recurse else [model]:
         for name, p in list(module._parameters.items()):
             if p is None or p.requires_grad:
                 continue
@@ -453,17 +455,32 @@ def _ds_padding(p, world) -> int:
     return max(0, min(size, start + size - p.ds_numel))
 
 
-def build(model: nn.Module, cfg, world) -> DeepSpeedEngineAdapter:
+def build(source, cfg, world) -> DeepSpeedEngineAdapter:
+    """ZeRO-3 partitions the model as it is materialized, one module at a time (children
+    first, `zero.Init(module=...)`); ZeRO-1/2 replicate it by design, read once in the
+    training dtype. A built nn.Module (or the debug whole load) is handed over as it is."""
     import deepspeed
 
+    from lfdist.model.materialize import prepare
+
     stage = cfg.zero_stage
+    model, filler = prepare(source)
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     ds_config = fill_config(read_config(cfg), cfg, world.world_size, _model_dtype(model), hidden)
-    params = trainable_parameters(model)
-    if not params:
+    if not trainable_parameters(model):
         raise UserError("the plan leaves no trainable parameter; train at least one block")
     replicate = _replicate_frozen(cfg, stage)
-    frozen_buffers = _keep_frozen_out_of_zero3(model) if replicate else []
+    frozen_buffers = []
+    if filler is None:
+        frozen_buffers = _keep_frozen_out_of_zero3(model) if replicate else []
+    elif stage == 3:
+        def keep_out(module: nn.Module) -> None:
+            frozen_buffers.extend(_keep_frozen_out_of_zero3(module, recurse=False))
+
+        filler.partition(model, world.device, ds_config, keep_out if replicate else None)
+    else:
+        filler.replicate(model, world.device)
+    params = trainable_parameters(model)  # materializing made new Parameter objects
     # DeepSpeed moves the module (buffers included) to its device itself.
     optimizer = make_optimizer(params, cfg)
     scheduler = make_scheduler(optimizer, cfg)

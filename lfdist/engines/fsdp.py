@@ -1,6 +1,8 @@
 """FSDP2 (`fully_shard` per block, then the root) and FSDP1 (one unit per block).
 
 The plan is applied before wrapping, so each block unit is all-frozen or all-trainable.
+The model arrives on the meta device; it is sharded first and then each rank fills only the
+shards it holds (lfdist.model.materialize).
 FSDP1 refuses mixed units (its flat parameters cannot mix requires_grad cleanly).
 """
 
@@ -22,7 +24,7 @@ def _mixed_units(blocks: nn.ModuleList) -> list[int]:
     return [i for i, b in enumerate(blocks) if len({p.requires_grad for p in b.parameters()}) > 1]
 
 
-def _fsdp2(model: nn.Module, world) -> nn.Module:
+def _fsdp2(model: nn.Module, world, filler=None) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -30,10 +32,12 @@ def _fsdp2(model: nn.Module, world) -> nn.Module:
     for block in find_blocks(model).blocks(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    if filler is not None:  # sharded on meta: each rank now reads the rows of its shards
+        filler.sharded(model, world.device)
     return model
 
 
-def _fsdp1(model: nn.Module, world) -> nn.Module:
+def _fsdp1(model: nn.Module, world, filler=None) -> nn.Module:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
@@ -70,7 +74,16 @@ def _fsdp1(model: nn.Module, world) -> nn.Module:
         )
     policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: id(m) in units)
     # An explicit device (CPU included) is what lets FSDP1 run on CPU with gloo.
-    return FSDP(model, auto_wrap_policy=policy, use_orig_params=True, device_id=world.device)
+    # On meta, FSDP1 calls param_init_fn per module of a unit before flattening and sharding
+    # it: one unit is whole at a time, never the model.
+    init = filler.module_init(world.device) if filler is not None else None
+    return FSDP(
+        model,
+        auto_wrap_policy=policy,
+        use_orig_params=True,
+        device_id=world.device,
+        param_init_fn=init,
+    )
 
 
 def _tied_param_ids(model: nn.Module) -> set[int]:
@@ -85,7 +98,12 @@ def _root_params(model: nn.Module, units: set[int]) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in inside]
 
 
-def build(model, cfg, world):
-    model = model.to(world.device)
-    wrapped = _fsdp2(model, world) if cfg.engine == "fsdp2" else _fsdp1(model, world)
+def build(source, cfg, world):
+    from lfdist.model.materialize import prepare
+
+    model, filler = prepare(source)  # on meta unless whole: frozen and trainable set first
+    if filler is None:
+        model = model.to(world.device)
+    shard = _fsdp2 if cfg.engine == "fsdp2" else _fsdp1
+    wrapped = shard(model, world, filler)
     return NativeEngine(cfg.engine, wrapped, cfg, world)

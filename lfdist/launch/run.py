@@ -30,7 +30,6 @@ def validate(
     world_size: int | None = None,
 ) -> None:
     """Every check a rank would fail on, done once up front in this process; writes nothing."""
-    from lfdist.model.blocks import fingerprint
     from lfdist.model.treatments import check_engine_supports
     from lfdist.plan import load_plan
     from lfdist.train.checkpoint import latest_checkpoint
@@ -44,8 +43,10 @@ def validate(
     check_engine_config(cfg, world_size)
     if resume:
         check_resumable(checkpoint, cfg, world_size)
+    # config.json + safetensors headers + tokenizing: the weights stay where they are.
     prepared = prepare(cfg)
-    plan.check_model(fingerprint(prepared.loaded.model))
+    plan.check_model(prepared.source.fingerprint())
+    prepared.source.check_weights()
     if not plan.trainable_blocks and all(v == "frozen" for v in plan.modules.values()):
         raise UserError("the plan trains nothing; pick a strategy or budget that trains a block")
     global_batch = cfg.train.nproc * cfg.train.batch_size * cfg.train.grad_accum

@@ -87,7 +87,7 @@ def _converted_smollm2(root: str, requirement: str) -> str:
         return dest
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     # Two torchrun ranks may both get here: one converts, the other waits and then finds it done.
-    with _file_lock(dest + ".lock"):
+    with file_lock(dest + ".lock"):
         if _complete(dest):
             return dest
         log.warning("converting SmolLM2 GGUF to a plain checkpoint once: %s -> %s", gguf, dest)
@@ -110,7 +110,7 @@ def _complete(folder: str) -> bool:
 
 
 @contextlib.contextmanager
-def _file_lock(path: str):
+def file_lock(path: str):
     with open(path, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

@@ -54,6 +54,37 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
+def check_spec(spec: str) -> str:
+    """A spec with no local folder must be a hub id (transformers resolves and caches it)."""
+    if _looks_like_path(spec) or spec.startswith("pkg:"):
+        raise UserError(
+            f"model path {spec!r} does not exist; give an existing folder, a hub id, tiny:<arch> or pkg:<name>"
+        )
+    if ":" in spec:
+        raise UserError(
+            f"unknown model spec {spec!r}; use a hub id, a folder, tiny:<arch>, pkg:smollm2-135m or pkg:minilm-l6"
+        )
+    return spec
+
+
+def tokenizer_for(spec: str):
+    """The tokenizer of a spec, without its weights (pad token set as load_model sets it)."""
+    if spec.startswith("tiny:"):
+        from lfdist.model.tokenizer import ByteTokenizer
+
+        return ByteTokenizer()
+    where = resolve_folder(spec) or check_spec(spec)
+    try:
+        tokenizer = _tokenizer(where)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"cannot load the tokenizer of {spec!r}: {str(e).splitlines()[0]}"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(
     spec: str, task: str = "lm", num_labels: int = 2, dtype: str = "float32", seed: int = 0
 ) -> Loaded:
@@ -65,17 +96,7 @@ def load_model(
 
         model = build_tiny(spec[5:], task, num_labels=num_labels, seed=seed)
         return Loaded(model.to(getattr(torch, DTYPES[dtype])), ByteTokenizer(), spec, task)
-    folder = resolve_folder(spec)
-    if folder is None:
-        if _looks_like_path(spec) or spec.startswith("pkg:"):
-            raise UserError(
-                f"model path {spec!r} does not exist; give an existing folder, a hub id, tiny:<arch> or pkg:<name>"
-            )
-        if ":" in spec:
-            raise UserError(
-                f"unknown model spec {spec!r}; use a hub id, a folder, tiny:<arch>, pkg:smollm2-135m or pkg:minilm-l6"
-            )
-        folder = spec  # a hub id: transformers resolves (and caches) it
+    folder = resolve_folder(spec) or check_spec(spec)
     import transformers
 
     auto = (

@@ -16,7 +16,6 @@ import torch.distributed as dist
 from lfdist.engines import build_engine
 from lfdist.errors import UserError
 from lfdist.job import Fault, Job, signal_name, stop_requested, write_report
-from lfdist.model.apply import apply_plan
 from lfdist.model.blocks import find_blocks
 from lfdist.model.checkpointing import checkpoint_trainable_blocks
 from lfdist.plan import atomic_write_text, load_plan
@@ -45,20 +44,28 @@ def run_training(job: Job, world) -> None:
     torch.manual_seed(tc.seed)
 
     prepared = prepare(cfg)
-    model = prepared.loaded.model
     plan = load_plan(job.plan)
-    applied = apply_plan(model, plan)
-    tracer = BackwardTracer(find_blocks(model).blocks(model))
-    frozen_before = (
-        _digest({n: p for n, p in model.named_parameters() if not p.requires_grad})
-        if job.debug.check_frozen
-        else None
-    )
-    checkpointed = checkpoint_trainable_blocks(model) if tc.activation_checkpointing else []
-    cache = _prefix_cache(model, plan, prepared, cfg) if tc.cache_frozen_prefix else None
+    built = {}
+
+    def setup(model, applied) -> None:
+        # After the plan, before the engine shards: hooks and wrappers on the whole module tree.
+        built["applied"] = applied
+        built["tracer"] = BackwardTracer(find_blocks(model).blocks(model))
+        act = checkpoint_trainable_blocks(model) if tc.activation_checkpointing else []
+        built["checkpointed"] = act
+        built["cache"] = (
+            _prefix_cache(model, plan, prepared, cfg) if tc.cache_frozen_prefix else None
+        )
+
+    # The engine materializes the model from its source: only what this rank holds.
+    source = prepared.source.with_plan(plan, setup, whole=job.debug.load_whole)
     t_build = time.perf_counter()
-    engine = build_engine(tc.engine, model, tc, world)
+    engine = build_engine(tc.engine, source, tc, world)
     build_s = time.perf_counter() - t_build
+    torch.manual_seed(tc.seed)  # dropout draws start from the seed, whatever loading consumed
+    applied, tracer, cache = built["applied"], built["tracer"], built["cache"]
+    checkpointed = built["checkpointed"]
+    frozen_before = _digest(engine.full_frozen_state()) if job.debug.check_frozen else None
     feeder = StepFeeder(
         prepared.train, tc.batch_size, tc.grad_accum, world.world_size, world.rank, tc.seed
     )
@@ -75,7 +82,7 @@ def run_training(job: Job, world) -> None:
         extra = {
             "engine": tc.engine,
             "model": dataclasses.asdict(cfg.model),
-            "num_labels": int(getattr(model.config, "num_labels", 2)),
+            "num_labels": int(source.num_labels),
         }
         save_checkpoint(ckpt_root, step, engine, world, job.plan, extra)
 

@@ -80,18 +80,47 @@ def train_split(
     Returns quality (evaluate()'s dict on `heldout`, or None), losses (per step), step_times,
     median_step_s (the median after the first step, which pays for warm-up), trainable params.
     """
+    plan = plan_for(model, treatments)
+    return train_plan(model, plan, train_data, heldout, task, tc, seed, eval_batch_size, after)
+
+
+def train_plan(
+    model: nn.Module,
+    plan: Plan,
+    train_data: dict[str, torch.Tensor],
+    heldout: dict[str, torch.Tensor] | None,
+    task: str,
+    tc,
+    seed: int,
+    eval_batch_size: int | None = None,
+    after: Callable[[nn.Module], None] | None = None,
+) -> dict:
+    """`train_split` for a strategy's plan as `lfdist select` wrote it: its PEFT treatments at
+    their own lr (the plan's lr_scale, as a real run resolves it) and lisa's re-drawing."""
+    from lfdist.engines.base import with_treatment_lrs
+
     tc = replace(tc, engine="single", nproc=1, seed=seed, save_every=0, log_every=0)
+    tc = with_treatment_lrs(tc, plan.options.get("lr_scale"))
     world = World(0, 1, 0, torch.device("cpu"))
-    structural = any(t in STRUCTURAL for t in treatments)
-    target = copy.deepcopy(model) if structural else model
+    lisa = plan.strategy == "lisa"
+    # lora/mask replace modules, and a lisa run may train any block: those train a copy.
+    copied = lisa or any(t in STRUCTURAL for t in plan.treatments)
+    target = copy.deepcopy(model) if copied else model
     with restored(target) as snapshot, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # dropout draws: the same seed gives the same run
-        applied = apply_plan(target, plan_for(target, treatments), check_fingerprint=False)
-        if not structural:
+        applied = apply_plan(target, plan, check_fingerprint=False)
+        if not copied:
             snapshot()
+        redraw = None
+        if lisa:
+            from lfdist.train.redraw import LisaSchedule
+
+            redraw = LisaSchedule(plan, target)
         engine = build_engine("single", target, tc, world)
         feeder = StepFeeder(train_data, tc.batch_size, tc.grad_accum, 1, 0, seed)
-        result = train_loop(engine, feeder, tc, world, 0, save=lambda step: None, log=_quiet)
+        result = train_loop(
+            engine, feeder, tc, world, 0, save=lambda step: None, log=_quiet, redraw=redraw
+        )
         quality = None
         if heldout is not None and len(heldout.get("input_ids", [])):
             quality = evaluate(engine.model, heldout, task, eval_batch_size or tc.batch_size)
@@ -100,13 +129,14 @@ def train_split(
         del engine  # drops the optimizer state before the weights are put back
     times = result["step_times"]
     return {
-        "treatments": list(treatments),
+        "treatments": list(plan.treatments),
         "seed": seed,
         "quality": quality,
         "losses": [result["losses"][s] for s in sorted(result["losses"])],
         "step_times": times,
         "median_step_s": statistics.median(times[1:] if len(times) > 1 else times),
         "trainable_params": applied.trainable,
+        "lr": {"full": tc.lr, **{t: getattr(tc, f"lr_{t}") for t in ("lora", "bias", "mask")}},
     }
 
 

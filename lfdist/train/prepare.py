@@ -1,8 +1,8 @@
-"""Load the model and the tokenized data a run needs, from its config."""
+"""The tokenized data a run needs and where its model comes from (no weights loaded)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,15 +12,30 @@ from lfdist.config import RunConfig
 
 @dataclass
 class Prepared:
-    loaded: Any  # lfdist.model.specs.Loaded
+    source: Any  # lfdist.model.source.ModelSource: where the weights are, none loaded
+    tokenizer: Any
     train: dict[str, torch.Tensor]
     heldout: dict[str, torch.Tensor]
     data_info: dict[str, Any]
+    _loaded: Any = field(default=None, repr=False)
+
+    @property
+    def loaded(self):
+        """The whole model in this process (lfdist.model.specs.Loaded), loaded on first use:
+        probing needs it; training and the launcher never touch it."""
+        if self._loaded is None:
+            from lfdist.model.specs import Loaded
+
+            s = self.source
+            self._loaded = Loaded(s.load_whole(), self.tokenizer, s.spec, s.task)
+        return self._loaded
 
 
 def prepare(cfg: RunConfig) -> Prepared:
+    """The tokenized data and the model's source: tokenizing needs the tokenizer only."""
     from lfdist.data import load_task_data, load_text_data
-    from lfdist.model.specs import load_model
+    from lfdist.model.source import ModelSource
+    from lfdist.model.specs import tokenizer_for
 
     d = cfg.data
     num_labels = 2
@@ -29,17 +44,19 @@ def prepare(cfg: RunConfig) -> Prepared:
         num_labels = len(
             load_text_data(d.spec, "classify", d.text_column, d.label_column).label_names
         )
-    loaded = load_model(
+    tokenizer = tokenizer_for(cfg.model.spec)
+    source = ModelSource(
         cfg.model.spec,
         cfg.model.task,
         num_labels=num_labels,
         dtype=cfg.model.dtype,
         seed=cfg.train.seed,
+        pad_token_id=tokenizer.pad_token_id,
     )
     train, heldout, info = load_task_data(
         d.spec,
         cfg.model.task,
-        loaded.tokenizer,
+        tokenizer,
         d.seq_len,
         heldout_fraction=d.heldout_fraction,
         text_column=d.text_column,
@@ -48,7 +65,8 @@ def prepare(cfg: RunConfig) -> Prepared:
         eval_spec=d.eval_spec,
     )
     heldout = _evenly_spaced(heldout, d.max_eval_examples)
-    return Prepared(loaded, train, heldout, {**info, "n_eval": len(heldout.get("input_ids", []))})
+    n_eval = len(heldout.get("input_ids", []))
+    return Prepared(source, tokenizer, train, heldout, {**info, "n_eval": n_eval})
 
 
 def _evenly_spaced(data: dict[str, torch.Tensor], limit: int | None) -> dict[str, torch.Tensor]:

@@ -74,3 +74,24 @@ def test_frozen_blocks_unchanged_and_trained_ones_move(data):
     assert any(not torch.equal(seen[7][n], first[7][n]) for n in first[7])
     # ...and it is back to the pre-trained values now.
     assert all(torch.equal(p, first[7][n]) for n, p in blocks[7].named_parameters())
+
+
+def test_lisa_and_lora_plans_train_a_copy_and_leave_the_model(data):
+    from dataclasses import replace
+
+    from lfdist.train.local import plan_for, train_plan
+
+    train, held = data
+    model = build_tiny("llama", "lm")
+    before = _state(model)
+    lisa = replace(
+        plan_for(model, ["full"] * 2 + ["frozen"] * 6, "lisa"),
+        options={"n": 2, "period": 2, "seed": 0},
+    )
+    a = train_plan(model, lisa, train, held, "lm", TC, seed=0)
+    assert _same(model, before)
+    assert a["losses"] == train_plan(model, lisa, train, held, "lm", TC, seed=0)["losses"]
+    lora = plan_for(model, ["lora"] * 8, "lora")
+    b = train_plan(model, lora, train, held, "lm", TC, seed=0)
+    assert _same(model, before) and not any("lora" in n for n, _ in model.named_parameters())
+    assert b["lr"]["lora"] == TC.lr * 10  # the PEFT default: 10x the full-fine-tuning lr
