@@ -8,7 +8,8 @@ Assumptions (each is a number a benchmark can check):
   parameters. torch's AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype (2 x 2 bytes
   per element in bf16, measured by tests/unit/test_cost.py); DeepSpeed's ZeRO optimizers keep
   an fp32 master copy plus two fp32 states (12 bytes) of their partition, in fp32 runs too
-  (measured: `lfdist bench memory`). AdamW's per-tensor step counter is left out.
+  (measured: `lfdist bench memory` in fp32, tests/distributed/test_cost_deepspeed_bf16.py in
+  bf16). AdamW's per-tensor step counter is left out.
 - frozen parameters get no gradient and no optimizer state on any engine.
 - treatments: `lora` trains r·(in + out) adapter elements per targeted projection (the
   attention projections, `per_block_lora_in_out`; r from the plan's options) plus the block's
