@@ -150,16 +150,19 @@ def check_ended(out: str, returncode: int, signum: int | None, ranks: range) -> 
             f"stopped by {signal_name(signum)}{saved}; continue with: {resume_command()}",
             exit_code=128 + signum,
         )
-    raise_reported_error(out)
-    if returncode == 0:
-        return
-    died = dead_rank(out, ranks)
-    if died is not None:
+    bad_input = [r for r in read_reports(out) if r.kind == "user"]
+    if bad_input:  # the cause a user can fix, whatever it made the other ranks do
+        raise UserError(bad_input[0].message)
+    died = dead_rank(out, ranks) if returncode != 0 else None
+    if died is not None:  # before crash reports: the survivors crash on the broken collective
         rank, how = died
         raise JobFailed(
             f"rank {rank} {how}; its output is in {os.path.join(out, 'logs', f'rank-{rank}.log')}"
             f"; continue from the last checkpoint with: {resume_command()}"
         )
+    raise_reported_error(out)
+    if returncode == 0:
+        return
     raise JobFailed(
         f"the launcher exited with code {returncode} and no rank reported why; see "
         f"{launcher_log(out)}"
