@@ -50,8 +50,12 @@ class Engine(Protocol):
     def comm_volume(self) -> dict | None:
         """Calls and bytes per collective since the start, where the engine counts them; else None."""
 
+    def trainable_shards(self) -> list[torch.Tensor]:
+        """The trainable tensors, or this rank's parts of them, as this rank holds them."""
+
     def save(self, folder: str) -> None:
-        """Write trainable weights, optimizer and scheduler state (collective)."""
+        """Each rank writes the trainable weights, optimizer and scheduler state it holds
+        (collective; nothing gathered). Layouts: lfdist/engines/shards.py."""
 
     def load(self, folder: str) -> None:
         """Read what save() wrote (collective)."""

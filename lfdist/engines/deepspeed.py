@@ -380,6 +380,7 @@ class DeepSpeedEngineAdapter:
     # -- weights and checkpoints
 
     def full_trainable_state(self) -> dict[str, torch.Tensor]:
+        """Full trainable weights on every rank (collective): for tests; checkpoints never gather."""
         import deepspeed
 
         named = [(n, p) for n, p in self.model.module.named_parameters() if p.requires_grad]
@@ -424,11 +425,41 @@ class DeepSpeedEngineAdapter:
             )
         return out
 
+    def trainable_shards(self) -> list[torch.Tensor]:
+        """The trainable tensors this rank holds: ZeRO-3 partitions, ZeRO-1/2 replicas."""
+        params = [p for p in self.model.module.parameters() if p.requires_grad]
+        return [p.ds_tensor if self.stage == 3 else p.data for p in params]
+
     def save(self, folder: str) -> None:
-        # Frozen weights come back from the base model: keep them out of the files.
+        """DeepSpeed's own files (each rank its optimizer partition) under deepspeed/, frozen
+        weights excluded, plus the trainable weights each rank owns under weights/ (export)."""
+        from lfdist.engines.shards import write_partitions
+
         self.model.save_checkpoint(
             folder, tag=TAG, save_latest=False, exclude_frozen_parameters=True
         )
+        parts = self._owned_weights()
+        if parts:
+            write_partitions(folder, self.world.rank, parts)
+
+    def _owned_weights(self) -> dict[str, tuple[torch.Tensor, list, int]]:
+        from lfdist.engines.base import clean_name
+
+        named = [
+            (clean_name(n), p) for n, p in self.model.module.named_parameters() if p.requires_grad
+        ]
+        if self.stage != 3:  # replicated: one copy is enough
+            if not self.world.is_main:
+                return {}
+            return {n: (p.detach().flatten(), list(p.shape), 0) for n, p in named}
+        parts = {}
+        for n, p in named:
+            size = p.ds_tensor.numel()
+            start = size * self.world.rank
+            valid = max(0, min(size, p.ds_numel - start))  # the tail is alignment padding
+            if valid:
+                parts[n] = (p.ds_tensor.detach().narrow(0, 0, valid), list(p.ds_shape), start)
+        return parts
 
     def load(self, folder: str) -> None:
         if not os.path.isdir(os.path.join(folder, TAG)):
@@ -436,16 +467,53 @@ class DeepSpeedEngineAdapter:
                 f"checkpoint {folder!r} has no DeepSpeed state ({TAG}/); it was written by "
                 "another engine: resume with the engine that wrote it"
             )
-        path, _ = self.model.load_checkpoint(
-            folder,
-            tag=TAG,
-            load_module_strict=False,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
+        restore = _load_weights_only(self.model)
+        try:
+            path, _ = self.model.load_checkpoint(
+                folder,
+                tag=TAG,
+                load_module_strict=False,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
+        finally:
+            restore()
         if path is None:
             raise UserError(f"DeepSpeed could not load the checkpoint in {folder!r}")
         self._micro = 0
+
+
+def _load_weights_only(engine):
+    """DeepSpeed reads its files with torch.load(weights_only=False), which runs whatever a
+    crafted file holds. Until the returned `restore()`, it reads them with weights_only=True,
+    allowing only the plain-data classes DeepSpeed itself pickles (its enums, loss scaler,
+    fragment address)."""
+    import pickle
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+    checkpoint_engine = engine.checkpoint_engine
+
+    def load(path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UserError(
+                f"checkpoint file {path!r} holds objects that are not plain data "
+                f"({str(e).splitlines()[-1][:160]}); it is not loaded: resume from a checkpoint "
+                "lfdist wrote"
+            ) from None
+
+    checkpoint_engine.load = load  # an instance attribute shadows the class's method
+
+    def restore() -> None:
+        del checkpoint_engine.load
+
+    return restore
 
 
 def _ds_padding(p, world) -> int:

@@ -1,8 +1,9 @@
 """The engine shared by DDP, FSDP2 and FSDP1: only the wrapping differs between them.
 
-Checkpoints use torch.distributed.checkpoint's state-dict API with full (gathered) state
-dicts, so one code path saves and restores DDP, FSDP1 and FSDP2 alike; frozen parameters are
-left out (they come back from the base model).
+Checkpoints are sharded: torch.distributed.checkpoint (DCP) writes what each rank holds (an
+FSDP shard; DDP's replicas once) and reshards on load, so one code path saves and restores
+DDP, FSDP1 and FSDP2 alike, on this world size or another; frozen parameters are left out
+(they come back from the base model). Layout and trust: lfdist/engines/shards.py.
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ class NativeEngine:
         )
 
     def full_trainable_state(self) -> dict[str, torch.Tensor]:
+        """Full trainable weights on every rank (collective): for tests; checkpoints never gather."""
         state = get_model_state_dict(self.model, options=self._options())
         return {clean_name(k): v for k, v in state.items()}
 
@@ -172,30 +174,45 @@ class NativeEngine:
     def comm_volume(self) -> dict | None:
         return None  # torch.distributed keeps no count of its collectives
 
+    def trainable_shards(self) -> list[torch.Tensor]:
+        """The trainable tensors this rank holds (its FSDP shards; DDP's full replicas)."""
+        out = []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                to_local = getattr(p, "to_local", None)
+                out.append(to_local() if to_local is not None else p)
+        return out
+
+    def _sharded(self) -> StateDictOptions:
+        # Not full_state_dict: every rank keeps its own shards, nothing is gathered.
+        return StateDictOptions(ignore_frozen_params=True)
+
     def save(self, folder: str) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
+        import json
+
+        from lfdist.engines.shards import SCHEDULER, save_dcp
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._sharded())
+        save_dcp({"model": model_sd, "optim": optim_sd}, folder)
         if self.world.is_main:
-            torch.save(
-                {
-                    "model": model_sd,
-                    "optimizer": optim_sd,
-                    "scheduler": self.scheduler.state_dict(),
-                },
-                os.path.join(folder, "engine.pt"),
-            )
-        if dist.is_initialized():
-            dist.barrier()  # the file is complete before any rank may read it
+            with open(os.path.join(folder, SCHEDULER), "w") as f:
+                json.dump(self.scheduler.state_dict(), f)
 
     def load(self, folder: str) -> None:
-        # Every rank reads the gathered file; set_state_dict reshards it for FSDP.
-        blob = torch.load(os.path.join(folder, "engine.pt"), map_location="cpu", weights_only=False)
+        import json
+
+        from lfdist.engines.shards import SCHEDULER, load_dcp
+
+        # This run's own (possibly differently sharded) state says what to read; DCP fills it.
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._sharded())
+        state = {"model": model_sd, "optim": optim_sd}
+        load_dcp(state, folder)
         set_state_dict(
             self.model,
             self.optimizer,
-            model_state_dict=blob["model"],
-            optim_state_dict=blob["optimizer"],
-            options=StateDictOptions(full_state_dict=True, strict=False),
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),  # frozen: base
         )
-        self.scheduler.load_state_dict(blob["scheduler"])
-        if dist.is_initialized():
-            dist.barrier()
+        with open(os.path.join(folder, SCHEDULER)) as f:
+            self.scheduler.load_state_dict(json.load(f))

@@ -1,7 +1,29 @@
 """Checkpoints: plan + trainable weights + optimizer + scheduler + RNG + data position.
 
-Written into a temporary folder, checksummed, then renamed into place, so a crash or a
-kill never leaves a checkpoint that looks complete but is not. `latest` names the newest.
+Layout of a run's checkpoints/ folder (format 2):
+
+    latest                  the name of the newest complete checkpoint, `step-NNNNNN`, nothing else
+    step-NNNNNN/            the state after NNNNNN optimizer steps
+      state.json            step, data_position (= step: the feed is a function of the step),
+                            world_size, engine, model, num_labels, config (the run's settings),
+                            format
+      plan.yaml             the plan the run trains: part of the checkpoint, compared on --resume
+      rng-rankR.pt          rank R's RNG: python `random`, torch CPU and CUDA generator states
+                            (plain tuples and tensors: loads with torch.load(weights_only=True))
+      dcp/                  DDP / FSDP1 / FSDP2: trainable weights + optimizer, each rank's
+                            shards (torch.distributed.checkpoint), and scheduler.json
+      deepspeed/            DeepSpeed's own files (each rank's optimizer partition), frozen
+                            parameters excluded, and weights/ (each rank's trainable slices)
+      checksums.json        sha256 of every other file in the folder: a file missing from it,
+                            or listed but absent, makes the checkpoint invalid
+
+Sharded: every rank writes what it holds (lfdist/engines/shards.py); nothing is gathered.
+Atomic: written into `.step-NNNNNN.tmp`, checksummed, renamed into place, then `latest` is
+replaced, so a crash or a kill never leaves a checkpoint that looks complete but is not.
+Never written when a trainable weight is not finite: the last good checkpoint stays `latest`.
+Trusted only after the checks: the manifest is complete and matches, `latest` names a step
+folder inside this root, and nothing is unpickled beyond plain data (weights_only=True).
+Every rank must see the same folder (a shared filesystem across nodes).
 """
 
 from __future__ import annotations
@@ -9,7 +31,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 
 import torch
@@ -18,6 +42,8 @@ import torch.distributed as dist
 from lfdist.errors import UserError
 
 CHECKSUMS = "checksums.json"
+FORMAT = 2
+STEP_NAME = re.compile(r"step-\d{6}")
 
 
 def _barrier() -> None:
@@ -35,46 +61,65 @@ def _sha256(path: str) -> str:
 
 def rng_state() -> dict:
     return {
-        "python": random.getstate(),
+        "python": random.getstate(),  # (version, tuple of ints, gauss): plain data
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _all_ranks_true(ok: bool, world) -> bool:
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=world.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def check_finite(engine, world, step: int) -> None:
+    """Collective: refuse to checkpoint weights that are not finite on any rank."""
+    ok = all(bool(torch.isfinite(t).all()) for t in engine.trainable_shards())
+    if not _all_ranks_true(ok, world):
+        raise UserError(
+            f"the trainable weights are not finite after step {step}; no checkpoint written, the "
+            "last good one is kept — lower train.lr or keep train.max_grad_norm on"
+        )
+
+
 def save_checkpoint(root: str, step: int, engine, world, plan_path: str, extra: dict) -> str:
     """Collective: every rank calls. Returns the final folder."""
-    from safetensors.torch import save_file
-
+    check_finite(engine, world, step)
     name = f"step-{step:06d}"
     final = os.path.join(root, name)
     tmp = os.path.join(root, f".{name}.tmp")
     if world.is_main:
+        os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
     engine.save(tmp)
-    trainable = engine.full_trainable_state()
     torch.save(rng_state(), os.path.join(tmp, f"rng-rank{world.rank}.pt"))
     if world.is_main:
-        save_file(
-            {k: v.contiguous() for k, v in trainable.items()},
-            os.path.join(tmp, "trainable.safetensors"),
-        )
         shutil.copy(plan_path, os.path.join(tmp, "plan.yaml"))
+        state = {
+            "format": FORMAT,
+            "step": step,
+            "data_position": step,
+            "world_size": world.world_size,
+            **extra,
+        }
         with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(
-                {"step": step, "data_position": step, "world_size": world.world_size, **extra}, f
-            )
+            json.dump(state, f, indent=1)
     _barrier()
+    sums = _checksums(tmp, world)
     if world.is_main:
-        sums = {f: _sha256(os.path.join(tmp, f)) for f in _all_files(tmp)}
         with open(os.path.join(tmp, CHECKSUMS), "w") as f:
             json.dump(sums, f, indent=1)
         shutil.rmtree(final, ignore_errors=True)
@@ -86,48 +131,111 @@ def save_checkpoint(root: str, step: int, engine, world, plan_path: str, extra: 
     return final
 
 
+def _checksums(folder: str, world) -> dict[str, str]:
+    """Every rank hashes its share of the files (the shards are as many as the ranks)."""
+    files = _all_files(folder)
+    mine = {f: _sha256(os.path.join(folder, f)) for f in files[world.rank :: world.world_size]}
+    if not dist.is_initialized():
+        return mine
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in sorted(part.items())}
+
+
 def _all_files(folder: str) -> list[str]:
-    """Every file below folder (engines such as DeepSpeed write subfolders), relative, sorted."""
+    """Every entry below folder, relative, sorted; links and special files are refused."""
     out = []
-    for root, _, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder):
+        for entry in dirs + files:
+            path = os.path.join(root, entry)
+            if os.path.islink(path) or not (os.path.isdir(path) or os.path.isfile(path)):
+                raise UserError(
+                    f"checkpoint {folder!r} holds {path!r}, which is a link or not a regular file; "
+                    "resume from a checkpoint lfdist wrote"
+                )
         out += [os.path.relpath(os.path.join(root, f), folder) for f in files]
     return sorted(f for f in out if f != CHECKSUMS)
 
 
 def verify(folder: str) -> None:
+    """The manifest lists every file in the folder and each matches its digest."""
     path = os.path.join(folder, CHECKSUMS)
     if not os.path.isfile(path):
         raise UserError(
             f"checkpoint {folder!r} is incomplete (no {CHECKSUMS}); resume from an earlier one"
         )
-    with open(path) as f:
-        sums = json.load(f)
-    for name, digest in sums.items():
-        file = os.path.join(folder, name)
-        if not os.path.isfile(file) or _sha256(file) != digest:
+    try:
+        with open(path) as f:
+            sums = json.load(f)
+    except ValueError:
+        sums = None
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise UserError(
+            f"checkpoint {folder!r} has a malformed {CHECKSUMS}; resume from an earlier one"
+        )
+    present = set(_all_files(folder))
+    missing, extra = sorted(set(sums) - present), sorted(present - set(sums))
+    if missing or extra:
+        what = f"{missing[0]!r} is listed but absent" if missing else f"{extra[0]!r} is not listed"
+        raise UserError(
+            f"checkpoint {folder!r} does not match its {CHECKSUMS} ({what}); resume from an "
+            "earlier checkpoint"
+        )
+    for name, digest in sorted(sums.items()):
+        if _sha256(os.path.join(folder, name)) != digest:
             raise UserError(
-                f"checkpoint file {file!r} is missing or corrupt (checksum mismatch); resume from an earlier checkpoint"
+                f"checkpoint file {os.path.join(folder, name)!r} is corrupt (checksum mismatch); "
+                "resume from an earlier checkpoint"
             )
 
 
 def latest_checkpoint(root: str) -> str | None:
+    """The folder `latest` names: a `step-NNNNNN` folder directly inside root, nothing else."""
     pointer = os.path.join(root, "latest")
     if not os.path.isfile(pointer):
         return None
-    with open(pointer) as f:
-        return os.path.join(root, f.read().strip())
+    with open(pointer, errors="replace") as f:
+        name = f.read().strip()
+    folder = os.path.join(root, name)
+    if not STEP_NAME.fullmatch(name) or os.path.islink(folder) or not os.path.isdir(folder):
+        raise UserError(
+            f"{pointer!r} names {name[:80]!r}, not a step-NNNNNN checkpoint folder in "
+            f"{root!r}; write the newest complete step folder's name into it"
+        )
+    return folder
+
+
+def can_reshard(engine_name: str) -> bool:
+    """DCP reshards the native engines' checkpoints; DeepSpeed's ZeRO partitions do not."""
+    return engine_name in ("ddp", "single", "fsdp2", "fsdp1")
 
 
 def load_checkpoint(folder: str, engine, world) -> dict:
     """Collective. Restores engine state and this rank's RNG; returns state.json."""
+    from lfdist.train.resume import read_state
+
     verify(folder)
-    with open(os.path.join(folder, "state.json")) as f:
-        state = json.load(f)
-    if state["world_size"] != world.world_size:
+    state = read_state(folder)
+    written_by = state.get("world_size")
+    if written_by != world.world_size and not can_reshard(engine.name):
         raise UserError(
-            f"checkpoint {folder!r} was written by {state['world_size']} ranks but this run has "
-            f"{world.world_size}; resume with --nproc {state['world_size']}"
+            f"checkpoint {folder!r} was written by {written_by} ranks but this run has "
+            f"{world.world_size}; {engine.name} cannot reshard its checkpoint: resume with "
+            f"--nproc {written_by}"
+        )
+    if state.get("engine", engine.name) != engine.name:
+        raise UserError(
+            f"checkpoint {folder!r} was written by engine {state['engine']} but this run uses "
+            f"{engine.name}; resume with --engine {state['engine']}"
         )
     engine.load(folder)
-    set_rng_state(torch.load(os.path.join(folder, f"rng-rank{world.rank}.pt"), weights_only=False))
+    rng = os.path.join(folder, f"rng-rank{world.rank}.pt")
+    if os.path.isfile(rng):  # a rank the writing run did not have keeps its seeded state
+        try:
+            set_rng_state(torch.load(rng, weights_only=True))
+        except (pickle.UnpicklingError, RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise UserError(
+                f"checkpoint file {rng!r} is not an RNG state lfdist wrote ({str(e)[:120]}); "
+                "resume from an earlier checkpoint"
+            ) from None
     return state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from lfdist.engines import build_engine
+from lfdist.engines.base import optimizer_lrs, with_treatment_lrs
 from lfdist.errors import UserError
 from lfdist.job import Fault, Job, signal_name, stop_requested, write_report
 from lfdist.model.blocks import find_blocks
@@ -25,6 +27,8 @@ from lfdist.train.feed import StepFeeder
 from lfdist.train.loop import train_loop
 from lfdist.train.measure import BackwardTracer, peak_memory_bytes
 from lfdist.train.prepare import prepare
+from lfdist.train.redraw import LisaSchedule
+from lfdist.train.resume import check_resume
 
 
 def _gather(obj) -> list:
@@ -45,6 +49,17 @@ def run_training(job: Job, world) -> None:
 
     prepared = prepare(cfg)
     plan = load_plan(job.plan)
+    # PEFT treatments' lrs from the plan (lr_scale) unless the config names them: engines read tc.
+    tc = with_treatment_lrs(tc, plan.options.get("lr_scale"))
+    lisa = plan.strategy == "lisa"
+    if lisa and tc.cache_frozen_prefix:
+        raise UserError(
+            "--cache-frozen-prefix cannot run a lisa plan: its frozen prefix changes with every "
+            "draw; drop the flag"
+        )
+    resume_from = latest_checkpoint(ckpt_root) if job.resume else None
+    if resume_from is not None:  # again here (the launcher checked and printed the changes)
+        check_resume(resume_from, cfg.to_dict(), plan)
     built = {}
 
     def setup(model, applied) -> None:
@@ -56,6 +71,7 @@ def run_training(job: Job, world) -> None:
         built["cache"] = (
             _prefix_cache(model, plan, prepared, cfg) if tc.cache_frozen_prefix else None
         )
+        built["redraw"] = LisaSchedule(plan, model) if lisa else None
 
     # The engine materializes the model from its source: only what this rank holds.
     source = prepared.source.with_plan(plan, setup, whole=job.debug.load_whole)
@@ -65,16 +81,18 @@ def run_training(job: Job, world) -> None:
     torch.manual_seed(tc.seed)  # dropout draws start from the seed, whatever loading consumed
     applied, tracer, cache = built["applied"], built["tracer"], built["cache"]
     checkpointed = built["checkpointed"]
+    redraw = built["redraw"]
     frozen_before = _digest(engine.full_frozen_state()) if job.debug.check_frozen else None
     feeder = StepFeeder(
         prepared.train, tc.batch_size, tc.grad_accum, world.world_size, world.rank, tc.seed
     )
 
     start = 0
-    if job.resume:
-        folder = latest_checkpoint(ckpt_root)
-        if folder is not None:
-            start = load_checkpoint(folder, engine, world)["step"]
+    if resume_from is not None:
+        if redraw is not None:  # the checkpoint's optimizer holds the draw of its step
+            redraw.at(engine, _checkpoint_step(resume_from))
+        with _every_block(redraw, engine):
+            start = load_checkpoint(resume_from, engine, world)["step"]
     if world.is_main:
         os.makedirs(ckpt_root, exist_ok=True)
 
@@ -83,14 +101,16 @@ def run_training(job: Job, world) -> None:
             "engine": tc.engine,
             "model": dataclasses.asdict(cfg.model),
             "num_labels": int(source.num_labels),
+            "config": cfg.to_dict(),  # what a --resume may not change (lfdist/train/resume.py)
         }
-        save_checkpoint(ckpt_root, step, engine, world, job.plan, extra)
+        with _every_block(redraw, engine):  # lisa: every block may have trained by now
+            save_checkpoint(ckpt_root, step, engine, world, job.plan, extra)
 
     do_eval = job.evaluate and len(prepared.heldout.get("input_ids", []))
     # The base model's quality on the same held-out set: the reference the run is judged by.
     before = (
         evaluate(engine.model, prepared.heldout, cfg.model.task, tc.batch_size, world.device)
-        if do_eval and start == 0
+        if do_eval and start == 0 and tc.eval_before
         else None
     )
     last = min(tc.steps, job.debug.stop_after or tc.steps)  # a simulated preemption
@@ -104,11 +124,13 @@ def run_training(job: Job, world) -> None:
         tracer,
         before_micro=cache.select if cache else None,
         stop=_step_boundary(job, world),
+        redraw=redraw,
     )
     tracer.remove()
     done = start + len(result["losses"])
     stopped = done < last  # the loop ends early only where every rank agreed to stop
-    if not (stopped and done == start and start > 0):  # else that checkpoint exists already
+    # A stopped job always saves (unless that checkpoint exists already); a finished one as asked.
+    if (stopped or tc.save_final) and not (stopped and done == start and start > 0):
         save(done)
     if stopped and world.is_main:
         write_report(
@@ -137,6 +159,7 @@ def run_training(job: Job, world) -> None:
             "plan": {
                 "strategy": plan.strategy,
                 "treatments": plan.treatments,
+                "modules": plan.modules,
                 "boundary": plan.boundary,
                 "predicted": plan.predicted,
             },
@@ -153,9 +176,22 @@ def run_training(job: Job, world) -> None:
             "prefix_cache": {"hits": cache.hits, "misses": cache.misses} if cache else None,
             "frozen_digest": {"before": frozen_before, "after": frozen_after},
             "comms": engine.comm_volume(),
+            "lrs": optimizer_lrs(engine.optimizer),  # peak lr of each treatment's group
+            "trained_blocks": (
+                {str(k): v for k, v in result["trained_blocks"].items()} if redraw else None
+            ),
             "stopped": {"step": done, "signal": _stop_signal()} if stopped else None,
         }
         _merge_metrics(os.path.join(out, "metrics.json"), metrics)
+
+
+def _checkpoint_step(folder: str) -> int:
+    with open(os.path.join(folder, "state.json")) as f:
+        return int(json.load(f)["step"])
+
+
+def _every_block(redraw, engine):
+    return redraw.all_blocks_trainable(engine) if redraw is not None else contextlib.nullcontext()
 
 
 def _step_boundary(job: Job, world):

@@ -107,9 +107,7 @@ def test_engine_exact_facts(tmp_path, single_reference, engine, plan_name, treat
 
 
 def _assert_trainable_changed(run, treatments):
-    from safetensors.torch import load_file
-
-    trained = load_file(str(run / "checkpoints/step-000003/trainable.safetensors"))
+    trained = _trained(run / "checkpoints/step-000003")
     base = build_tiny("llama", "lm").state_dict()
     block_weights = [n for n in trained if n.startswith("model.layers.")]
     assert {int(n.split(".")[2]) for n in block_weights} == {
@@ -118,6 +116,14 @@ def _assert_trainable_changed(run, treatments):
     assert all(
         not torch.equal(trained[n], base[n]) for n in block_weights if n.endswith("proj.weight")
     )
+
+
+def _trained(step_folder) -> dict[str, torch.Tensor]:
+    """The trained tensors of a (sharded) checkpoint, read back in one process."""
+    from lfdist.engines.shards import TrainedWeights
+
+    weights = TrainedWeights(str(step_folder))
+    return weights.read(weights.shapes)
 
 
 def _predicted(treatments, engine):
@@ -151,10 +157,8 @@ def test_resume_is_exact(tmp_path, engine):
         assert resumed["losses"][step] == pytest.approx(
             straight["losses"][step], rel=1e-6, abs=1e-7
         )
-    from safetensors.torch import load_file
-
-    a = load_file(str(tmp_path / "straight/checkpoints/step-000006/trainable.safetensors"))
-    b = load_file(str(tmp_path / "resumed/checkpoints/step-000006/trainable.safetensors"))
+    a = _trained(tmp_path / "straight/checkpoints/step-000006")
+    b = _trained(tmp_path / "resumed/checkpoints/step-000006")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6)
