@@ -179,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("kind", choices=["memory", "quality", "probe"])
     b.add_argument("--tiny", action="store_true", help="tiny models, minutes on CPU")
     b.add_argument("--out", required=True)
+    b.add_argument(
+        "--reuse",
+        metavar="DIR",
+        help="quality: read the oracle sweep from an earlier --out (re-score without re-training)",
+    )
     return p
 
 
@@ -319,7 +324,7 @@ def dispatch(args) -> int:
 
         if not args.tiny and args.kind == "memory":
             raise UserError("bench memory runs on tiny models only for now; pass --tiny")
-        print(f"wrote {run_bench(args.kind, args.out, tiny=args.tiny)}")
+        print(f"wrote {run_bench(args.kind, args.out, tiny=args.tiny, reuse=args.reuse)}")
     return 0
 
 

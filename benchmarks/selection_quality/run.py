@@ -1,0 +1,27 @@
+"""Selection-quality benchmark (SPEC 6): the oracle sweep and the strategies' scores.
+
+    python benchmarks/selection_quality/run.py                       # both tasks, ~45 min on 2 cores
+    python benchmarks/selection_quality/run.py --only minilm-bbc     # one task (run tasks side by side)
+    python benchmarks/selection_quality/run.py --reuse benchmarks/selection_quality  # re-score only
+
+Same as `lfdist bench quality --out benchmarks/selection_quality [--reuse DIR]`, plus --only.
+Writes quality.json / .md / .png and oracle-<task>.json (the sweep, cached per run) here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from lfdist.bench.quality import run
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=HERE)
+    p.add_argument("--reuse", help="folder of an earlier run: re-score without the sweep")
+    p.add_argument("--only", nargs="*", help="task names (minilm-bbc, smollm2-docs)")
+    p.add_argument("--tiny", action="store_true")
+    a = p.parse_args()
+    print(run(a.out, tiny=a.tiny, reuse=a.reuse, only=a.only))

@@ -1,0 +1,336 @@
+"""`lfdist bench quality`: does a strategy pick the right blocks? (SPEC 6)
+
+Per task: the oracle sweep (lfdist.bench.oracle) trains every split k with the same steps, lr,
+batch and seeds; the probe runs as `lfdist probe` would for salf's defaults (pilots sized to
+the run) plus gradnorm's backward pass and critical's all-block pilot; every strategy selects
+from that probe, and each plan is trained with the same recipe and seeds. Two scores
+(lfdist.bench.quality_scores): (a) the cheapest split within tolerance of full fine-tuning
+(salf and top's default pick against the oracle's k_tol), (b) quality at equal trainable
+blocks. Results: quality.json / .md / .png, and oracle-<task>.json per task (the cache that
+`--reuse DIR` reads, so strategies are re-scored without re-training the sweep).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from lfdist.bench.oracle import Oracle, metric_of, plan_key, prefix
+from lfdist.bench.quality_scores import (
+    TOLERANCE,
+    best_within,
+    cheapest_score,
+    k_tol,
+    separation,
+    shortfall,
+)
+from lfdist.errors import UserError
+
+STRATEGIES = ("salf", "top", "bottom", "random", "gradnorm", "critical", "lisa", "lora")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    model: str
+    data: str
+    task: str
+    seq_len: int
+    steps: int
+    lr: float
+    batch: int
+    seeds: list[int]
+    ks: list[int] | None = None  # None: every split 0..L-1
+    max_examples: int | None = None
+    max_eval: int | None = None
+    probe_samples: int = 64
+    critical_steps: int = 10
+    warmup: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+TASKS = [
+    TaskSpec(
+        "minilm-bbc",
+        "pkg:minilm-l6",
+        "pkg:bbc-news",
+        "classify",
+        seq_len=64,
+        steps=40,
+        lr=3e-4,
+        batch=8,
+        seeds=[0, 1, 2],
+        probe_samples=64,
+        critical_steps=8,
+    ),
+    TaskSpec(
+        "smollm2-docs",
+        "pkg:smollm2-135m",
+        "pkg:python-docs",
+        "lm",
+        seq_len=64,
+        steps=16,
+        lr=1e-4,
+        batch=4,
+        seeds=[0, 1],
+        ks=[0, 2, 4, 8, 16, 24],
+        max_examples=2000,
+        max_eval=64,
+        probe_samples=32,
+        critical_steps=4,
+    ),
+]
+TINY_TASKS = [
+    TaskSpec(
+        "tiny-bert",
+        "tiny:bert",
+        "synthetic:classify:300",
+        "classify",
+        32,
+        8,
+        1e-3,
+        4,
+        [0, 1],
+        ks=[0, 2, 4, 6, 7],
+    ),
+    TaskSpec(
+        "tiny-llama",
+        "tiny:llama",
+        "synthetic:lm:200",
+        "lm",
+        32,
+        8,
+        1e-3,
+        4,
+        [0, 1],
+        ks=[0, 2, 4, 6, 7],
+        max_eval=32,
+    ),
+]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _config(spec: TaskSpec):
+    from lfdist.config import DataConfig, ModelConfig, ProbeConfig, RunConfig, TrainConfig
+
+    return RunConfig(
+        model=ModelConfig(spec=spec.model, task=spec.task),
+        data=DataConfig(
+            spec=spec.data,
+            seq_len=spec.seq_len,
+            max_examples=spec.max_examples,
+            max_eval_examples=spec.max_eval,
+        ),
+        probe=ProbeConfig(
+            samples=spec.probe_samples,
+            gradnorm=True,
+            pilots=True,
+            critical_steps=spec.critical_steps,
+        ),
+        train=TrainConfig(
+            engine="single",
+            nproc=1,
+            steps=spec.steps,
+            batch_size=spec.batch,
+            lr=spec.lr,
+            warmup_steps=spec.warmup,
+            log_every=0,
+        ),
+    )
+
+
+def _frozen_bottom(treatments: list[str]) -> int | None:
+    """k when the plan is a frozen prefix with everything above fully trained, else None."""
+    k = next((i for i, t in enumerate(treatments) if t != "frozen"), len(treatments))
+    return k if all(t == "full" for t in treatments[k:]) else None
+
+
+def _options(strategy: str, n: int) -> dict:
+    if strategy == "critical":
+        return {"m": n}
+    if strategy in ("top", "bottom", "random", "gradnorm", "lisa"):
+        return {"n": n}
+    return {}  # salf (its own pick), lora (adapters on every block)
+
+
+def run_task(spec: TaskSpec, out: str, reuse: str | None = None) -> dict:
+    from lfdist import pipeline
+    from lfdist.registry import strategy_names
+    from lfdist.select import select_plan
+    from lfdist.train.local import plan_for
+    from lfdist.train.prepare import prepare
+
+    cfg = _config(spec)
+    t_start = time.perf_counter()
+    prepared = prepare(cfg)
+    model = prepared.loaded.model
+    L = _n_blocks(model)
+    settings = {**asdict(spec), "n_eval": int(len(prepared.heldout["input_ids"]))}
+    path = os.path.join(out, f"oracle-{spec.name}.json")
+    if reuse:
+        oracle = Oracle.load(os.path.join(reuse, f"oracle-{spec.name}.json"), settings, L, _log)
+        oracle.path = path
+    else:
+        oracle = Oracle(path, settings, L, _log)
+    seeds, ks = spec.seeds, spec.ks or list(range(L))
+    _log(f"{spec.name}: oracle sweep over k = {ks}, seeds {seeds}")
+    t0 = time.perf_counter()
+    for k in ks:
+        oracle.train(model, plan_for(model, prefix(L, k)), prepared, cfg.train, seeds)
+    sweep_s = time.perf_counter() - t0
+
+    _log(f"{spec.name}: probe (salf's pilots, gradnorm, critical)")
+    t0 = time.perf_counter()
+    probe = pipeline.probe(
+        cfg, os.path.join(out, f"probe-{spec.name}.json"), overwrite=True, progress=False
+    )
+    probe_wall = time.perf_counter() - t0
+
+    plans, errors = {}, {}
+    available = set(strategy_names())
+    for s in STRATEGIES:
+        if s in available:
+            try:
+                plans[s] = {"default": select_plan(probe, s)}
+            except UserError as e:
+                errors[s] = str(e)
+    salf_k = plans["salf"]["default"].boundary if "salf" in plans else None
+    oracle_k = k_tol(spec.task, oracle.splits(seeds))
+    budget_k = next(k for k in (salf_k, oracle_k, L // 2) if k)  # 0 would make every plan equal
+    n_budget = L - budget_k
+    for s in list(plans):
+        try:
+            plans[s]["budget"] = (
+                plans[s]["default"]
+                if s == "salf"
+                else select_plan(probe, s, options=_options(s, n_budget))
+            )
+        except UserError as e:
+            errors[s] = str(e)
+            del plans[s]
+    # Contiguous default picks (salf's, top's) join the sweep, so score (a) can read them.
+    for s in ("salf", "top"):
+        k = _frozen_bottom(plans[s]["default"].treatments) if s in plans else None
+        if k is not None:
+            oracle.train(model, plan_for(model, prefix(L, k)), prepared, cfg.train, seeds)
+    for p in plans.values():
+        oracle.train(model, p["budget"], prepared, cfg.train, seeds)
+    splits = oracle.splits(seeds)
+    oracle_k = k_tol(spec.task, splits)
+    oracle.save()
+    return _score(
+        spec,
+        probe,
+        plans,
+        errors,
+        oracle,
+        splits,
+        oracle_k,
+        n_budget,
+        {
+            "sweep_s": sweep_s,
+            "probe_wall_s": probe_wall,
+            "total_s": time.perf_counter() - t_start,
+        },
+    )
+
+
+def _n_blocks(model) -> int:
+    from lfdist.model.blocks import find_blocks
+
+    return find_blocks(model).n_blocks
+
+
+def _salf_cost(probe, spec: TaskSpec, splits: dict, k: int | None) -> dict:
+    """Probe forward + salf's pilots in seconds, against the run salf plans (its split's
+    measured step time x the run's steps). gradnorm's and critical's passes are not salf's."""
+    t = probe.timings
+    spent = float(t.get("forward_s", 0.0)) + float(t.get("pilot_s", 0.0))
+    run_s = spec.steps * splits[k]["step_s"] if k in splits else None
+    return {
+        "probe_forward_s": t.get("forward_s"),
+        "pilot_s": t.get("pilot_s", 0.0),
+        "gradnorm_s": t.get("gradnorm_s"),
+        "critical_s": t.get("critical_s"),
+        "salf_s": spent,
+        "run_s": run_s,
+        "fraction": spent / run_s if run_s else None,
+    }
+
+
+def _score(spec, probe, plans, errors, oracle, splits, oracle_k, n_budget, wall) -> dict:
+    task, seeds, L = spec.task, spec.seeds, oracle.n_blocks
+    cheapest = {}
+    for s in ("salf", "top"):
+        k = _frozen_bottom(plans[s]["default"].treatments) if s in plans else None
+        if k is not None:
+            cheapest[s] = cheapest_score(task, splits, k, oracle_k)
+    best_k = best_within(task, splits, L, n_budget)
+    at_budget = {}
+    for s, p in plans.items():
+        plan = p["budget"]
+        summary = oracle.summary(plan_key(plan.treatments, plan.strategy, plan.options), seeds)
+        at_budget[s] = {
+            **summary,
+            "treatments": plan.treatments,
+            "trained_blocks": [i for i, t in enumerate(plan.treatments) if t != "frozen"],
+            "options": {k: v for k, v in plan.options.items() if k in ("n", "m", "period", "seed")},
+            "shortfall_vs_best_fit": shortfall(task, splits[best_k]["mean"], summary["mean"]),
+        }
+    salf = plans.get("salf", {}).get("default")
+    scores = salf.scores if salf is not None else {}
+    return {
+        "task": asdict(spec),
+        "n_blocks": L,
+        "n_eval": oracle.settings["n_eval"],
+        "metric": metric_of(task),
+        "tolerance": TOLERANCE[task],
+        "seeds": seeds,
+        "oracle": {str(k): v for k, v in splits.items()},
+        "k_tol": oracle_k,
+        "separation": separation(task, splits),
+        "cheapest": cheapest,
+        "budget_blocks": n_budget,
+        "best_fit_k": best_k,
+        "at_budget": at_budget,
+        "salf": {
+            "k": salf.boundary if salf is not None else None,
+            "estimator": scores.get("estimator"),
+            "predicted": scores.get("predicted"),
+            "plan_cost_fraction": scores.get("cost_fraction"),
+            "pilot_plan": scores.get("pilot_plan") or scores.get("pilot_skipped"),
+            "cost": _salf_cost(probe, spec, splits, salf.boundary if salf else None),
+        },
+        "errors": errors,
+        "wall": wall,
+    }
+
+
+def run(
+    out: str, tiny: bool = True, reuse: str | None = None, only: list[str] | None = None
+) -> str:
+    from lfdist.bench.quality_report import markdown, plot
+    from lfdist.bench.record import write_result
+
+    tasks = [t for t in (TINY_TASKS if tiny else TASKS) if not only or t.name in only]
+    if reuse:
+        missing = [
+            t.name
+            for t in tasks
+            if not os.path.isfile(os.path.join(reuse, f"oracle-{t.name}.json"))
+        ]
+        if missing:
+            raise UserError(
+                f"--reuse {reuse!r} holds no oracle-{missing[0]}.json; give the --out folder of "
+                "an earlier bench quality run, or drop --reuse"
+            )
+    t0 = time.perf_counter()
+    results = [run_task(t, out, reuse) for t in tasks]
+    result = {"tiny": tiny, "reused": reuse, "tasks": results, "wall_s": time.perf_counter() - t0}
+    plot(results, os.path.join(out, "quality.png"))
+    return write_result(out, "quality", result, markdown(result))

@@ -1,0 +1,164 @@
+"""Markdown tables and the PNG of `lfdist bench quality` (quality against measured step time)."""
+
+from __future__ import annotations
+
+
+def _q(task: str, x: float) -> str:
+    return f"{x:.2f}" if task == "classify" else f"{x:.3f}"
+
+
+def _unit(task: str) -> str:
+    return "points" if task == "classify" else "% of perplexity"
+
+
+def _task_md(r: dict) -> list[str]:
+    t, task = r["task"], r["task"]["task"]
+    metric = "accuracy (%)" if task == "classify" else "held-out perplexity"
+    tol = "1 accuracy point" if task == "classify" else "1% of k = 0's perplexity"
+    lines = [
+        f"## {t['name']}: `{t['model']}` on `{t['data']}` ({task}, {r['n_blocks']} blocks)",
+        "",
+        f"Recipe: {t['steps']} steps, batch {t['batch']}, lr {t['lr']}, seq_len {t['seq_len']}, "
+        f"seeds {r['seeds']}, {r['n_eval']} held-out examples; tolerance {tol}. Wall: sweep "
+        f"{r['wall']['sweep_s']:.0f} s, probe {r['wall']['probe_wall_s']:.0f} s, task "
+        f"{r['wall']['total_s']:.0f} s.",
+        "",
+        f"### Oracle: {metric} per split k (k bottom blocks frozen)",
+        "",
+        "| k | blocks trained | mean | std (seeds) | per seed | gap to k=0 | seed spread "
+        "| resolved | step s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    sep = {row["k"]: row for row in r["separation"]}
+    for k, s in sorted(r["oracle"].items(), key=lambda kv: int(kv[0])):
+        row = sep[int(k)]
+        per = ", ".join(_q(task, x) for x in s["quality"])
+        lines.append(
+            f"| {k} | {r['n_blocks'] - int(k)} | {_q(task, s['mean'])} | {s['std']:.3f} | {per} "
+            f"| {row['gap']:+.2f} | {row['spread']:.2f} | {'yes' if row['resolved'] else 'no'} "
+            f"| {s['step_s']:.3f} |"
+        )
+    unresolved = [row["k"] for row in r["separation"] if row["k"] and not row["resolved"]]
+    lines += [
+        "",
+        f"Gap and spread in {_unit(task)}; a gap is resolved when it exceeds the sum of the two "
+        "splits' standard deviations between seeds. "
+        + (
+            f"Not resolved (the spread between seeds is larger than the difference): k = "
+            f"{', '.join(map(str, unresolved))}."
+            if unresolved
+            else "Every split's gap to k = 0 exceeds the spread between seeds."
+        ),
+        "",
+        f"**Oracle k_tol = {r['k_tol']}** (the largest k within the tolerance of k = 0).",
+        "",
+        "### (a) Cheapest split within tolerance",
+        "",
+        "| strategy | pick k | k_tol | verdict | quality shortfall | wasted step time | share of "
+        "k_tol's saving |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s, c in r["cheapest"].items():
+        share = "n/a" if c["saved_share"] is None else f"{100 * c['saved_share']:.0f}%"
+        lines.append(
+            f"| {s} | {c['pick']} | {c['k_tol']} | {c['verdict']} | {c['shortfall']:.2f} "
+            f"{_unit(task)} | {100 * c['wasted_time']:.0f}% | {share} |"
+        )
+    lines += [
+        "",
+        f"### (b) Quality at {r['budget_blocks']} trainable blocks",
+        "",
+        f"The best oracle split within that budget is k = {r['best_fit_k']}. Shortfall in "
+        f"{_unit(task)} against it (negative: better than it).",
+        "",
+        "| strategy | blocks trained | mean | std | shortfall | step s |",
+        "|---|---|---|---|---|---|",
+    ]
+    ranked = sorted(
+        r["at_budget"].items(), key=lambda kv: kv[1]["mean"] * (-1 if task == "classify" else 1)
+    )
+    for s, b in ranked:
+        blocks = (
+            "all (adapters)"
+            if "lora" in b["treatments"]
+            else ",".join(map(str, b["trained_blocks"]))
+        )
+        if s == "lisa":
+            blocks = f"{len(b['trained_blocks'])} re-drawn every {b['options'].get('period')} steps"
+        lines.append(
+            f"| {s} | {blocks} | {_q(task, b['mean'])} | {b['std']:.3f} | "
+            f"{b['shortfall_vs_best_fit']:+.2f} | {b['step_s']:.3f} |"
+        )
+    sa = r["salf"]
+    cost = sa["cost"]
+    frac = "n/a" if cost["fraction"] is None else f"{100 * cost['fraction']:.1f}%"
+    lines += [
+        "",
+        f"### salf: k = {sa['k']}, estimator {sa['estimator']}",
+        "",
+        f"Pilot plan: {sa['pilot_plan'] or 'none'}. Probe forward {cost['probe_forward_s'] or 0:.1f}"
+        f" s + pilots {cost['pilot_s'] or 0:.1f} s = {cost['salf_s']:.1f} s, {frac} of the run it "
+        f"plans (measured wall time); the plan's own FLOPs fraction: "
+        + ("n/a" if sa["plan_cost_fraction"] is None else f"{100 * sa['plan_cost_fraction']:.1f}%")
+        + ".",
+    ]
+    if sa.get("predicted"):
+        p = sa["predicted"]
+        lines.append(
+            f"Predicted {p['metric']}: pick {p['pick']:.4g} (interval "
+            f"{p['pick_interval'][0]:.4g}-{p['pick_interval'][1]:.4g}), full {p['full']:.4g}."
+        )
+    for s, e in r["errors"].items():
+        lines.append(f"- {s} not scored: {e}")
+    return lines + [""]
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Selection quality (`lfdist bench quality`)",
+        "",
+        "Step times are medians over each run's steps after the first, measured in one process "
+        "on this machine while it ran other work: compare them within a task, not across runs.",
+        "",
+    ]
+    for r in result["tasks"]:
+        lines += _task_md(r)
+    lines.append(f"Total wall time {result['wall_s']:.0f} s.")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        task = r["task"]["task"]
+        ks = sorted(r["oracle"], key=int)
+        xs = [r["oracle"][k]["step_s"] for k in ks]
+        ys = [r["oracle"][k]["mean"] for k in ks]
+        es = [r["oracle"][k]["std"] for k in ks]
+        ax.errorbar(xs, ys, yerr=es, fmt="-o", color="0.5", ms=4, capsize=3, label="oracle k")
+        for k, x, y in zip(ks, xs, ys):
+            ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for i, (s, b) in enumerate(r["at_budget"].items()):
+            ax.errorbar(
+                b["step_s"],
+                b["mean"],
+                yerr=b["std"],
+                fmt="x" if s != "salf" else "*",
+                ms=10,
+                capsize=2,
+                color=f"C{i}",
+                label=f"{s} ({len(b['trained_blocks'])} blocks)",
+            )
+        ax.axvline(r["oracle"][str(r["k_tol"])]["step_s"], ls=":", color="k", lw=0.8)
+        ax.set_xlabel("measured step time (s)")
+        ax.set_ylabel("accuracy (%)" if task == "classify" else "held-out perplexity")
+        ax.set_title(f"{r['task']['name']} (dotted: oracle k_tol={r['k_tol']})", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
