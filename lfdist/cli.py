@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 
 from lfdist.errors import JobFailed, UserError
@@ -179,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("kind", choices=["memory", "quality", "probe"])
     b.add_argument("--tiny", action="store_true", help="tiny models, minutes on CPU")
     b.add_argument("--out", required=True)
+    b.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     b.add_argument(
         "--reuse",
         metavar="DIR",
@@ -211,6 +214,16 @@ def _config(args, sections: dict[str, dict]) -> object:
     if task is None and args.model and _is_encoder(args.model):
         task = "classify"
     return with_model_data(cfg, args.model, args.data, task, args.seq_len)
+
+
+def _refuse_results(out: str, kind: str, overwrite: bool) -> None:
+    """Committed benchmark results live in benchmarks/<kind>/: a trial run must not replace them."""
+    from lfdist.pipeline import check_out_folder
+
+    check_out_folder(out)
+    held = os.path.join(out, f"{kind}.json")
+    if os.path.exists(held) and not overwrite:
+        raise UserError(f"{held!r} already exists; choose another --out or pass --overwrite")
 
 
 def _is_encoder(spec: str) -> bool:
@@ -314,8 +327,10 @@ def dispatch(args) -> int:
         )
         print(run_summary(result))
     elif args.command == "export":
+        from lfdist.pipeline import check_out_folder
         from lfdist.train.export import export
 
+        check_out_folder(args.out)
         print(f"wrote {export(args.checkpoint, args.out)}")
     elif args.command == "eval":
         print(json.dumps(pipeline.evaluate_model(_config(args, {})), indent=1))
@@ -324,11 +339,35 @@ def dispatch(args) -> int:
 
         if not args.tiny and args.kind == "memory":
             raise UserError("bench memory runs on tiny models only for now; pass --tiny")
+        _refuse_results(args.out, args.kind, args.overwrite)
         print(f"wrote {run_bench(args.kind, args.out, tiny=args.tiny, reuse=args.reuse)}")
     return 0
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (tests and callers swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _log_to_stderr() -> None:
+    """lfdist's own INFO lines (stage progress, data decisions) on stderr, whatever the terminal."""
+    logger = logging.getLogger("lfdist")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("lfdist: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _log_to_stderr()
     try:
         args = build_parser().parse_args(argv)
         code = dispatch(args)

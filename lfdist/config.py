@@ -6,6 +6,8 @@ Unknown keys and values of the wrong type are errors at construction, never sile
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from lfdist.errors import UserError
 
 TASKS = ("lm", "classify")
 ENGINES = ("ddp", "fsdp1", "fsdp2", "deepspeed", "single")
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,13 @@ class DataConfig:
 
     def __post_init__(self):
         _positive("data.seq_len", self.seq_len)
+        if self.seq_len < 2:  # one token predicts nothing: the LM loss needs a next token
+            raise UserError(f"data.seq_len must be at least 2, got {self.seq_len}")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise UserError(f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        for name in ("max_examples", "max_eval_examples"):
+            if getattr(self, name) is not None:
+                _positive(f"data.{name}", getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -69,10 +77,12 @@ class ProbeConfig:
         _positive("probe.batch_size", self.batch_size)
         _positive("probe.workers", self.workers)
         _choice("probe.orchestrator", self.orchestrator, ("local", "ray"))
+        _not_negative("probe.pilot_steps", self.pilot_steps)
         if not 0 < self.pilot_budget < 1:
             raise UserError(
                 f"probe.pilot_budget must be a share of the run in (0, 1), got {self.pilot_budget}"
             )
+        _not_negative("probe.critical_steps", self.critical_steps)
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,8 @@ class TrainConfig:
     launcher: str = (
         "auto"  # auto: torchrun, or the deepspeed launcher for deepspeed; ray: Ray Train
     )
+    eval_before: bool = True  # held-out quality of the base model before training
+    save_final: bool = True  # write a checkpoint after the last step
 
     def __post_init__(self):
         _choice("train.engine", self.engine, ENGINES)
@@ -119,14 +131,18 @@ class TrainConfig:
         _choice("train.launcher", self.launcher, ("auto", "ray"))
         for name in ("nproc", "steps", "batch_size", "grad_accum"):
             _positive(f"train.{name}", getattr(self, name))
-        if self.lr <= 0:
-            raise UserError(f"train.lr must be > 0, got {self.lr}")
+        if not self.lr > 0:  # the config loader already refused inf and nan
+            raise UserError(f"train.lr must be greater than 0, got {self.lr}; e.g. train.lr=1e-4")
         for name in ("lr_lora", "lr_bias", "lr_mask"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UserError(
                     f"train.{name} must be greater than 0, got {value}; or leave it unset"
                 )
+        for name in ("warmup_steps", "save_every", "log_every", "weight_decay", "max_grad_norm"):
+            _not_negative(f"train.{name}", getattr(self, name))
+        if not self.cache_max_gib > 0:
+            raise UserError(f"train.cache_max_gib must be greater than 0, got {self.cache_max_gib}")
 
 
 @dataclass(frozen=True)
@@ -154,6 +170,11 @@ def _positive(name: str, value: int) -> None:
         raise UserError(f"{name} must be a positive number, got {value!r}")
 
 
+def _not_negative(name: str, value: float) -> None:
+    if value < 0:
+        raise UserError(f"{name} must be 0 or more, got {value!r}")
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Check a YAML value against a field's type hint (int -> float is allowed)."""
     origin = typing.get_origin(hint)
@@ -169,12 +190,16 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads `lr: 1e-5` (no dot) as a string
     if (
         hint in (int, float, str, bool)
         and not isinstance(value, hint)
         or (hint in (int, float) and isinstance(value, bool))
     ):
         raise UserError(f"config key {name} must be {hint.__name__}, got {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise UserError(f"config key {name} must be a finite number, got {value!r}")
     return value
 
 
@@ -208,16 +233,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    # YAML reads 1e-5 as a string (no dot); numbers written that way are meant as floats.
-    if isinstance(value, str):
-        try:
-            value = (
-                float(value)
-                if any(c in value.lower() for c in ".e") and value[0].isdigit()
-                else value
-            )
-        except ValueError:
-            pass
+    # YAML reads 1e-5 and -1e-4 as strings (no dot); numbers written that way are meant as floats.
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)
     return key.strip().split("."), value
 
 
@@ -235,6 +253,11 @@ def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def config_from_dict(data: dict[str, Any] | None, overrides: list[str] = ()) -> RunConfig:
+    if data is not None and not isinstance(data, dict):
+        raise UserError(
+            f"a run config must be a mapping of sections (model:, data:, probe:, select:, "
+            f"train:), but its top level is a {type(data).__name__}; see configs/*.yaml"
+        )
     return _build(RunConfig, merge_overrides(data or {}, list(overrides)), "")
 
 

@@ -6,12 +6,16 @@ Each takes typed config and paths, validates before writing, and returns what it
 from __future__ import annotations
 
 import json
+import logging
 import os
+import tempfile
 from dataclasses import replace
 
 from lfdist.config import RunConfig
 from lfdist.errors import UserError
 from lfdist.plan import Plan, atomic_write_text, save_plan
+
+log = logging.getLogger(__name__)
 
 
 def _refuse_overwrite(path: str, what: str) -> None:
@@ -25,6 +29,47 @@ def _check_parent(path: str) -> None:
         raise UserError(
             f"folder {parent!r} for {path!r} does not exist; create it or choose another --out"
         )
+    _check_writable(parent, path)
+
+
+def _check_writable(folder: str, path: str) -> None:
+    # Trying is the only test that also sees read-only mounts and immutable folders (and root,
+    # for whom os.access says yes to everything); an O_TMPFILE file leaves no name behind.
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"cannot write in {folder!r} for {path!r} ({e.strerror or e}); choose another "
+            "--out or make that folder writable"
+        ) from None
+
+
+def check_out_folder(out: str, flag: str = "--out") -> None:
+    """An output folder: not an existing file, and its nearest existing ancestor writable."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"{flag} {out!r} is an existing file, not a folder; give a folder path")
+    folder = os.path.abspath(out)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {out!r} lies under the file {folder!r}; give a folder path")
+    _check_writable(folder, out)
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """What the model's config alone can refuse, before any weight or data is loaded."""
+    from lfdist.model.positions import check_seq_len
+
+    check_seq_len(cfg.model.spec, cfg.data.seq_len)
+
+
+def one_process_for_single(cfg: RunConfig) -> RunConfig:
+    """`single` is one process without a process group: more would train unsynchronised copies."""
+    if cfg.train.engine != "single" or cfg.train.nproc == 1:
+        return cfg
+    log.info("engine single runs 1 process (train.nproc=%d ignored)", cfg.train.nproc)
+    return replace(cfg, train=replace(cfg.train, nproc=1))
 
 
 def probe(cfg: RunConfig, out: str, overwrite: bool = False, progress: bool = True):
@@ -35,6 +80,7 @@ def probe(cfg: RunConfig, out: str, overwrite: bool = False, progress: bool = Tr
     if not overwrite:
         _refuse_overwrite(out, "probe file")
     _check_parent(out)
+    check_inputs(cfg)
     prepared = None
     if cfg.probe.orchestrator == "ray":
         from lfdist.orchestrate.probe import ray_probe
@@ -109,6 +155,9 @@ def train(
     from lfdist.launch.commands import Nodes
     from lfdist.launch.run import launch_training
 
+    check_out_folder(out)
+    check_inputs(cfg)
+    cfg = one_process_for_single(cfg)
     if cfg.train.launcher == "ray":
         from lfdist.orchestrate.train import ray_train
 
@@ -132,6 +181,7 @@ def evaluate_model(cfg: RunConfig) -> dict:
     from lfdist.train.evaluate import evaluate
     from lfdist.train.prepare import prepare
 
+    check_inputs(cfg)
     prepared = prepare(cfg)
     return evaluate(prepared.loaded.model, prepared.heldout, cfg.model.task, cfg.train.batch_size)
 
@@ -140,6 +190,9 @@ def run(
     cfg: RunConfig, compare_full: bool = False, resume: bool = False, overwrite: bool = False
 ) -> dict:
     """probe -> select -> train as configured, all under cfg.out."""
+    check_out_folder(cfg.out, "out=")
+    check_inputs(cfg)
+    cfg = one_process_for_single(cfg)
     if cfg.probe.orchestrator == "ray" or cfg.train.launcher == "ray":
         from lfdist.orchestrate.cluster import ray_session
 
@@ -191,7 +244,9 @@ def _run(cfg: RunConfig, compare_full: bool, resume: bool, overwrite: bool = Fal
     return result
 
 
-def train_full_reference(cfg: RunConfig, probe_path: str, out: str, overwrite: bool = False) -> dict:
+def train_full_reference(
+    cfg: RunConfig, probe_path: str, out: str, overwrite: bool = False
+) -> dict:
     """Full fine-tuning on the same engine, steps and data: the baseline savings are measured against."""
     full_plan = os.path.join(out, "plan-all.yaml")
     select(probe_path, "all", {}, {}, full_plan, overwrite=True)
@@ -227,6 +282,6 @@ def with_model_data(
         m = replace(m, task=task)
     if data:
         d = replace(d, spec=data)
-    if seq_len:
+    if seq_len is not None:  # --seq-len 0 is refused, not taken for "unset"
         d = replace(d, seq_len=seq_len)
     return replace(cfg, model=m, data=d)

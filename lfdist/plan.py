@@ -18,6 +18,38 @@ from lfdist.errors import UserError
 TREATMENTS = ("frozen", "full", "bias", "lora", "mask")
 MODULE_GROUPS = ("embeddings", "final_norm", "head")
 DEFAULT_MODULES = {"embeddings": "frozen", "final_norm": "full", "head": "full"}
+# A head that shares its weight with the input embeddings has no parameter of its own: it
+# trains exactly when the embeddings do, so a plan records it as "tied", never "full".
+TIED = "tied"
+
+
+def default_modules(model_info: dict[str, Any]) -> dict[str, str]:
+    """The default non-block treatments for a probed model (its head marked tied if it is)."""
+    modules = dict(DEFAULT_MODULES)
+    if head_is_tied(model_info):
+        modules["head"] = TIED
+    return modules
+
+
+def head_is_tied(model_info: dict[str, Any]) -> bool:
+    # Tied weights are counted once, under the embeddings: the LM head's own count is 0.
+    return (
+        model_info.get("task", "lm") == "lm"
+        and model_info.get("group_params", {}).get("head", 0) == 0
+        and bool(model_info.get("head_matmul_params"))
+    )
+
+
+def head_treatment(modules: dict[str, str]) -> str:
+    """How the head trains, in words the plan table and the run summary print."""
+    head = modules.get("head", "frozen")
+    if head != TIED:
+        return f"head {head}"
+    if modules.get("embeddings") == "full":
+        return "head: tied to the embeddings, trained with them"
+    return "head: tied to the frozen embeddings, not trained"
+
+
 PLAN_VERSION = 1
 
 
@@ -26,6 +58,13 @@ class Fingerprint:
     architecture: str
     n_blocks: int
     params_hash: str
+
+    def __post_init__(self):
+        if isinstance(self.n_blocks, bool) or not isinstance(self.n_blocks, int):
+            raise UserError(
+                f"model fingerprint n_blocks must be a whole number of blocks, got "
+                f"{self.n_blocks!r}; the file was edited: rewrite it with lfdist"
+            )
 
     def short(self) -> str:
         return f"{self.architecture}/{self.n_blocks} blocks/{self.params_hash[:12]}"
@@ -62,12 +101,23 @@ class Plan:
                 raise UserError(
                     f"plan modules: unknown group {group!r}; use {', '.join(MODULE_GROUPS)}"
                 )
-            if treatment not in ("frozen", "full"):
+            allowed = ("frozen", "full", TIED) if group == "head" else ("frozen", "full")
+            if treatment not in allowed:
                 raise UserError(
-                    f"plan modules.{group}: treatment must be frozen or full, got {treatment!r}"
+                    f"plan modules.{group}: treatment must be {' or '.join(allowed)}, "
+                    f"got {treatment!r}"
                 )
         if [b.index for b in self.blocks] != list(range(len(self.blocks))):
             raise UserError("plan blocks must be listed in order 0..L-1 with no gaps")
+        if self.blocks:  # a name is the block at its index (model.layers.3 is index 3)
+            path = self.blocks[0].name.rpartition(".")[0]
+            for b in self.blocks:
+                if b.name != f"{path}.{b.index}":
+                    raise UserError(
+                        f"plan block {b.index} is named {b.name!r} but the block at index "
+                        f"{b.index} is '{path}.{b.index}'; edit treatments, not names (restore "
+                        "the name or rerun `lfdist select`)"
+                    )
         if len(self.blocks) != self.fingerprint.n_blocks:
             raise UserError(
                 f"plan lists {len(self.blocks)} blocks but its fingerprint says {self.fingerprint.n_blocks}"
@@ -146,11 +196,15 @@ def save_plan(plan: Plan, path: str) -> None:
 
 
 def read_yaml(path: str, what: str) -> Any:
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path!r} is a folder, not a file; give the YAML file's path")
     if not os.path.isfile(path):
         raise UserError(f"{what} {path!r} does not exist; check the path")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return yaml.safe_load(f)
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path!r} is not text (not UTF-8); give a YAML file") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where else ""

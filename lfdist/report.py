@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from lfdist.errors import UserError
+from lfdist.plan import head_treatment
 
 COLORS = {
     "frozen": "#9e9e9e",
@@ -57,7 +58,8 @@ def plan_table(plan, probe=None) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
-    lines.append("modules: " + ", ".join(f"{g} {t}" for g, t in plan.modules.items()))
+    groups = ", ".join(f"{g} {t}" for g, t in plan.modules.items() if g != "head")
+    lines.append(f"modules: {groups}; {head_treatment(plan.modules)}")
     lines.append(_totals(plan))
     if plan.strategy == "salf" and plan.scores:
         from lfdist.select.salf import explain

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import statistics
 
+from lfdist.plan import head_treatment
+
 
 def _median_step(metrics: dict) -> float:
     times = metrics["step_times"][1:] or metrics["step_times"]  # the first step warms up
@@ -23,6 +25,10 @@ def train_summary(metrics: dict) -> str:
         f"{metrics['params']['trainable'] + metrics['params']['frozen']:,} parameters; "
         f"backward reached blocks {_ranges(metrics['per_rank'][0].get('backward_blocks', []))}",
     ]
+    modules = metrics["plan"].get("modules")
+    if modules:  # what trains outside the blocks (a tied head does not, with frozen embeddings)
+        groups = ", ".join(f"{g} {t}" for g, t in modules.items() if g != "head")
+        lines.append(f"modules: {groups}; {head_treatment(modules)}")
     if metrics.get("eval"):
         ev, before = metrics["eval"], metrics.get("eval_before")
         key = "perplexity" if "perplexity" in ev else "accuracy"

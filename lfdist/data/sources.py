@@ -8,8 +8,10 @@ texts read from a CSV or a JSONL file share one fingerprint).
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -21,6 +23,9 @@ TASKS = ("lm", "classify")
 FILE_KINDS = (".txt", ".jsonl", ".csv")
 FOLDER_TEXT_SUFFIXES = (".txt", ".rst", ".md")
 _INT = re.compile(r"-?\d+")
+_NOT_TEXT_SHARE = 0.1  # more undecodable bytes than this and a "text" file is binary
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,11 @@ def _class_ids(
     for i, value in enumerate(raw):
         if value is None or (isinstance(value, str) and not value.strip()):
             raise UserError(f"{where}: example {i} has no label; give every example a label")
+        if not isinstance(value, (str, int, float)):  # bool is an int
+            raise UserError(
+                f"{where}: example {i} has the label {value!r}, a {type(value).__name__}; a label "
+                "must be a class name or a class id"
+            )
         if isinstance(value, float) and value.is_integer():
             raw[i] = int(value)
     if names is not None:  # class ids given with their names (a hub ClassLabel)
@@ -121,6 +131,13 @@ def _class_ids(
     # Other values (strings, sparse ints like years) are names, in sorted order.
     names = [str(v) for v in sorted(set(raw))] if ints else sorted({str(v) for v in raw})
     index = {name: k for k, name in enumerate(names)}
+    shown = ", ".join(f"{n!r}={k}" for k, n in enumerate(names[:8]))
+    log.info(
+        "%s: labels are class names; mapped to ids in sorted order: %s%s",
+        where,
+        shown,
+        f", ... ({len(names)} classes)" if len(names) > 8 else "",
+    )
     return tuple(index[str(v)] for v in raw), tuple(names)
 
 
@@ -143,6 +160,8 @@ def load_text_data(
         return _read_folder(path, task)
     if os.path.isfile(path):
         return _read_file(path, task, text_column, label_column)
+    if os.path.islink(path):  # a link that leads nowhere is a local path, not a hub name
+        _refuse_bad_link(path)
     if (
         spec.startswith((".", "/", "~"))
         or spec.lower().endswith(FILE_KINDS + (".json", ".tsv"))
@@ -157,6 +176,30 @@ def load_text_data(
     return read_hub(spec, task, text_column, label_column)
 
 
+def _refuse_bad_link(path: str) -> None:
+    try:
+        os.stat(path)
+    except OSError as e:
+        what = "a symlink loop" if e.errno == errno.ELOOP else "a symlink to a missing target"
+        raise UserError(
+            f"data path {path!r} is {what}; point --data at a real file or folder"
+        ) from None
+    raise UserError(f"data path {path!r} is neither a file nor a folder; give a file or folder")
+
+
+def read_text_file(path: str) -> str:
+    """A text file's content, refusing binary files (NUL bytes or mostly undecodable bytes)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd")
+    if b"\0" in raw or bad > _NOT_TEXT_SHARE * max(1, len(text)):
+        raise UserError(
+            f"{path} is not text (binary bytes: NUL or mostly not UTF-8); give a UTF-8 text file"
+        )
+    return text
+
+
 def _read_file(path: str, task: str, text_column: str, label_column: str) -> TextData:
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".txt":
@@ -165,8 +208,7 @@ def _read_file(path: str, task: str, text_column: str, label_column: str) -> Tex
                 f"{path}: a .txt file has no labels, so it cannot be classify data; use "
                 "a .csv/.jsonl file with a label column or <folder>/<label>/*.txt"
             )
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return make_text_data(split_paragraphs(f.read()), None, task, path)
+        return make_text_data(split_paragraphs(read_text_file(path)), None, task, path)
     if suffix == ".jsonl":
         rows = _read_jsonl(path)
     elif suffix == ".csv":
@@ -285,6 +327,5 @@ def _files(folder: str, suffixes: tuple[str, ...], recursive: bool) -> list[str]
     return sorted(out)
 
 
-def _read_text(path: str, encoding: str = "utf-8") -> str:
-    with open(path, encoding=encoding, errors="replace") as f:
-        return f.read().strip()
+def _read_text(path: str) -> str:
+    return read_text_file(path).strip()

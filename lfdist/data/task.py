@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 from lfdist.data.sources import TextData, fingerprint, load_text_data
 from lfdist.data.tokenize import tokenize
 from lfdist.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def split_heldout(data: TextData, fraction: float, seed: int = 0) -> tuple[TextData, TextData]:
@@ -59,6 +62,8 @@ def load_task_data(
     eval_fingerprint, n_texts, n_examples, n_heldout, label_names, num_labels, task, seq_len.
     """
     data = _as_data(spec, task, text_column, label_column)
+    if eval_spec is None and task == "lm" and len(data.texts) * heldout_fraction < 1:
+        return _split_stream(data, tokenizer, seq_len, heldout_fraction, max_examples)
     if eval_spec is None:
         train, heldout = split_heldout(data, heldout_fraction, seed)
     else:
@@ -77,8 +82,49 @@ def load_task_data(
         "n_heldout": int(held_t["input_ids"].shape[0]),
         "label_names": None if data.label_names is None else list(data.label_names),
         "num_labels": data.num_labels,
+        "heldout_split": "eval data" if eval_spec is not None else "documents",
     }
     return train_t, held_t, info
+
+
+def _split_stream(
+    data: TextData, tokenizer, seq_len: int, fraction: float, max_examples: int | None
+) -> tuple[dict, dict, dict]:
+    """Too few documents to hold some out (a .txt of plain lines is one document): pack the
+    whole token stream and hold out its last chunks, so no held-out token was trained on."""
+    packed = tokenize(data, tokenizer, "lm", seq_len)
+    n = int(packed["input_ids"].shape[0])
+    n_held = max(1, round(n * fraction))
+    if n_held >= n:
+        raise UserError(
+            f"the data is {n} chunk(s) of {seq_len} tokens, too little to hold out {fraction:.0%} "
+            "and keep any for training; give more text, a shorter --seq-len or --eval-data"
+        )
+    n_train = n - n_held if max_examples is None else min(n - n_held, max_examples)
+    train = {k: v[:n_train] for k, v in packed.items()}
+    heldout = {k: v[n - n_held :] for k, v in packed.items()}
+    log.info(
+        "data: %d document(s), too few to hold out %.0f%% by document; held out the last %d of "
+        "%d chunks of %d tokens instead",
+        len(data.texts),
+        100 * fraction,
+        n_held,
+        n,
+        seq_len,
+    )
+    info = {
+        "fingerprint": data.fingerprint,
+        "eval_fingerprint": f"{data.fingerprint}:last {n_held} of {n} chunks of {seq_len}",
+        "task": "lm",
+        "seq_len": seq_len,
+        "n_texts": len(data.texts),
+        "n_examples": n_train,
+        "n_heldout": n_held,
+        "label_names": None,
+        "num_labels": None,
+        "heldout_split": "token stream",
+    }
+    return train, heldout, info
 
 
 def relabel(data: TextData, names: tuple[str, ...]) -> TextData:

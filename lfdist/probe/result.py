@@ -93,11 +93,23 @@ def load_probe(path: str) -> ProbeResult:
     try:
         result = ProbeResult.from_dict(d)
         result.fingerprint  # noqa: B018  (validates the fingerprint fields)
+        _check_block_count(result.model_info)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(
             f"probe file {path!r} is missing or has malformed fields ({e}); rerun `lfdist probe`"
         ) from None
     return result
+
+
+def _check_block_count(info: dict[str, Any]) -> None:
+    n, lists = info["n_blocks"], len(info["per_block_params"])
+    if isinstance(n, bool) or not isinstance(n, int) or n != lists:
+        raise ValueError(
+            f"model n_blocks is {n!r}, not the whole number of blocks its per-block lists "
+            f"hold ({lists})"
+        )
+    if info["fingerprint"]["n_blocks"] != n:
+        raise ValueError(f"fingerprint n_blocks {info['fingerprint']['n_blocks']!r} is not {n}")
 
 
 def merge_results(parts: list[ProbeResult]) -> ProbeResult:

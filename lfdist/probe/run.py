@@ -6,6 +6,7 @@ Optionally one backward pass (gradnorm=True) records per-block gradient norms fo
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from lfdist.probe.result import ProbeResult
 from lfdist.probe.stats import SKETCH_DIM, ProbeStats, sketch_matrix
 
 TASKS = ("lm", "classify")
+log = logging.getLogger(__name__)
 _LENS_ELEMENTS = 2**26  # logits computed in chunks of at most this many elements (256 MB fp32)
 
 
@@ -168,7 +170,46 @@ def _forward_pass(model, bmap, data, task, n, batch_size, offset, bar) -> ProbeS
     return stats
 
 
-def _gradient_pass(model, bmap, data, n, batch_size, stats: ProbeStats) -> list[float]:
+class StageProgress:
+    """One stage's progress as log lines whatever the terminal (tqdm draws only on a tty, and a
+    probe on a shared machine can run for minutes): a line at the start, at most one every
+    `every_s` seconds, and one at the end."""
+
+    def __init__(self, stage: str, total: int, enabled: bool, bar=None, every_s: float = 30.0):
+        self.stage, self.total, self.enabled, self.bar = stage, total, enabled, bar
+        self.done, self.every_s, self.closed = 0, every_s, False
+        self.periodic = enabled and (bar is None or bar.disable)  # a drawn bar says it already
+        self.t0 = self.last = time.perf_counter()
+        if enabled:
+            log.info("probe %s: %d examples", stage, total)
+
+    def update(self, k: int) -> None:
+        self.done += k
+        if self.bar is not None:
+            self.bar.update(k)
+        now = time.perf_counter()
+        if self.periodic and now - self.last >= self.every_s and self.done < self.total:
+            self.last = now
+            log.info(
+                "probe %s: %d/%d examples, %.0f s", self.stage, self.done, self.total, now - self.t0
+            )
+
+    def close(self) -> None:
+        self.closed = True
+        if self.bar is not None:
+            self.bar.close()
+        if self.enabled:
+            log.info(
+                "probe %s: done, %d examples in %.1f s",
+                self.stage,
+                self.done,
+                time.perf_counter() - self.t0,
+            )
+
+
+def _gradient_pass(
+    model, bmap, data, n, batch_size, stats: ProbeStats, bar: StageProgress | None = None
+) -> list[float]:
     """One backward per batch of the model's own loss; per-block sum of ||grad||^2.
 
     torch.autograd.grad returns the gradients instead of storing .grad, so the model is left
@@ -195,6 +236,8 @@ def _gradient_pass(model, bmap, data, n, batch_size, stats: ProbeStats) -> list[
                     )
                     stats.grad_sq_sum[i] += sq
                 stats.grad_batches += 1
+                if bar is not None:
+                    bar.update(len(batch["input_ids"]))
     finally:
         for p, flag in zip(flat, saved):
             p.requires_grad_(flag)
@@ -235,18 +278,29 @@ def run_probe(
     bmap = find_blocks(model)
     was_training = model.training
     model.eval()  # no dropout: the statistics must not depend on the RNG
-    bar = tqdm(total=n, desc="probe", unit="ex", disable=not progress or not sys.stderr.isatty())
+    bar = StageProgress(
+        "forward",
+        n,
+        progress,
+        tqdm(total=n, desc="probe", unit="ex", disable=not progress or not sys.stderr.isatty()),
+    )
     timings = {}
     try:
         with torch.no_grad():
             stats = _forward_pass(model, bmap, data, task, n, batch_size, example_offset, bar)
         timings["forward_s"] = time.perf_counter() - t0
+        bar.close()
         if gradnorm:
             t1 = time.perf_counter()
-            info["per_block_weight_norm"] = _gradient_pass(model, bmap, data, n, batch_size, stats)
+            bar = StageProgress("gradnorm", n, progress)
+            info["per_block_weight_norm"] = _gradient_pass(
+                model, bmap, data, n, batch_size, stats, bar
+            )
             timings["gradnorm_s"] = time.perf_counter() - t1
     finally:
-        bar.close()
+        if not bar.closed:  # an exception left this stage open: close it without "done"
+            bar.enabled = False
+            bar.close()
         model.train(was_training)
     if reduce is not None:
         t2 = time.perf_counter()

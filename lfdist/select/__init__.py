@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 from lfdist.errors import UserError
-from lfdist.plan import DEFAULT_MODULES, BlockPlan, Plan
+from lfdist.plan import BlockPlan, Plan, default_modules
 from lfdist.probe.result import ProbeResult
 from lfdist.registry import get_strategy
 from lfdist.select import (  # noqa: F401  (register)
@@ -72,7 +72,7 @@ def select_plan(
     rank = {**known, **opts}.get("lora_rank")  # a strategy's LoRA rank sizes its adapters
     if rank is not None:
         cost = {**cost, "lora_rank": rank}
-    modules = dict(DEFAULT_MODULES)
+    modules = default_modules(probe.model_info)  # a tied head is marked so, not "full"
     ctx = Context(probe, modules, cost, limits)
     ctx.predict(["full"] * ctx.n_blocks)  # checks engine, dtype, world size before any work
     choice: Choice = fn(ctx, **opts)

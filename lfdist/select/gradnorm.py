@@ -17,7 +17,7 @@ def gradnorm(ctx: Context, n: int | None = None) -> Choice:
     if ratio is None:
         raise UserError(
             "strategy gradnorm needs gradient statistics the probe did not record; "
-            "rerun the probe with gradnorm on (run_probe(..., gradnorm=True))"
+            "rerun `lfdist probe --gradnorm` (probe.gradnorm=true in a config)"
         )
     L = ctx.n_blocks
     n = count_option("n", n, L, (L + 1) // 2)

@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+_LOGIT_ELEMENTS = 2**27  # logits of one evaluation forward: at most 512 MB in fp32
+
 
 def _sums(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     """(loss sum, target count, correct count) of one batch, in float64."""
@@ -42,6 +44,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     n = len(data["input_ids"])
+    batch_size = _bounded_batch(model, data, task, batch_size)
     mine = torch.arange(rank, n, world)
     n_batches = math.ceil(math.ceil(n / world) / batch_size)
     totals = torch.zeros(3, dtype=torch.float64)
@@ -67,3 +70,13 @@ def evaluate(
     else:
         out["accuracy"] = correct / count
     return out
+
+
+def _bounded_batch(model, data: dict[str, torch.Tensor], task: str, batch_size: int) -> int:
+    """A batch whose [B, T, V] logits stay under _LOGIT_ELEMENTS, however long the sequences
+    and large the vocabulary (the same on every rank: it depends on shapes and config only)."""
+    inner = getattr(model, "module", model)  # DDP and DeepSpeed wrap the HF model
+    config = getattr(model, "config", None) or getattr(inner, "config", None)
+    width = getattr(config, "vocab_size", None) if task == "lm" else 1
+    per_row = data["input_ids"].shape[1] * int(width or 1)
+    return max(1, min(batch_size, _LOGIT_ELEMENTS // max(1, per_row)))

@@ -110,6 +110,18 @@ def _comm_device() -> torch.device:
     )
 
 
+def _available_bytes() -> int | None:
+    """Linux's MemAvailable (free + reclaimable page cache); None where it is not reported."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def install_prefix_cache(
     blocks: nn.ModuleList,
     boundary: int,
@@ -129,6 +141,13 @@ def install_prefix_cache(
         raise UserError(
             f"the frozen-prefix cache needs {need / 2**30:.2f} GiB for {n_examples} examples but "
             f"train.cache_max_gib allows {max_bytes / 2**30:.2f}; raise it or drop --cache-frozen-prefix"
+        )
+    free = _available_bytes()
+    if free is not None and need > free // 2:  # a raised cap still must not take the node down
+        raise UserError(
+            f"the frozen-prefix cache needs {need / 2**30:.2f} GiB on every rank but this machine "
+            f"has {free / 2**30:.2f} GiB available; use fewer examples (data.max_examples) or "
+            "drop --cache-frozen-prefix"
         )
     cache = _Cache(n_examples)
     for i in range(boundary):

@@ -89,7 +89,11 @@ def test_apply_plan_sets_requires_grad():
             assert p.requires_grad == ("norm" in name), name
         else:
             assert p.requires_grad, name
-    assert applied.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # By hand for tiny llama (hidden 64, 2 of 4 heads for k/v, MLP 128, vocab 320): block 7 full
+    # = attention 64*64*2 + 64*32*2 + MLP 3*64*128 + 2 norms*64 = 36,992; block 6's norm weights
+    # 128; final norm 64; untied head 320*64 = 20,480.
+    assert applied.trainable == 36_992 + 128 + 64 + 20_480
+    assert applied.frozen == 320 * 64 + 6 * 36_992 + (36_992 - 128)
 
 
 def test_apply_all_frozen_refused():
