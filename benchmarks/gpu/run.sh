@@ -11,4 +11,8 @@ cd "$(dirname "$0")/../.."
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then
   . .venv/bin/activate
 fi
+if ! python -c "import torch, transformers, lfdist" 2>/dev/null; then
+  echo "run.sh: this Python lacks torch, transformers or lfdist; run setup.sh or activate the environment" >&2
+  exit 2
+fi
 exec timeout 480 python -m lfdist.bench.gpu "$@"

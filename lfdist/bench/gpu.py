@@ -22,6 +22,7 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from lfdist.errors import UserError
@@ -156,58 +157,64 @@ def measure_one(source, treatments, ckpt, batch, seq, device, steps) -> dict[str
     }
 
 
-def rows(tiny: bool) -> list[dict[str, Any]]:
+def rows(tiny: bool) -> Iterator[dict[str, Any]]:
+    """One row per model x plan x checkpointing, as each run finishes. On a GPU a model that
+    cannot load or a run that fails is recorded and skipped, so one bad run costs no others."""
     import torch
-
-    from lfdist.cost import predict
-    from lfdist.plan import DEFAULT_MODULES
 
     device = "cpu" if tiny else "cuda"
     if not tiny and not torch.cuda.is_available():
         raise SystemExit("bench gpu: no CUDA device; run with --tiny on a CPU")
-    out = []
+    steps = TINY_STEPS if tiny else STEPS
     for name, (source, batch, seq) in (TINY_MODELS if tiny else GPU_MODELS).items():
         try:
             plans = _plans(_n_blocks(source))
-        except UserError as e:  # e.g. the SmolLM2 package is not installed on this machine
-            out.append({"model": name, "skipped": str(e)})
+        except (UserError, ImportError, OSError) as e:  # e.g. SmolLM2's package is absent
+            yield {"model": name, "skipped": str(e)}
             continue
         for plan, treatments in plans.items():
             for ckpt in (False, True):
-                m = measure_one(
-                    source, treatments, ckpt, batch, seq, device, TINY_STEPS if tiny else STEPS
-                )
-                p = predict(
-                    m["info"],
-                    treatments,
-                    DEFAULT_MODULES,
-                    engine="single",
-                    world_size=1,
-                    dtype="bfloat16",
-                    batch_size=batch,
-                    seq_len=seq,
-                    activation_checkpointing=ckpt,
-                )
-                out.append(
-                    {
-                        "model": name,
-                        "params_total": m["info"]["total_params"],
-                        "n_blocks": m["info"]["n_blocks"],
-                        "plan": plan,
-                        "trainable_blocks": treatments.count("full"),
-                        "activation_checkpointing": ckpt,
-                        "batch_size": batch,
-                        "seq_len": seq,
-                        "device": device,
-                        "predicted": p["bytes"],
-                        "measured": m["measured"],
-                        "peak_bytes": m["peak_bytes"],
-                        "peak_kind": m["peak_kind"],
-                        "step_s_median": m["step_s_median"],
-                        "predicted_flops_fraction": p["flops_fraction"],
-                    }
-                )
-    return out
+                try:
+                    yield _row(name, source, batch, seq, plan, treatments, ckpt, device, steps)
+                except Exception as e:  # noqa: BLE001 - a one-shot GPU run keeps what it has
+                    if tiny:
+                        raise
+                    yield {"model": name, "skipped": f"{plan}, AC {ckpt}: {e!r}"[:500]}
+
+
+def _row(name, source, batch, seq, plan, treatments, ckpt, device, steps) -> dict[str, Any]:
+    from lfdist.cost import predict
+    from lfdist.plan import DEFAULT_MODULES
+
+    m = measure_one(source, treatments, ckpt, batch, seq, device, steps)
+    p = predict(
+        m["info"],
+        treatments,
+        DEFAULT_MODULES,
+        engine="single",
+        world_size=1,
+        dtype="bfloat16",
+        batch_size=batch,
+        seq_len=seq,
+        activation_checkpointing=ckpt,
+    )
+    return {
+        "model": name,
+        "params_total": m["info"]["total_params"],
+        "n_blocks": m["info"]["n_blocks"],
+        "plan": plan,
+        "trainable_blocks": treatments.count("full"),
+        "activation_checkpointing": ckpt,
+        "batch_size": batch,
+        "seq_len": seq,
+        "device": device,
+        "predicted": p["bytes"],
+        "measured": m["measured"],
+        "peak_bytes": m["peak_bytes"],
+        "peak_kind": m["peak_kind"],
+        "step_s_median": m["step_s_median"],
+        "predicted_flops_fraction": p["flops_fraction"],
+    }
 
 
 def _n_blocks(source: str) -> int:
@@ -220,16 +227,22 @@ def _n_blocks(source: str) -> int:
 
 def run(out_dir: str, tiny: bool = False) -> str:
     from lfdist.bench.gpu_table import card, markdown
-    from lfdist.bench.record import write_result
+    from lfdist.bench.record import environment, write_result
 
-    table = rows(tiny)
     result = {
         "kind": "cpu smoke test (--tiny)" if tiny else "measured on a GPU",
         "card": card(),
+        "environment": environment(),
         "settings": {"warmup_steps": WARMUP, "steps": TINY_STEPS if tiny else STEPS},
-        "rows": table,
+        "rows": [],
     }
-    return write_result(out_dir, "tiny_cpu" if tiny else "gpu", result, markdown(table, tiny))
+    name = "tiny_cpu" if tiny else "gpu"
+    md = ""
+    for row in rows(tiny):  # rewritten after every run: a timeout keeps what finished
+        result["rows"].append(row)
+        md = write_result(out_dir, name, result, markdown(result["rows"], tiny))
+        print(f"{row['model']}: {row.get('plan', row.get('skipped'))}", flush=True)
+    return md
 
 
 def main(argv: list[str] | None = None) -> None:

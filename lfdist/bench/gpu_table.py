@@ -67,14 +67,13 @@ def markdown(table: list[dict[str, Any]], tiny: bool) -> str:
         "|---|---|---|---:|---|---|---|---|---:|---:|---:|---:|---|",
     ]
     for r in table:
+        same = (r["model"], "full", r["activation_checkpointing"])
         full = next(
-            f
-            for f in table
-            if f["model"] == r["model"]
-            and f["plan"] == "full"
-            and f["activation_checkpointing"] == r["activation_checkpointing"]
+            (f for f in table if (f["model"], f["plan"], f["activation_checkpointing"]) == same),
+            None,
         )
         pr, me = r["predicted"], r["measured"]
+        vs_full = "-" if full is None else f"{r['step_s_median'] / full['step_s_median']:.2f}"
         pair = " | ".join(
             f"{size(pr[k])} / {size(me[k])}"
             for k in ("params", "grads", "optimizer", "activations")
@@ -84,7 +83,7 @@ def markdown(table: list[dict[str, Any]], tiny: bool) -> str:
             f"{'on' if r['activation_checkpointing'] else 'off'} | "
             f"{r['batch_size']}x{r['seq_len']} | {pair} | {size(pr['total'])} | "
             f"{size(r['peak_bytes'])} | {r['peak_bytes'] / pr['total']:.2f} | "
-            f"{r['step_s_median']:.4f} | {r['step_s_median'] / full['step_s_median']:.2f} / "
+            f"{r['step_s_median']:.4f} | {vs_full} / "
             f"{r['predicted_flops_fraction']:.2f} |"
         )
     lines += [f"\nSkipped {r['model']}: {r['skipped']}" for r in skipped]
