@@ -341,3 +341,17 @@ def test_bf16_adamw_step_bytes_equal_prediction_on_tiny_llama():
     assert p["bytes"]["params"] == params
     assert p["bytes"]["grads"] == grads
     assert p["bytes"]["optimizer"] == nbytes(moments)
+
+
+def test_select_costs_with_activation_checkpointing():
+    from lfdist.select import select_plan
+    from tests.helpers import fake_probe
+
+    probe = fake_probe()  # 8 blocks of 100, hidden 1
+    plain = select_plan(probe, "top", options={"n": 2})
+    ckpt = select_plan(probe, "top", options={"n": 2, "activation_checkpointing": True})
+    assert ckpt.options["activation_checkpointing"] is True
+    assert ckpt.predicted["activation_checkpointing"] is True
+    # two checkpointed blocks recompute their forward: 2 x 2·100·tokens more backward FLOPs
+    tokens = plain.predicted["batch_size"] * plain.predicted["seq_len"]
+    assert ckpt.predicted["flops_backward"] - plain.predicted["flops_backward"] == 2 * 200 * tokens
