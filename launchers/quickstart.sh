@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The quick start: set up, then probe, select and fine-tune the real SmolLM2-135M (from its PyPI
+# The quick start: set up, then probe, select (salf) and fine-tune the real SmolLM2-135M (from its PyPI
 # package) on real text (the Python documentation) with 2 processes on CPU under FSDP2, and
 # print the plan and the savings measured against full fine-tuning on the same engine.
 # Usage: bash launchers/quickstart.sh [key=value overrides, e.g. train.steps=20]

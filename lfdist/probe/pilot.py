@@ -189,10 +189,14 @@ def plan_pilots(
     }
     if skipped:
         return {**plan, "skipped": skipped, "budget_note": f"no pilots: {skipped}"}
+    why = (
+        f"the {budget:.0%} budget of a {tc.steps}-step run allowed"
+        if steps is None
+        else (f"probe.pilot_steps={steps} (not sized to the budget) gave")
+    )
     note = (
-        f"the {budget:.0%} budget of a {tc.steps}-step run allowed pilots of "
-        f"{lengths[0]} and {lengths[1]} steps at depths {','.join(map(str, depths))}, "
-        f"scored on {held} held-out examples"
+        f"{why} pilots of {lengths[0]} and {lengths[1]} steps at depths "
+        f"{','.join(map(str, depths))}, scored on {held} held-out examples"
     )
     return {**plan, "budget_note": note}
 
