@@ -55,7 +55,7 @@ def plan_cost(
 ) -> dict[str, Any]:
     """Prediction for one plan on one engine setting, plus the fewest GPUs it fits on."""
     from lfdist.model.meta_info import meta_model_info
-    from lfdist.plan import DEFAULT_MODULES, Fingerprint, load_plan
+    from lfdist.plan import Fingerprint, default_modules, load_plan
 
     if (plan_path is None) == (top is None):
         raise UserError("give exactly one of --plan FILE or --top FRACTION")
@@ -67,7 +67,7 @@ def plan_cost(
         rank = plan.options.get("lora_rank")
         settings.setdefault("lora_rank", DEFAULT_LORA_RANK if rank is None else rank)
     else:
-        treatments, modules = top_fraction(info["n_blocks"], top), dict(DEFAULT_MODULES)
+        treatments, modules = top_fraction(info["n_blocks"], top), default_modules(info)
     p = predict(info, treatments, modules, **settings)
     if gpu_gib is not None:
         rest = {k: v for k, v in settings.items() if k != "world_size"}

@@ -184,13 +184,13 @@ def rows(tiny: bool) -> Iterator[dict[str, Any]]:
 
 def _row(name, source, batch, seq, plan, treatments, ckpt, device, steps) -> dict[str, Any]:
     from lfdist.cost import predict
-    from lfdist.plan import DEFAULT_MODULES
+    from lfdist.plan import default_modules
 
     m = measure_one(source, treatments, ckpt, batch, seq, device, steps)
     p = predict(
         m["info"],
         treatments,
-        DEFAULT_MODULES,
+        default_modules(m["info"]),
         engine="single",
         world_size=1,
         dtype="bfloat16",

@@ -35,12 +35,13 @@ def rows(models: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """One row per model x plan x engine x activation checkpointing."""
     from lfdist.cost import GIB, predict
     from lfdist.model.meta_info import meta_model_info
-    from lfdist.plan import DEFAULT_MODULES
+    from lfdist.plan import default_modules
     from lfdist.plan_cost import fewest_gpus, top_fraction
 
     out = []
     for model, path in (models or MODELS).items():
         info = meta_model_info(path if os.path.isabs(path) else os.path.join(_root(), path))
+        modules = default_modules(info)
         for plan, fraction in PLANS.items():
             treatments = top_fraction(info["n_blocks"], fraction)
             for engine_name, (engine, stage) in ENGINES.items():
@@ -55,7 +56,7 @@ def rows(models: dict[str, str] | None = None) -> list[dict[str, Any]]:
                     )
                     per_w = {}
                     for w in WORLD_SIZES:
-                        p = predict(info, treatments, DEFAULT_MODULES, world_size=w, **kw)
+                        p = predict(info, treatments, modules, world_size=w, **kw)
                         per_w[str(w)] = {k: p["bytes"][k] / GIB for k in (*PARTS, "total")}
                     out.append(
                         {
@@ -70,7 +71,7 @@ def rows(models: dict[str, str] | None = None) -> list[dict[str, Any]]:
                             "gib_per_rank": per_w,
                             "flops_fraction": p["flops_fraction"],
                             "fewest_80gb_gpus": fewest_gpus(
-                                info, treatments, DEFAULT_MODULES, GPU_GIB, **kw
+                                info, treatments, modules, GPU_GIB, **kw
                             ),
                         }
                     )
