@@ -63,13 +63,16 @@ def environment() -> dict:
     }
 
 
-def write_result(out_dir: str, name: str, result: dict, markdown: str) -> str:
+def write_result(
+    out_dir: str, name: str, result: dict, markdown: str, verb: str = "Measured"
+) -> str:
+    """verb heads the Markdown: "Measured", or "Computed" for predictions that measure nothing."""
     os.makedirs(out_dir, exist_ok=True)
     env = result.setdefault("environment", environment())
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
     head = (
-        f"Measured {env['date']} at commit {env['commit']} on {env['hardware']['cpu']} "
+        f"{verb} {env['date']} at commit {env['commit']} on {env['hardware']['cpu']} "
         f"({env['hardware']['cpu_count']} cores, GPU: {env['hardware']['gpu'] or 'none'}); "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
         + ".\n\n"

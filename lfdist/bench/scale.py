@@ -181,6 +181,6 @@ def run(out_dir: str) -> str:
         },
         "rows": table,
     }
-    md = write_result(out_dir, "scale", result, markdown(table))
+    md = write_result(out_dir, "scale", result, markdown(table), verb="Computed")
     plot(table, os.path.join(out_dir, "scale.png"))
     return md
