@@ -78,3 +78,20 @@ def test_structural_strategy_trains_on_two_ranks(
     assert below and all(torch.equal(sd[n], bd[n]) for n in below)
     assert any(not torch.equal(sd[n], bd[n]) for n in bd if n.startswith("model.layers.7."))
     assert os.path.exists(os.path.join(hf, "lfdist_masks.safetensors")) == (strategy == "mask")
+    # The merged weights, by the treatments' own definitions (export merges block by block).
+    from safetensors.torch import load_file
+
+    from lfdist.engines.shards import TrainedWeights
+    from lfdist.model.treatments import unpack_bits
+
+    weights = TrainedWeights(str(tmp_path / "run/checkpoints/step-000002"))
+    trained = weights.read(weights.shapes)
+    name = "model.layers.7.self_attn.q_proj.weight"
+    if strategy == "mask":  # W * m, m the saved bit mask: exact
+        bits = load_file(os.path.join(hf, "lfdist_masks.safetensors"))[name]
+        assert torch.equal(sd[name], bd[name] * unpack_bits(bits, tuple(bd[name].shape)))
+        assert (sd[name] == 0).sum() > (bd[name] == 0).sum()
+    else:  # W + (alpha / r) B A with peft's defaults here: alpha 16, rank 8
+        a = trained["model.layers.7.self_attn.q_proj.lora_A.default.weight"]
+        b = trained["model.layers.7.self_attn.q_proj.lora_B.default.weight"]
+        torch.testing.assert_close(sd[name], bd[name] + 2.0 * b @ a, rtol=0, atol=1e-6)

@@ -260,3 +260,33 @@ def test_launcher_refuses_deepspeed_on_another_world_size_but_not_fsdp2(tmp_path
                 UserError, match=r"written by 2 ranks .* deepspeed cannot reshard.*--nproc 2$"
             ):
                 check_resumable(str(folder), cfg, 1)
+
+
+@pytest.mark.deepspeed
+def test_deepspeed_files_load_weights_only(tmp_path, monkeypatch):
+    """DeepSpeed's own loader (torch.load weights_only=False) is replaced while lfdist loads:
+    its plain-data classes load, a crafted object is refused before it runs."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from lfdist.engines.deepspeed import _load_weights_only
+
+    class Engine:
+        def load(self, path, map_location=None):
+            return torch.load(path, weights_only=False)
+
+    engine = SimpleNamespace(checkpoint_engine=Engine())
+    good, bad = str(tmp_path / "good.pt"), str(tmp_path / "bad.pt")
+    torch.save({"stage": ZeroStageEnum.weights, "t": torch.ones(2)}, good)
+    monkeypatch.setenv("LFDIST_TEST_PWNED", str(tmp_path))
+    torch.save({"x": _RunsCode()}, bad)
+    restore = _load_weights_only(engine)
+    try:
+        assert engine.checkpoint_engine.load(good)["stage"] == ZeroStageEnum.weights
+        with pytest.raises(UserError, match="holds objects that are not plain data"):
+            engine.checkpoint_engine.load(bad)
+    finally:
+        restore()
+    assert not os.path.exists(tmp_path / PWNED)
+    assert "load" not in vars(engine.checkpoint_engine)  # DeepSpeed's own method is back
