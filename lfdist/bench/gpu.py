@@ -126,28 +126,30 @@ def measure_one(source, treatments, ckpt, batch, seq, device, steps) -> dict[str
             torch.cuda.synchronize()
 
     times, walked = [], {}
+
+    def train_step(walk: bool = False):
+        loss = model(input_ids=ids, labels=ids).loss  # the output (and its logits) dropped here
+        loss.backward()
+        if walk:
+            walked["grads"] = _nbytes(p.grad for p in trainable)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     for step in range(WARMUP + steps):
         if step == WARMUP and cuda:  # optimizer states exist from here on
             torch.cuda.reset_peak_memory_stats()
         sync()
         t0 = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
-        if step == WARMUP:
-            walked["grads"] = _nbytes(p.grad for p in trainable)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(walk=step == WARMUP)
         sync()
         if step >= WARMUP:
             times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss()
     walked["params"] = _nbytes(model.parameters())
     walked["optimizer"] = _nbytes(
         s for p in trainable for s in opt.state[p].values() if s.dim() > 0
     )
+    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss()
     walked["activations"] = None if ckpt else _saved_activation_bytes(model, ids)
-    del model, opt, trainable
-    if cuda:
-        torch.cuda.empty_cache()
     return {
         "info": info,
         "measured": walked,
@@ -182,11 +184,22 @@ def rows(tiny: bool) -> Iterator[dict[str, Any]]:
                     yield {"model": name, "skipped": f"{plan}, AC {ckpt}: {e!r}"[:500]}
 
 
+def _release(device: str) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def _row(name, source, batch, seq, plan, treatments, ckpt, device, steps) -> dict[str, Any]:
     from lfdist.cost import predict
     from lfdist.plan import default_modules
 
     m = measure_one(source, treatments, ckpt, batch, seq, device, steps)
+    _release(device)  # the run's model and optimizer are garbage now: give their memory back
     p = predict(
         m["info"],
         treatments,
