@@ -31,6 +31,10 @@ Assumptions (each is a number a benchmark can check):
   trainable fraction f of block parameters costs (2 + 4f)/6 of full fine-tuning. Attention's T²
   FLOPs, norms and LoRA's own forward matmuls are ignored; so is the boundary block's skipped
   input gradient (at most 2/(6L) of the total).
+- the total is the sum of the parts, not a simulated peak: gradients grow while activations are
+  freed during backward, and the loss's logits temporaries (bf16 logits, their fp32 copy, their
+  gradient) and optimizer-step temporaries are not counted. benchmarks/gpu compares it with
+  torch.cuda.max_memory_allocated.
 """
 
 from __future__ import annotations
