@@ -166,20 +166,15 @@ class Filler:
             for n, t in [*model.named_parameters(), *model.named_buffers()]
             if not t.is_meta
         }
-        self._reader = None
-        self._keys = None
-
-    @property
-    def reader(self) -> Reader:
-        if self._reader is None:
-            self._reader = Reader(self.source.weights_folder())
-            located = locate(self.model, self.reader.index)
-            self._keys = {name: key for name, (key, _) in located.items()}
-        return self._reader
-
-    def _key(self, name: str) -> str | None:
-        self.reader  # noqa: B018 — opening the reader maps parameter names to checkpoint keys
-        return self._keys.get(name)
+        # Names are mapped to checkpoint keys now, before setup and sharding wrap any module.
+        self.reader = Reader(source.weights_folder())
+        located = locate(model, self.reader.index)
+        self._keys = {name: key for name, (key, _) in located.items()}
+        for module in model.modules():
+            for attr, _ in module.named_parameters(recurse=False):
+                name = self._name(module, attr)
+                if attr != SCORES and name not in self.keep and self._keys.get(name) is None:
+                    self.keep[name] = self._initialized(module, attr)
 
     def _name(self, module: nn.Module, attr: str) -> str:
         prefix = self.qualname[id(module)]
@@ -192,7 +187,7 @@ class Filler:
         if name in self.keep:
             full = self.keep[name]
         else:
-            key = self._key(name)
+            key = self._keys.get(name)
             if key is not None:
                 return self.reader.get(key, rows)
             if attr == SCORES:
@@ -200,7 +195,7 @@ class Filler:
                 w = self.value(module, "weight").to(module.weight.dtype)
                 full = w.abs() / w.abs().mean().clamp_min(torch.finfo(w.dtype).tiny)
             else:
-                full = self._initialized(module, attr)
+                raise KeyError(f"no value for parameter {name!r}")
         return full if rows is None else full[rows[0] : rows[1]]
 
     def _initialized(self, module: nn.Module, attr: str) -> torch.Tensor:

@@ -130,3 +130,15 @@ def test_validate_refuses_weights_that_do_not_fit_the_config(tmp_path):
         json.dump(config, f)
     with pytest.raises(UserError, match=r"has shape \[128, 64\] but the config builds \[96, 64\]"):
         ModelSource(folder).check_weights()
+
+
+def test_head_missing_from_a_base_checkpoint_gets_the_models_init():
+    source = _packaged("pkg:minilm-l6", "classify")
+    whole = source.load_whole()
+    meta, filler = prepare(source.with_plan(make_plan(whole, ["frozen"] * 4 + ["full"] * 2)))
+    filler.replicate(meta, torch.device("cpu"))
+    expected, got = whole.state_dict(), meta.state_dict()
+    # Everything the checkpoint holds is read bit for bit; the new head is drawn, seeded.
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == ["classifier.weight"]
+    assert torch.equal(got["classifier.bias"], torch.zeros(5))
+    assert got["classifier.weight"].std().item() == pytest.approx(0.02, rel=0.1)
