@@ -157,8 +157,9 @@ def _all_files(folder: str) -> list[str]:
     return sorted(f for f in out if f != CHECKSUMS)
 
 
-def verify(folder: str) -> None:
-    """The manifest lists every file in the folder and each matches its digest."""
+def verify(folder: str, world=None) -> None:
+    """The manifest lists every file in the folder and each matches its digest. With a world
+    (collective), each rank hashes its share of the files and all ranks raise the same line."""
     path = os.path.join(folder, CHECKSUMS)
     if not os.path.isfile(path):
         raise UserError(
@@ -181,12 +182,19 @@ def verify(folder: str) -> None:
             f"checkpoint {folder!r} does not match its {CHECKSUMS} ({what}); resume from an "
             "earlier checkpoint"
         )
-    for name, digest in sorted(sums.items()):
-        if _sha256(os.path.join(folder, name)) != digest:
-            raise UserError(
-                f"checkpoint file {os.path.join(folder, name)!r} is corrupt (checksum mismatch); "
-                "resume from an earlier checkpoint"
-            )
+    names = sorted(sums)
+    if world is not None:
+        names = names[world.rank :: world.world_size]
+    bad = [n for n in names if _sha256(os.path.join(folder, n)) != sums[n]]
+    if world is not None and dist.is_initialized():
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, bad[:1])
+        bad = sorted(n for part in found for n in part)
+    if bad:
+        raise UserError(
+            f"checkpoint file {os.path.join(folder, bad[0])!r} is corrupt (checksum mismatch); "
+            "resume from an earlier checkpoint"
+        )
 
 
 def latest_checkpoint(root: str) -> str | None:
@@ -214,7 +222,7 @@ def load_checkpoint(folder: str, engine, world) -> dict:
     """Collective. Restores engine state and this rank's RNG; returns state.json."""
     from lfdist.train.resume import read_state
 
-    verify(folder)
+    verify(folder, world)
     state = read_state(folder)
     written_by = state.get("world_size")
     if written_by != world.world_size and not can_reshard(engine.name):

@@ -6,6 +6,7 @@ a single-process run with the same global batch, exact resume, exported folder l
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -226,6 +227,27 @@ def test_deepspeed_zero3_resume_is_exact(tmp_path):
         assert resumed["losses"][step] == pytest.approx(
             straight["losses"][step], rel=1e-6, abs=1e-7
         )
+    # Each rank wrote its ZeRO-3 partitions of the trained weights; they assemble whole.
+    parts = sorted(os.listdir(tmp_path / "straight/checkpoints/step-000006/weights"))
+    assert parts == ["rank-00000.safetensors", "rank-00001.safetensors"]
+    a = _trained(tmp_path / "straight/checkpoints/step-000006")
+    b = _trained(tmp_path / "resumed/checkpoints/step-000006")
+    assert a.keys() == b.keys() and len(a) == 29
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6)
+    # The export of a ZeRO-3 run: the trained tensors from those partitions, the rest the base.
+    from safetensors.torch import load_file
+
+    from lfdist.model.source import ModelSource
+    from lfdist.train.export import export
+
+    exported = load_file(
+        os.path.join(export(str(tmp_path / "straight"), str(tmp_path / "hf")), "model.safetensors")
+    )
+    base = load_file(os.path.join(ModelSource("tiny:llama").weights_folder(), "model.safetensors"))
+    assert exported.keys() == base.keys()
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, a[name] if name in a else base[name]), name
 
 
 def test_nan_loss_stops_before_the_step_and_writes_no_exploded_checkpoint(tmp_path):

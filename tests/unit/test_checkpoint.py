@@ -230,6 +230,16 @@ def test_resuming_a_finished_run_says_so(saved):
     plan = make_plan(build_tiny("llama", "lm"), PREFIX)
     with pytest.raises(UserError, match=r"already finished \(step 6 of 6\); nothing to resume"):
         check_resume(folder, _cfg().to_dict(), plan)
+    # Through the launcher: one line, and the finished run's metrics stay as they were (before,
+    # a StatisticsError came after metrics.json had been rewritten).
+    from lfdist.launch.run import validate
+
+    out = os.path.dirname(root)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        f.write('{"losses": {"5": 1.0}}')
+    with pytest.raises(UserError, match=r"already finished \(step 6 of 6\)"):
+        validate(_cfg(), plan_path, out, resume=True)
+    assert open(os.path.join(out, "metrics.json")).read() == '{"losses": {"5": 1.0}}'
 
 
 def test_launcher_refuses_a_changed_plan_before_writing(saved, tmp_path):
