@@ -548,9 +548,9 @@ def build(source, cfg, world) -> DeepSpeedEngineAdapter:
         filler.partition(model, world.device, ds_config, keep_out if replicate else None)
     else:
         filler.replicate(model, world.device)
-    params = trainable_parameters(model)  # materializing made new Parameter objects
-    # DeepSpeed moves the module (buffers included) to its device itself.
-    optimizer = make_optimizer(params, cfg)
+    # DeepSpeed moves the module (buffers included) to its device itself. One group per
+    # treatment, each at its own lr, from the parameters materializing made.
+    optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config

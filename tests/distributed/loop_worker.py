@@ -17,13 +17,14 @@ import torch.distributed as dist
 N_BLOCKS = 8
 
 
-def run(rank: int, world_size: int, port: int, out: str, scenario: dict) -> None:
+def run(rank: int, world_size: int, port: int, out: str, scenarios: list[dict]) -> None:
+    """Runs the scenarios one after another in one process group (a spawn costs seconds)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        result = _scenario(rank, world_size, scenario)
-        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+        results = [_scenario(rank, world_size, sc) for sc in scenarios]
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.barrier()
         dist.destroy_process_group()
@@ -78,15 +79,7 @@ def _scenario(rank: int, world_size: int, sc: dict) -> dict:
             hooked.append(engine.model)
 
     if tc.engine == "fsdp2":
-        from torch.distributed.fsdp._fully_shard import _fsdp_collectives as coll
-
-        original = coll.DefaultReduceScatter.__call__
-
-        def counting_rs(self, output_tensor, input_tensor, *a, **kw):
-            reduced[-1].append(input_tensor.numel())
-            return original(self, output_tensor, input_tensor, *a, **kw)
-
-        coll.DefaultReduceScatter.__call__ = counting_rs
+        _count_reduce_scatter(reduced)
 
     if redraw is not None:  # re-register the counting hook on a rebuilt DDP wrapper
         at = redraw.at
@@ -135,6 +128,21 @@ def _scenario(rank: int, world_size: int, sc: dict) -> dict:
         "optimizer_params": sum(len(g["params"]) for g in engine.optimizer.param_groups),
         "lrs": {g["treatment"]: g["lr"] for g in engine.optimizer.param_groups},
     }
+
+
+def _count_reduce_scatter(reduced: list[list[int]]) -> None:
+    """FSDP2's reduce-scatter of gradients, counted into reduced[-1] (the current step)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as coll
+
+    cls = coll.DefaultReduceScatter
+    original = getattr(cls, "_uncounted", cls.__call__)
+
+    def counting(self, output_tensor, input_tensor, *a, **kw):
+        reduced[-1].append(input_tensor.numel())
+        return original(self, output_tensor, input_tensor, *a, **kw)
+
+    cls._uncounted = original
+    cls.__call__ = counting
 
 
 def _full_blocks(engine) -> dict[str, torch.Tensor]:

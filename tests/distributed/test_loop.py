@@ -21,9 +21,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(tmp_path, scenario: dict) -> list[dict]:
-    mp.spawn(loop_worker.run, args=(2, _free_port(), str(tmp_path), scenario), nprocs=2)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+def _run(tmp_path, scenarios: list[dict]) -> list[list[dict]]:
+    """Per scenario, the two ranks' results (one spawn runs them all)."""
+    mp.spawn(loop_worker.run, args=(2, _free_port(), str(tmp_path), scenarios), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return [list(pair) for pair in zip(*ranks)]
 
 
 def _block_elements(i: int = 0) -> int:
@@ -41,24 +43,51 @@ def _changed_blocks(before: dict, after: dict) -> list[int]:
     return sorted(changed)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
-def test_gradient_accumulation_reduces_once_per_step(tmp_path, engine):
-    def reductions(accum):
-        train = {"engine": engine, "steps": 2, "batch_size": 2, "grad_accum": accum, "lr": 1e-3}
-        ranks = _run(tmp_path / f"a{accum}", {"train": train, "treatments": PREFIX})
+ACCUM_RUNS = [(engine, accum) for engine in ("ddp", "fsdp2") for accum in (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def default_runs(tmp_path_factory):
+    """The default-suite scenarios in one spawn: 4 accumulation runs, then the two bad steps."""
+    scenarios = [
+        {
+            "train": {"engine": e, "steps": 2, "batch_size": 2, "grad_accum": a, "lr": 1e-3},
+            "treatments": PREFIX,
+        }
+        for e, a in ACCUM_RUNS
+    ]
+    bomb = {"engine": "ddp", "steps": 6, "batch_size": 2, "lr": 1e-3, "save_every": 1}
+    huge = {"engine": "ddp", "steps": 4, "batch_size": 2, "lr": 1e30, "save_every": 1}
+    huge["max_grad_norm"] = 0.0
+    scenarios += [
+        {"train": bomb, "treatments": PREFIX, "lr_bomb_at": 2},
+        {"train": huge, "treatments": PREFIX},
+    ]
+    results = _run(tmp_path_factory.mktemp("loop"), scenarios)
+    return {"accum": dict(zip(ACCUM_RUNS, results[:4])), "bomb": results[4], "huge": results[5]}
+
+
+def test_gradient_accumulation_reduces_once_per_step(default_runs):
+    reduced = {}
+    for key, ranks in default_runs["accum"].items():
         assert ranks[0]["error"] is None
-        return ranks[0]["reduced"][:2]
+        reduced[key] = ranks[0]["reduced"][:2]
+    trainable = 3 * _block_elements() + 64 * 320 + 64  # blocks 5-7, lm_head, final norm
+    # DDP: every step all-reduces the trainable gradients once, whatever the accumulation
+    # (before: once per micro-batch, twice as many elements with grad_accum=2)
+    assert [sum(s) for s in reduced["ddp", 1]] == [trainable] * 2
+    assert reduced["ddp", 2] == reduced["ddp", 1]
+    # FSDP2: one reduce-scatter per trainable block and one for the root, once per step
+    assert [len(s) for s in reduced["fsdp2", 1]] == [4, 4]
+    assert reduced["fsdp2", 2] == reduced["fsdp2", 1]
 
-    one, two = reductions(1), reductions(2)
-    # Two micro-batches per step reduce exactly what one does (before: twice as many calls).
-    assert two == one
-    if engine == "fsdp2":  # one reduce-scatter per trainable block and one for the root
-        assert [len(step) for step in one] == [4, 4]
 
-
-def test_a_bad_step_never_reaches_the_weights_or_a_checkpoint(tmp_path):
-    train = {"engine": "ddp", "steps": 6, "batch_size": 2, "lr": 1e-3, "save_every": 1}
-    ranks = _run(tmp_path, {"train": train, "treatments": PREFIX, "lr_bomb_at": 2})
+def test_a_bad_step_never_reaches_the_weights_or_a_checkpoint(default_runs):
+    for r in default_runs["huge"]:  # lr=1e30: the state after step 0 never passes, none saved
+        assert r["error"].startswith("loss became nan at step 1, before its optimizer step")
+        assert "no checkpoint passed the check, so none was written" in r["error"]
+        assert r["saved"] == {}
+    ranks = default_runs["bomb"]
     for r in ranks:
         # step 2's update (lr 1e30) blows the weights up; step 3's forward sees it first
         assert r["error"].startswith("loss became nan at step 3, before its optimizer step")
@@ -71,26 +100,29 @@ def test_a_bad_step_never_reaches_the_weights_or_a_checkpoint(tmp_path):
     assert all(torch.equal(t, ranks[1]["saved"][2][n]) for n, t in ranks[0]["saved"][2].items())
 
 
-def test_lr_1e30_stops_at_step_1_and_writes_no_checkpoint(tmp_path):
-    train = {"engine": "ddp", "steps": 4, "batch_size": 2, "lr": 1e30, "save_every": 1}
-    train["max_grad_norm"] = 0.0
-    for r in _run(tmp_path, {"train": train, "treatments": PREFIX}):
-        assert r["error"].startswith("loss became nan at step 1, before its optimizer step")
-        assert "no checkpoint passed the check, so none was written" in r["error"]
-        assert r["saved"] == {}
-
-
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
-def test_lisa_trains_exactly_the_scheduled_blocks(tmp_path, engine):
+@pytest.mark.slow
+def test_lisa_trains_exactly_the_scheduled_blocks(tmp_path):
     n, period, seed, steps = 2, 2, 2, 6
     options = {"n": n, "period": period, "seed": seed}
     first = lisa_blocks(N, n, period, seed, 0)
     treatments = ["full" if i in first else "frozen" for i in range(N)]
-    train = {"engine": engine, "steps": steps, "batch_size": 2, "lr": 1e-3}
-    scenario = {"train": train, "treatments": treatments, "strategy": "lisa", "options": options}
-    ranks = _run(tmp_path, scenario)
+    scenarios = [
+        {
+            "train": {"engine": engine, "steps": steps, "batch_size": 2, "lr": 1e-3},
+            "treatments": treatments,
+            "strategy": "lisa",
+            "options": options,
+        }
+        for engine in ("ddp", "fsdp2")
+    ]
+    for engine, ranks in zip(("ddp", "fsdp2"), _run(tmp_path, scenarios)):
+        _check_lisa(engine, ranks, n, period, seed, steps)
+
+
+def _check_lisa(engine, ranks, n, period, seed, steps):
     schedule = {s: lisa_blocks(N, n, period, seed, s) for s in range(steps)}
-    # The schedule changes the trained set at the period boundaries (seed 2: [2, 6], [6, 7], [3, 5]; block 6 carries on).
+    # The trained set changes at the period boundaries: seed 2 draws [2, 6], [6, 7], [3, 5]
+    # (block 6 carries on across the first boundary, keeping its optimizer state).
     assert len({tuple(b) for b in schedule.values()}) == 3
     head_and_norm = 64 * 320 + 64  # lm_head + final norm stay trainable throughout
     for r in ranks:
