@@ -4,6 +4,11 @@ Per engine (DDP, FSDP2, ZeRO-1/2/3; 2 ranks): gradient and optimizer-state bytes
 the cost model predicts them and as the ranks hold them (walking the tensors). In one process:
 training FLOPs of one step (FlopCounterMode) and activation bytes saved for backward
 (saved-tensor hooks) against the cost model, and the step-time ratio.
+
+Plans: a frozen prefix (3 of 8 blocks train), full fine-tuning, `lora` (LoRA rank 8 on every
+block's attention projections, base weights frozen) and `lisa` (2 blocks drawn every 2 steps;
+DDP and FSDP2 only, DeepSpeed refuses it). A lisa row measures its first step's draw (blocks 4
+and 5 with seed 1; the run re-draws at step 2); the cost model predicts that draw.
 """
 
 from __future__ import annotations
@@ -23,9 +28,30 @@ ENGINES = [
 MODEL, DATA, SEQ, BATCH = "tiny:llama", "synthetic:lm:300", 64, 2
 
 
+LISA = {"n": 2, "period": 2, "seed": 1}
+LISA_ENGINES = ("ddp", "fsdp2")  # DeepSpeed cannot change its trainable set
+
+
 def _plans(model) -> dict[str, list[str]]:
+    from lfdist.select.lisa import lisa_blocks
+
     n = len(model.model.layers)
-    return {"prefix": ["frozen"] * (n - 3) + ["full"] * 3, "full": ["full"] * n}
+    drawn = lisa_blocks(n, LISA["n"], LISA["period"], LISA["seed"], 0)
+    return {
+        "prefix": ["frozen"] * (n - 3) + ["full"] * 3,
+        "full": ["full"] * n,
+        "lora": ["lora"] * n,
+        "lisa": ["full" if i in drawn else "frozen" for i in range(n)],
+    }
+
+
+def _plan(model, name: str, treatments: list[str]):
+    from dataclasses import replace
+
+    from lfdist.train.measure import make_plan_for
+
+    plan = make_plan_for(model, treatments, name)
+    return replace(plan, options=dict(LISA)) if name == "lisa" else plan
 
 
 def _predict(info, treatments, engine, stage, dtype="float32"):
@@ -50,16 +76,17 @@ def _distributed(info, plans, workdir) -> list[dict]:
     from lfdist.launch.run import launch_training
     from lfdist.model.tiny import build_tiny
     from lfdist.plan import save_plan
-    from lfdist.train.measure import make_plan_for
 
     rows = []
     for engine, stage, replicate in ENGINES:
         for name, treatments in plans.items():
-            if replicate and name == "full":
-                continue  # nothing frozen to replicate
+            if replicate and name != "prefix":
+                continue  # the frozen-prefix comparison
+            if name == "lisa" and engine not in LISA_ENGINES:
+                continue
             plan_path = os.path.join(workdir, f"{name}.yaml")
             if not os.path.exists(plan_path):
-                save_plan(make_plan_for(build_tiny("llama", "lm"), treatments, name), plan_path)
+                save_plan(_plan(build_tiny("llama", "lm"), name, treatments), plan_path)
             cfg = config_from_dict(
                 {
                     "model": {"spec": MODEL},
@@ -131,14 +158,13 @@ def _in_process(info, plans) -> list[dict]:
 
     from lfdist.model.apply import apply_plan
     from lfdist.model.tiny import build_tiny
-    from lfdist.train.measure import make_plan_for
 
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (BATCH, SEQ))
     rows = []
     for name, treatments in plans.items():
         model = build_tiny("llama", "lm")
-        apply_plan(model, make_plan_for(model, treatments, name))
+        apply_plan(model, _plan(model, name, treatments))
         saved: dict[tuple, int] = {}
 
         def pack(t, saved=saved):
@@ -167,7 +193,7 @@ def _in_process(info, plans) -> list[dict]:
 
 def _markdown(dist_rows, local_rows) -> str:
     lines = [
-        "## Gradient and optimizer-state bytes per rank (2 ranks, fp32, tiny llama, frozen prefix = 5 of 8 blocks)",
+        "## Gradient and optimizer-state bytes per rank (2 ranks, fp32, tiny llama; prefix: 5 of 8 blocks frozen; lora: rank 8 on every block; lisa: the first draw of 2 blocks)",
         "",
         "| engine | plan | params held (rank 0 / 1) | grads measured (rank 0 / 1) | grads predicted | optimizer measured (rank 0 / 1) | optimizer predicted | median step s |",
         "|---|---|---|---|---|---|---|---|",
@@ -199,6 +225,12 @@ def _markdown(dist_rows, local_rows) -> str:
             f"predicted: {by['prefix']['predicted_flops'] / by['full']['predicted_flops']:.3f}. "
             f"Activation bytes ratio measured: {by['prefix']['activation_bytes'] / by['full']['activation_bytes']:.3f}.",
         ]
+    for name in ("lora", "lisa"):
+        if {name, "full"} <= set(by):
+            lines.append(
+                f"FLOPs ratio {name}/full measured {by[name]['flops'] / by['full']['flops']:.3f}, "
+                f"predicted {by[name]['predicted_flops'] / by['full']['predicted_flops']:.3f}."
+            )
     comm_rows = [r for r in dist_rows if r.get("comms")]
     if comm_rows:
         lines += [
