@@ -5,6 +5,7 @@ Each takes typed config and paths, validates before writing, and returns what it
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -39,9 +40,11 @@ def _check_writable(folder: str, path: str) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
+        # ENOENT for a folder that exists: a pseudo file system such as /proc.
+        why = "it takes no new files" if e.errno == errno.ENOENT else (e.strerror or str(e))
         raise UserError(
-            f"cannot write in {folder!r} for {path!r} ({e.strerror or e}); choose another "
-            "--out or make that folder writable"
+            f"cannot write in {folder!r} for {path!r} ({why}); choose another --out or make "
+            "that folder writable"
         ) from None
 
 

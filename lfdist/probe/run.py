@@ -296,6 +296,7 @@ def run_probe(
             info["per_block_weight_norm"] = _gradient_pass(
                 model, bmap, data, n, batch_size, stats, bar
             )
+            bar.close()
             timings["gradnorm_s"] = time.perf_counter() - t1
     finally:
         if not bar.closed:  # an exception left this stage open: close it without "done"

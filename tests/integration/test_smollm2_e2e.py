@@ -48,7 +48,10 @@ def test_smollm2_probe_select_train_export(tmp_path):
     )
     m = json.load(open(os.path.join(run, "metrics.json")))
     assert m["per_rank"][0]["backward_blocks"] == [26, 27, 28, 29]
-    assert m["frozen_digest"]["before"] is None  # not requested; the export check below covers it
+    # SmolLM2 block: q,o 576x576 + k,v 576x192 + MLP 3 x 576x1536 + 2 norms of 576 = 3,540,096;
+    # the head is tied to the frozen embeddings, so 4 blocks and the final norm are all that train.
+    assert m["params"]["trainable"] == 4 * 3_540_096 + 576
+    assert m["plan"]["modules"]["head"] == "tied"
     assert m["eval"]["perplexity"] < 100
     assert _cli("export", "--checkpoint", run, "--out", hf) == 0
     exported = AutoModelForCausalLM.from_pretrained(hf)

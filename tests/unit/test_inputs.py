@@ -315,3 +315,42 @@ def test_plan_modules_accept_tied_head_only():
     d["modules"] = {**d["modules"], "final_norm": "tied"}
     with pytest.raises(UserError, match="modules.final_norm: treatment must be frozen or full"):
         Plan.from_dict(d)
+
+
+def test_logit_lens_runs_in_bounded_chunks(monkeypatch):
+    from lfdist.probe import run as probe_run
+
+    model = build_tiny("llama", "lm")  # vocab 320
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    data = {"input_ids": ids}
+    whole = probe_run.run_probe(model, data, "lm", batch_size=4, progress=False)
+    rows = []
+    real_lens = probe_run.logit_lens
+
+    def recording_lens(*args):
+        lens = real_lens(*args)
+        return lambda h: rows.append(h.shape[0]) or lens(h)
+
+    monkeypatch.setattr(probe_run, "logit_lens", recording_lens)
+    monkeypatch.setattr(probe_run, "_LENS_ELEMENTS", 7 * 320)  # 7 rows of logits at a time
+    chunked = probe_run.run_probe(model, data, "lm", batch_size=4, progress=False)
+    # 4 x 15 = 60 target positions per latent space: 8 chunks of 7 and one of 4, for 9 spaces.
+    assert rows == ([7] * 8 + [4]) * 9
+    assert chunked.deviation == pytest.approx(whole.deviation, rel=1e-12)
+
+
+def test_probe_stages_log_progress_without_a_terminal(caplog):
+    import re
+
+    from lfdist.probe import run_probe
+
+    model = build_tiny("llama", "lm")
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.INFO, logger="lfdist"):
+        run_probe(model, {"input_ids": ids}, "lm", batch_size=2, gradnorm=True, progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lfdist.probe.run"]
+    assert len(lines) == 4, lines  # pytest's stderr is no terminal: no bar, the lines instead
+    assert lines[0] == "probe forward: 4 examples"
+    assert re.fullmatch(r"probe forward: done, 4 examples in \d+\.\d s", lines[1])
+    assert lines[2] == "probe gradnorm: 4 examples"
+    assert re.fullmatch(r"probe gradnorm: done, 4 examples in \d+\.\d s", lines[3])
