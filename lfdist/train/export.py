@@ -65,8 +65,25 @@ def export(checkpoint: str, out: str) -> str:
     trained = TrainedWeights(folder)
     _check_trained(trained, model, plan)
     tmp = out.rstrip("/") + ".tmp-export"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    except OSError as e:
+        raise UserError(
+            f"cannot write the export folder {out!r} ({e.strerror or e}); choose a writable --out"
+        ) from None
+    try:
+        _write_folder(tmp, folder, state, model, plan, trained, source, tokenizer)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written export left behind
+        raise
+    if os.path.isdir(out):
+        os.rmdir(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _write_folder(tmp, folder, state, model, plan, trained, source, tokenizer) -> None:
     masks = _write_weights(tmp, model, plan, trained, source)
     if masks:
         from safetensors.torch import save_file
@@ -89,10 +106,6 @@ def export(checkpoint: str, out: str) -> str:
             f,
             indent=1,
         )
-    if os.path.isdir(out):
-        os.rmdir(out)
-    os.replace(tmp, out)
-    return out
 
 
 def _source(state: dict, tokenizer):
