@@ -131,7 +131,10 @@ def test_pilots_are_the_runs_own_step_and_restore_the_model(data):
 def test_pilots_log_one_line_per_stage(data):
     lines: list[str] = []
     run_pilots(build_tiny("llama", "lm"), data, "lm", TC, "1,8", 8, log=lines.append)
-    assert len(lines) == 3 and "allowed pilots of 4 and 8 steps" in lines[0]
+    assert (
+        len(lines) == 3
+        and "pilot_steps=8 (not sized to the budget) gave pilots of 4 and 8" in (lines[0])
+    )
     assert lines[1].startswith("pilot 1/2: top 1 blocks") and lines[2].startswith("pilot 2/2")
     skipped: list[str] = []
     tc = TrainConfig(steps=20, batch_size=2, nproc=2)
@@ -146,7 +149,9 @@ def test_pilots_and_critical_in_probe_json(tmp_path, data):
     long_run = TrainConfig(steps=3000, batch_size=2, nproc=2, lr=1e-3)  # room for 4 depths
     record = run_pilots(model, data, "lm", long_run, probe_examples=16, log=quiet)
     assert record["depths"] == [1, 2, 4, 8] and "skipped" not in record
-    crit = run_critical(model, data, "lm", TC, steps=3, log=quiet)
+    lines: list[str] = []
+    crit = run_critical(model, data, "lm", TC, steps=3, log=lines.append)
+    assert lines[0] == "critical: training all 8 blocks for 3 steps" and len(lines) == 2
     assert _same(model, state)
     assert len(crit["train_losses"]) == 3 and crit["batch_size"] == 4
     assert all(v > 0 for v in crit["l1"]) and all(0 < v < 0.5 for v in crit["angular"])
