@@ -16,6 +16,8 @@ import time
 
 from lfdist.plan import atomic_write_text
 
+EVAL_BATCH = 16  # held-out forwards in batches of this size, whatever the training batch
+
 
 def metric_of(task: str) -> str:
     return "perplexity" if task == "lm" else "accuracy"
@@ -76,7 +78,9 @@ class Oracle:
             if str(seed) in done:
                 continue
             t0 = time.perf_counter()
-            r = train_plan(model, plan, prepared.train, prepared.heldout, self.task, tc, seed)
+            r = train_plan(
+                model, plan, prepared.train, prepared.heldout, self.task, tc, seed, EVAL_BATCH
+            )
             done[str(seed)] = {
                 "quality": quality_value(self.task, r["quality"]),
                 "loss": r["quality"]["loss"],

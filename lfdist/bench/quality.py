@@ -57,29 +57,29 @@ TASKS = [
         "pkg:minilm-l6",
         "pkg:bbc-news",
         "classify",
-        seq_len=64,
-        steps=40,
-        lr=3e-4,
+        seq_len=32,
+        steps=24,
+        lr=5e-4,
         batch=8,
         seeds=[0, 1, 2],
-        probe_samples=64,
-        critical_steps=8,
+        probe_samples=32,
+        critical_steps=4,
     ),
     TaskSpec(
         "smollm2-docs",
         "pkg:smollm2-135m",
         "pkg:python-docs",
         "lm",
-        seq_len=64,
-        steps=16,
+        seq_len=32,
+        steps=10,
         lr=1e-4,
-        batch=4,
+        batch=2,
         seeds=[0, 1],
-        ks=[0, 2, 4, 8, 16, 24],
+        ks=[0, 4, 12, 24],
         max_examples=2000,
-        max_eval=64,
-        probe_samples=32,
-        critical_steps=4,
+        max_eval=32,
+        probe_samples=16,
+        critical_steps=2,
     ),
 ]
 TINY_TASKS = [
@@ -184,6 +184,7 @@ def run_task(spec: TaskSpec, out: str, reuse: str | None = None) -> dict:
         oracle.train(model, plan_for(model, prefix(L, k)), prepared, cfg.train, seeds)
     sweep_s = time.perf_counter() - t0
 
+    os.makedirs(out, exist_ok=True)  # a --reuse run has written nothing yet
     _log(f"{spec.name}: probe (salf's pilots, gradnorm, critical)")
     t0 = time.perf_counter()
     probe = pipeline.probe(
