@@ -99,7 +99,12 @@ def predict_quality(pilot: dict, n_blocks: int, run_steps: int | None) -> dict:
     lengths = list(pilot["lengths"])
     errors = {int(s): list(v) for s, v in zip(lengths, pilot["errors"])}
     steps = run_steps or pilot.get("run_steps") or lengths[-1]
-    at_end = along_steps(errors, lengths, steps)
+    top = 1.0 if pilot.get("metric") == "accuracy" else math.inf  # an error rate is at most 1
+
+    def bounded(e: float) -> float:
+        return min(max(e, 0.0), top)
+
+    at_end = [bounded(e) for e in along_steps(errors, lengths, steps)]
     fit = fit_saturating(pilot["depths"], at_end)
     noise = float(pilot.get("noise") or 0.0)
     se = max(fit["residual_se"] or 0.0, noise)
@@ -111,5 +116,5 @@ def predict_quality(pilot: dict, n_blocks: int, run_steps: int | None) -> dict:
         "at_run_steps": at_end,
         "noise_se": noise,
         "se": se,
-        "error": [curve(fit, n) for n in range(1, n_blocks + 1)],  # index n - 1
+        "error": [bounded(curve(fit, n)) for n in range(1, n_blocks + 1)],  # index n - 1
     }

@@ -308,6 +308,11 @@ def test_salf_pilot_extrapolates_to_the_run():
     gaps = [0.12 - 0.08 * 1.8107, 0.06 - 0.04 * 1.8107, 0.01 - 0.01 * 1.8107]
     assert at_end == pytest.approx([deep + max(0, g) for g in gaps] + [deep], abs=1e-4)
     assert salf_pilot(record, run_steps=10).scores["pilot"]["at_run_steps"] == longer
+    # an error rate stays in [0, 1]: a deepest pilot falling 0.6 in 4 steps would go below 0
+    steep = pilot_record([[0.9, 0.85, 0.8, 0.8], [0.7, 0.45, 0.25, 0.2]], lengths=(4, 8))
+    pred = salf_pilot(steep, run_steps=1000).scores
+    assert pred["pilot"]["at_run_steps"][-1] == 0.0 and max(pred["pilot"]["at_run_steps"]) <= 1.0
+    assert pred["predicted"]["full"] == 1.0 and pred["predicted"]["pick"] <= 1.0
 
 
 def test_salf_pilot_cost_fraction():
