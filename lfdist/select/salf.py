@@ -278,5 +278,9 @@ def explain(scores: dict) -> list[str]:
     if scores.get("pilot_skipped"):
         lines.append(f"salf pilots skipped: {scores['pilot_skipped']}")
     if scores.get("cost_fraction") is not None:
-        lines.append(f"salf probe cost: {scores['cost_fraction']:.1%} of this run")
+        line = f"salf probe cost: {scores['cost_fraction']:.1%} of this run"
+        budget = scores.get("budget")
+        if budget and scores["cost_fraction"] > budget:
+            line += f", over the {budget:.0%} budget: probe fewer samples or plan a longer run"
+        lines.append(line)
     return lines

@@ -9,7 +9,7 @@ from lfdist.plan import Plan, load_plan, save_plan
 from lfdist.probe import ProbeResult
 from lfdist.registry import strategy_names
 from lfdist.select import select_plan
-from lfdist.select.salf import trace_gain, within
+from lfdist.select.salf import explain, trace_gain, within
 from lfdist.select.salf_fit import ALPHA_GRID, along_steps, fit_saturating, line_fit
 from tests import helpers
 
@@ -343,6 +343,12 @@ def test_salf_pilot_needs_pilots():
     sized["run_flops_per_example"] = [4800, 4400, 4000, 3600, 3200, 2800, 2400, 2000]
     plan = select_plan(helpers.fake_probe(FALLING, pilot=sized), "salf", options={"run_steps": 10})
     assert plan.scores["cost_fraction"] == pytest.approx(0.15)
+    sized["budget"] = 0.05
+    plan = select_plan(helpers.fake_probe(FALLING, pilot=sized), "salf", options={"run_steps": 10})
+    assert explain(plan.scores)[-1] == (
+        "salf probe cost: 15.0% of this run, over the 5% budget: probe fewer samples or plan a "
+        "longer run"
+    )
     with pytest.raises(UserError, match="tolerance"):
         salf_pilot(pilot_record([[0.1] * 4]), tolerance=-1)
 
