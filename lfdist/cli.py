@@ -226,6 +226,13 @@ def _refuse_results(out: str, kind: str, overwrite: bool) -> None:
         raise UserError(f"{held!r} already exists; choose another --out or pass --overwrite")
 
 
+def _check_png(path: str) -> None:
+    from lfdist.pipeline import _check_parent, _refuse_overwrite
+
+    _refuse_overwrite(path, "--png")
+    _check_parent(path)
+
+
 def _is_encoder(spec: str) -> bool:
     return spec in ("pkg:minilm-l6",) or spec.split(":")[-1] in ("bert", "roberta", "mpnet")
 
@@ -276,6 +283,8 @@ def dispatch(args) -> int:
 
         plan = load_plan(args.plan)
         probe = load_probe(args.probe) if args.probe else None
+        if args.png:
+            _check_png(args.png)
         print(plan_table(plan, probe))
         if args.png:
             plot_plan(plan, args.png, probe)

@@ -187,10 +187,22 @@ def _refuse_bad_link(path: str) -> None:
     raise UserError(f"data path {path!r} is neither a file nor a folder; give a file or folder")
 
 
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop inside a data folder is not a class folder
+        return False
+
+
 def read_text_file(path: str) -> str:
     """A text file's content, refusing binary files (NUL bytes or mostly undecodable bytes)."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UserError(
+            f"cannot read {path} ({e.strerror or e}); fix or remove it from the data"
+        ) from None
     text = raw.decode("utf-8", errors="replace")
     bad = text.count("\ufffd")
     if b"\0" in raw or bad > _NOT_TEXT_SHARE * max(1, len(text)):
@@ -290,7 +302,7 @@ def from_columns(
 
 
 def _read_folder(path: str, task: str) -> TextData:
-    subdirs = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+    subdirs = sorted(e.name for e in os.scandir(path) if _is_dir(e) and not e.name.startswith("."))
     labelled = [d for d in subdirs if _files(os.path.join(path, d), (".txt",), recursive=False)]
     if task == "classify":
         if not labelled:

@@ -264,3 +264,17 @@ def test_eval_before_and_save_final_switch_off(tmp_path, capsys):
     assert m["params"]["trainable"] == 2 * 36_992 + 64
     assert "head: tied to the frozen embeddings, not trained" in printed
     assert "(before training" not in printed
+
+
+def test_plan_show_png_is_not_written_over_a_file_or_into_nowhere(tmp_path, capsys, plan_file):
+    mine = tmp_path / "mine.png"
+    mine.write_text("the user's")
+    show = ["plan", "show", plan_file, "--png"]
+    assert refused(capsys, tmp_path, *show, str(mine)) == (
+        f"--png {str(mine)!r} already exists; choose another --out or delete it first"
+    )
+    assert refused(capsys, tmp_path, *show, str(tmp_path / "no" / "p.png")).startswith(
+        f"folder {str(tmp_path / 'no')!r} for"
+    )
+    assert refused(capsys, tmp_path, *show, "/proc/p.png").startswith("cannot write in '/proc'")
+    assert mine.read_text() == "the user's"

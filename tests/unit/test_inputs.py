@@ -354,3 +354,15 @@ def test_probe_stages_log_progress_without_a_terminal(caplog):
     assert re.fullmatch(r"probe forward: done, 4 examples in \d+\.\d s", lines[1])
     assert lines[2] == "probe gradnorm: 4 examples"
     assert re.fullmatch(r"probe gradnorm: done, 4 examples in \d+\.\d s", lines[3])
+
+
+def test_symlink_loop_inside_a_data_folder_is_skipped(tmp_path):
+    (tmp_path / "doc.txt").write_text("a document")
+    os.symlink(tmp_path / "y", tmp_path / "x")
+    os.symlink(tmp_path / "x", tmp_path / "y")
+    assert load_text_data(str(tmp_path), "lm").texts == ("a document",)
+    os.symlink(tmp_path / "z.txt", tmp_path / "z.txt")  # a looping link named like a document
+    with pytest.raises(
+        UserError, match=r"cannot read .*z\.txt \(Too many levels of symbolic links\)"
+    ):
+        load_text_data(str(tmp_path), "lm")
