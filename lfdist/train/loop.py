@@ -84,8 +84,11 @@ def train_loop(
                 f"loss became {loss} at step {step}, before its optimizer step; "
                 f"{_kept(last_saved)} — lower train.lr or check the data"
             )
+        save_s = 0.0
         if pending:
+            t_save = time.perf_counter()
             _save_with_rng(save, step, rng)
+            save_s = time.perf_counter() - t_save  # not part of the step's time
             last_saved = step
         try:
             engine.optimizer_step()
@@ -93,7 +96,7 @@ def train_loop(
             raise UserError(f"step {step}: {e}; {_kept(last_saved)}") from None
         if world.device.type == "cuda":
             torch.cuda.synchronize(world.device)
-        times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0 - save_s)
         losses[step] = loss
         if step == start_step:
             counts["after_step"] = engine.local_counts()
