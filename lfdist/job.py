@@ -3,7 +3,8 @@
 One module for torchrun, the deepspeed launcher and Ray Train alike:
 - out/job.json   what to run (a typed `Job`), written by the launching process;
 - out/error.txt  how ranks report what ended them, one line per report, any rank may write;
-- out/logs/      each rank's own output (rank-N.log) and the launcher's (launcher.log);
+- out/logs/      each rank's own output (rank-N.log), the launcher's (launcher.log) and what
+                 rank 0 prints for the user (console.log);
 - out/metrics.json  the result, written by rank 0.
 Stdlib only: the launcher reads these files without importing torch.
 """
@@ -128,12 +129,18 @@ def rank_log(out: str, rank: int) -> str:
     return os.path.join(logs_dir(out), f"rank-{rank}.log")
 
 
+def console_log(out: str) -> str:
+    """What rank 0 prints for the user; the launching process copies it to its stdout."""
+    return os.path.join(logs_dir(out), "console.log")
+
+
 # ----------------------------------------------------------------------------- error protocol
 # error.txt holds one line per report, "<rank>\t<kind>\t<message>": kind `user` (bad input, the
 # message is for the user as it is), `crash` (a bug or a broken peer; the traceback is in the
-# rank's log) or `stopped` (a requested stop, the message names the step). Every rank writes
-# its own report with one O_APPEND write, so reports from several ranks never interleave, and
-# no report depends on another rank staying alive long enough to write it.
+# rank's log), `killed` (written by the rank's monitor process: a signal killed the rank) or
+# `stopped` (a requested stop, the message names the step). Every rank writes its own report
+# with one O_APPEND write, so reports from several ranks never interleave, and no report
+# depends on another rank staying alive long enough to write it.
 
 ERROR_FILE = "error.txt"
 
@@ -141,7 +148,7 @@ ERROR_FILE = "error.txt"
 @dataclass(frozen=True)
 class Report:
     rank: int
-    kind: str  # user | crash | stopped
+    kind: str  # user | crash | killed | stopped
     message: str
 
 

@@ -7,7 +7,8 @@
   the grace period, gets SIGKILL.
 - The launcher dies with lfdist (PR_SET_PDEATHSIG), and each rank with its launcher (worker.py).
 - Its own output (and torchrun's failure summary) goes to out/logs/launcher.log, each rank's to
-  out/logs/rank-N.log: what lfdist prints is the one line made here.
+  out/logs/rank-N.log; rank 0's prints (out/logs/console.log) are copied to lfdist's stdout as
+  they come. What lfdist prints when the job fails is the one line made here.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from lfdist.job import logs_dir, rank_log, read_reports, signal_name
+from lfdist.job import console_log, logs_dir, rank_log, read_reports
 
 GRACE_S = 120.0  # how long a signalled job may take to checkpoint and exit before SIGKILL
 PR_SET_PDEATHSIG = 1
@@ -65,11 +66,13 @@ def supervise(argv: list[str], env: dict[str, str], out: str, pass_fds=()) -> En
     if main:  # signal handlers can only be installed from the main thread
         handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     os.makedirs(logs_dir(out), exist_ok=True)
+    console = _Console(console_log(out))
     try:
         with open(launcher_log(out), "ab") as log:
             proc = subprocess.Popen(
                 argv,
                 env=env,
+                stdout=log,
                 stderr=log,
                 start_new_session=True,
                 pass_fds=tuple(pass_fds),
@@ -83,15 +86,38 @@ def supervise(argv: list[str], env: dict[str, str], out: str, pass_fds=()) -> En
                 code = proc.wait(timeout=0.2)
                 break
             except subprocess.TimeoutExpired:
+                console.copy()
                 if state["since"] and time.monotonic() - state["since"] > GRACE_S:
                     _signal_tree(proc.pid, signal.SIGKILL)
     finally:
+        console.copy()
         for s, h in handlers.items():
             signal.signal(s, h)
         if state["proc"] is not None and state["proc"].poll() is None:
             _signal_tree(state["proc"].pid, signal.SIGKILL)
             state["proc"].wait()
     return Ended(code, received[0] if received else None)
+
+
+class _Console:
+    """Copies what rank 0 appends to out/logs/console.log to this process's stdout."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.offset = os.path.getsize(path) if os.path.exists(path) else 0
+
+    def copy(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return
+        end = data.rfind(b"\n") + 1  # whole lines only; the rest comes with the next copy
+        if end:
+            self.offset += end
+            sys.stdout.write(data[:end].decode(errors="replace"))
+            sys.stdout.flush()
 
 
 def _children() -> dict[int, list[int]]:
@@ -167,40 +193,12 @@ def resume_command() -> str:
 
 
 def dead_rank(out: str, ranks: range) -> tuple[int, str] | None:
-    """The rank that ended without a report, with how it ended: a rank killed by a signal
-    (SIGKILL, the OOM killer) never writes one. The launcher's log says which signal."""
-    reported = {r.rank for r in read_reports(out)}
+    """The rank that died first, with how: the first `killed` report (its monitor saw the
+    signal), else a rank of this node that ended with no report at all."""
+    reports = read_reports(out)
+    killed = [r for r in reports if r.kind == "killed"]
+    if killed:
+        return killed[0].rank, killed[0].message
+    reported = {r.rank for r in reports}
     silent = [r for r in ranks if r not in reported and os.path.exists(rank_log(out, r))]
-    if not silent:
-        return None
-    codes = _exit_codes(out)
-    rank = next((r for r in codes if r in silent), silent[0])
-    code = codes.get(rank, _deepspeed_code(out))
-    if code is not None and code < 0:
-        return rank, f"was killed by {signal_name(-code)}"
-    if code is not None:
-        return rank, f"exited with code {code} without a report"
-    return rank, "ended without a report"
-
-
-def _read_log(out: str) -> str:
-    try:
-        with open(launcher_log(out), errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def _exit_codes(out: str) -> dict[int, int]:
-    """torchrun's failure summary: `rank : N (local_rank: M)` then `exitcode : C` per failure."""
-    pairs = re.findall(r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", _read_log(out))
-    codes: dict[int, int] = {}
-    for rank, code in pairs:
-        codes.setdefault(int(rank), int(code))
-    return codes
-
-
-def _deepspeed_code(out: str) -> int | None:
-    # deepspeed's launcher names the code of the first rank that failed, not the rank.
-    m = re.search(r"exits with return code = (-?\d+)", _read_log(out))
-    return int(m.group(1)) if m else None
+    return (silent[0], "ended without a report") if silent else None

@@ -145,7 +145,7 @@ def test_a_killed_launcher_takes_its_ranks_with_it(tmp_path, plan):
     proc = _start_slow_job(plan, out, steps=400)
     try:
         _wait_for(lambda: _training_started(out), 240, "training to start")
-        assert len(_job_processes(out)) == 3  # torchrun and two ranks
+        assert len(_job_processes(out)) == 5  # torchrun, two rank monitors, two ranks
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         _wait_for(lambda: not _job_processes(out), 45, "the ranks to exit")
@@ -208,3 +208,26 @@ def test_bad_input_found_on_one_rank_is_one_line_once(tmp_path, plan):
     assert str(e.value) == "injected bad input on rank 1 at step 1"
     # Rank 0's traceback (the broken collective) stays in its log, not on the terminal.
     assert "Traceback" in (out / "logs" / "rank-0.log").read_text()
+
+
+@pytest.mark.deepspeed
+def test_a_killed_rank_is_named_under_the_deepspeed_launcher(tmp_path, plan):
+    # The deepspeed launcher reports the exit code of whichever rank it polls first; the rank's
+    # own monitor is what names rank 1 and its signal.
+    from lfdist.errors import JobFailed
+
+    cfg = config_from_dict(
+        {
+            **_cfg(steps=4).to_dict(),
+            "train": {**_cfg(steps=4).to_dict()["train"], "engine": "deepspeed", "zero_stage": 2},
+        }
+    )
+    debug = Debug(inject_faults=(Fault("kill", 2, rank=1),))
+    out = tmp_path / "run"
+    with pytest.raises(JobFailed) as e:
+        launch_training(cfg, plan, str(out), evaluate=False, debug=debug)
+    assert str(e.value) == (
+        f"rank 1 was killed by SIGKILL; its output is in {out}/logs/rank-1.log; continue from "
+        "the last checkpoint with: the same `lfdist train` command with --resume"
+    )
+    assert _job_processes(out) == []
