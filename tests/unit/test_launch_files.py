@@ -269,3 +269,30 @@ def test_descendants_walks_the_process_tree():
             os.kill(p, signal.SIGKILL)
         child.kill()
         child.wait()
+
+
+def _cli_train(capsys, out, plan, *extra) -> tuple[int, str]:
+    from lfdist.cli import main
+
+    argv = ["train", "--model", "tiny:llama", "--data", "synthetic:lm:200", "--seq-len", "32"]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--plan", plan, "--out", str(out), *extra])
+    return e.value.code, capsys.readouterr().err
+
+
+def test_cli_refuses_a_folder_of_user_files_and_touches_nothing(tmp_path, plan_path, capsys):
+    out = tmp_path / "mine"
+    _touch(out / "thesis.tex", "chapter 1")
+    code, err = _cli_train(capsys, out, plan_path)
+    assert code == 2
+    assert err == (
+        f"lfdist: error: --out {str(out)!r} holds files that are not an lfdist training run "
+        "(thesis.tex); choose an empty or new folder, or pass --overwrite to write into it anyway\n"
+    )
+    assert os.listdir(out) == ["thesis.tex"] and (out / "thesis.tex").read_text() == "chapter 1"
+    code, err = _cli_train(capsys, out, plan_path, "--overwrite", "--resume")
+    assert (code, err.splitlines()[-1]) == (
+        2,
+        "lfdist: error: --resume continues a run and --overwrite starts it over; pass one of them",
+    )
+    assert os.listdir(out) == ["thesis.tex"]
