@@ -42,6 +42,15 @@ def plan_key(treatments: list[str], strategy: str = "split", options: dict | Non
     return key
 
 
+# What a cached run depends on. The grid (ks), the seeds and the probe's settings may change
+# between runs: runs are keyed by plan and seed, so a --reuse run trains only what is new.
+RECIPE = ("model", "data", "task", "seq_len", "steps", "lr", "batch", "warmup", "max_examples")
+
+
+def _recipe(settings: dict) -> dict:
+    return {k: settings.get(k) for k in (*RECIPE, "max_eval", "n_eval")}
+
+
 def prefix(n_blocks: int, k: int) -> list[str]:
     return ["frozen"] * k + ["full"] * (n_blocks - k)
 
@@ -58,11 +67,11 @@ class Oracle:
         oracle = cls(path, settings, n_blocks, log)
         with open(path) as f:
             blob = json.load(f)
-        if blob["settings"] != settings:
+        if _recipe(blob["settings"]) != _recipe(settings):
             from lfdist.errors import UserError
 
             raise UserError(
-                f"--reuse: {path} was measured with other settings ({blob['settings']}); "
+                f"--reuse: {path} was trained with another recipe ({_recipe(blob['settings'])}); "
                 "rerun without --reuse"
             )
         oracle.runs = blob["runs"]

@@ -79,3 +79,20 @@ def test_plan_keys():
     lisa = plan_key(["full", "frozen"], "lisa", {"n": 1, "period": 20, "seed": 0})
     assert lisa == "F-|lisa:n=1,period=20,seed=0"
     assert plan_key(["lora", "lora"], "lora", {"lora_rank": 8, "x": 1}) == 'LL|{"lora_rank": 8}'
+
+
+def test_reuse_refuses_another_recipe_but_not_another_grid(tmp_path):
+    from lfdist.bench.oracle import Oracle
+    from lfdist.errors import UserError
+
+    settings = {"model": "m", "data": "d", "task": "lm", "steps": 10, "lr": 1e-4, "ks": [0, 4]}
+    settings.update(seq_len=32, batch=2, warmup=0, max_examples=None, max_eval=8, n_eval=8)
+    settings["seeds"] = [0]
+    path = str(tmp_path / "oracle-x.json")
+    first = Oracle(path, settings, 4)
+    first.runs = {"FFFF": {"0": {"quality": 20.0, "median_step_s": 1.0, "trainable_params": 9}}}
+    first.save()
+    grown = Oracle.load(path, {**settings, "ks": [0, 1, 2, 4], "seeds": [0, 1]}, 4)
+    assert grown.runs == first.runs
+    with pytest.raises(UserError, match="another recipe"):
+        Oracle.load(path, {**settings, "steps": 20}, 4)
