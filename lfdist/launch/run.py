@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 
 from lfdist.config import RunConfig
 from lfdist.errors import JobFailed, UserError
@@ -132,18 +133,25 @@ def launch_training(
     if validate_first:
         validate(cfg, plan_path, out, resume, overwrite, world_size)
     make_run_folder(out)
-    with run_lock(out) as lock_fd:
-        if overwrite:
+    # Multi-node runs share --out: node 0 owns the folder (lock, --overwrite), every node's
+    # launcher runs and watches its own ranks.
+    owner = nodes.node_rank == 0
+    with run_lock(out) if owner else nullcontext(None) as lock_fd:
+        if overwrite and owner:
             clear_results(out)
         write_job(new_job(cfg, plan_path, out, resume, evaluate, debug))
-        ended = supervise(argv, {**os.environ, **env}, out, pass_fds=(lock_fd,))
+        keep = (lock_fd,) if lock_fd is not None else ()
+        ended = supervise(argv, {**os.environ, **env}, out, keep, nodes.node_rank)
         kill_leftover_ranks(out)
     first = nodes.node_rank * cfg.train.nproc
-    check_ended(out, ended.returncode, ended.signal, range(first, first + cfg.train.nproc))
+    ranks = range(first, first + cfg.train.nproc)
+    check_ended(out, ended.returncode, ended.signal, ranks, nodes.node_rank)
     return read_metrics(out)
 
 
-def check_ended(out: str, returncode: int, signum: int | None, ranks: range) -> None:
+def check_ended(
+    out: str, returncode: int, signum: int | None, ranks: range, node_rank: int = 0
+) -> None:
     """Raise the one line that says how a job ended, if not well."""
     from lfdist.job import signal_name
 
@@ -169,5 +177,5 @@ def check_ended(out: str, returncode: int, signum: int | None, ranks: range) -> 
         return
     raise JobFailed(
         f"the launcher exited with code {returncode} and no rank reported why; see "
-        f"{launcher_log(out)}"
+        f"{launcher_log(out, node_rank)}"
     )

@@ -46,11 +46,14 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         pass
 
 
-def launcher_log(out: str) -> str:
-    return os.path.join(logs_dir(out), "launcher.log")
+def launcher_log(out: str, node_rank: int = 0) -> str:
+    name = "launcher.log" if node_rank == 0 else f"launcher-node{node_rank}.log"
+    return os.path.join(logs_dir(out), name)
 
 
-def supervise(argv: list[str], env: dict[str, str], out: str, pass_fds=()) -> Ended:
+def supervise(
+    argv: list[str], env: dict[str, str], out: str, pass_fds=(), node_rank: int = 0
+) -> Ended:
     """Run the launcher command to its end; forward SIGTERM/SIGINT to the whole job."""
     received: list[int] = []
     state: dict = {"proc": None, "since": None}
@@ -66,9 +69,9 @@ def supervise(argv: list[str], env: dict[str, str], out: str, pass_fds=()) -> En
     if main:  # signal handlers can only be installed from the main thread
         handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     os.makedirs(logs_dir(out), exist_ok=True)
-    console = _Console(console_log(out))
+    console = _Console(console_log(out) if node_rank == 0 else None)  # rank 0 runs on node 0
     try:
-        with open(launcher_log(out), "ab") as log:
+        with open(launcher_log(out, node_rank), "ab") as log:
             proc = subprocess.Popen(
                 argv,
                 env=env,
@@ -102,11 +105,13 @@ def supervise(argv: list[str], env: dict[str, str], out: str, pass_fds=()) -> En
 class _Console:
     """Copies what rank 0 appends to out/logs/console.log to this process's stdout."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str | None):
         self.path = path
-        self.offset = os.path.getsize(path) if os.path.exists(path) else 0
+        self.offset = os.path.getsize(path) if path and os.path.exists(path) else 0
 
     def copy(self) -> None:
+        if self.path is None:
+            return
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.offset)

@@ -296,3 +296,51 @@ def test_cli_refuses_a_folder_of_user_files_and_touches_nothing(tmp_path, plan_p
         "lfdist: error: --resume continues a run and --overwrite starts it over; pass one of them",
     )
     assert os.listdir(out) == ["thesis.tex"]
+
+
+LAUNCHER = """
+import os, signal, subprocess, sys, time
+out = sys.argv[1]
+def got(signum, _):
+    open(os.path.join(out, f"{os.getpid()}.sig"), "w").write(str(signum))
+signal.signal(signal.SIGTERM, got)
+# Like torchrun: the "rank" in a session of its own, out of reach of a process-group signal.
+rank = subprocess.Popen([sys.executable, "-c", sys.argv[2], out], start_new_session=True)
+rank.wait()
+print("launcher done")
+"""
+RANK = """
+import os, signal, sys, time
+out = sys.argv[1]
+signal.signal(signal.SIGTERM, lambda s, f: (
+    open(os.path.join(out, f"{os.getpid()}.sig"), "w").write(str(s)), sys.exit(0)))
+open(os.path.join(out, "ready.tmp"), "w").write(str(os.getpid()))
+os.replace(os.path.join(out, "ready.tmp"), os.path.join(out, "ready"))
+time.sleep(60)
+"""
+
+
+def test_supervise_forwards_sigterm_to_ranks_in_their_own_sessions(tmp_path):
+    import sys
+    import threading
+    import time
+
+    from lfdist.launch.supervise import supervise
+
+    def send_when_ready():
+        for _ in range(400):
+            if (tmp_path / "ready").exists():
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends to lfdist
+
+    threading.Thread(target=send_when_ready, daemon=True).start()
+    argv = [sys.executable, "-c", LAUNCHER, str(tmp_path), RANK]
+    ended = supervise(argv, dict(os.environ), str(tmp_path), node_rank=1)
+    assert ended.signal == signal.SIGTERM
+    rank_pid = (tmp_path / "ready").read_text()
+    assert (tmp_path / f"{rank_pid}.sig").read_text() == str(int(signal.SIGTERM))
+    assert len(list(tmp_path.glob("*.sig"))) == 2  # the launcher got it too
+    # Node 1's launcher output has a file of its own; node 0's rank 0 console is not copied.
+    assert (tmp_path / "logs/launcher-node1.log").read_text() == "launcher done\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
