@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 import shlex
@@ -36,14 +37,20 @@ class Ended:
     signal: int | None  # the signal lfdist received and forwarded, if any
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Ask the kernel to send `sig` to this process when its parent exits (Linux only)."""
+def _prctl():
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+def die_with_parent(sig: int = signal.SIGTERM, prctl=None) -> None:
+    """Ask the kernel to send `sig` to this process when its parent exits (Linux only)."""
+    prctl = prctl or _prctl()
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
 def launcher_log(out: str, node_rank: int = 0) -> str:
@@ -79,7 +86,8 @@ def supervise(
                 stderr=log,
                 start_new_session=True,
                 pass_fds=tuple(pass_fds),
-                preexec_fn=die_with_parent,
+                # libc resolved here: loading a library in a forked child can deadlock.
+                preexec_fn=functools.partial(die_with_parent, signal.SIGTERM, _prctl()),
             )
         state["proc"] = proc
         if received:  # a signal that came while the job was starting
