@@ -344,3 +344,15 @@ def test_supervise_forwards_sigterm_to_ranks_in_their_own_sessions(tmp_path):
     # Node 1's launcher output has a file of its own; node 0's rank 0 console is not copied.
     assert (tmp_path / "logs/launcher-node1.log").read_text() == "launcher done\n"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_an_out_under_a_file_is_one_line(tmp_path):
+    from lfdist.launch.folder import make_run_folder
+
+    _touch(tmp_path / "file")
+    with pytest.raises(UserError) as e:
+        make_run_folder(str(tmp_path / "file" / "run"))
+    assert str(e.value) == (
+        f"cannot create --out {str(tmp_path / 'file' / 'run')!r} (Not a directory); choose a "
+        "writable folder"
+    )
