@@ -56,12 +56,21 @@ def test_each_rank_writes_its_own_shards(straight):
     assert {n.split(".")[2] for n in names if n.startswith("model.layers.")} == {"5", "6", "7"}
 
 
-def test_fsdp2_resumes_on_another_world_size_with_the_same_losses(straight, tmp_path):
-    _, plan, undisturbed = straight
+@pytest.mark.parametrize(
+    "engine",
+    [
+        "fsdp2",
+        pytest.param("fsdp1", marks=pytest.mark.slow),
+        pytest.param("ddp", marks=pytest.mark.slow),
+    ],
+)
+def test_resume_on_another_world_size_gives_the_same_losses(straight, tmp_path, engine):
+    _, plan, undisturbed = straight  # FSDP2's losses: every engine gives them (to 1e-5)
     out = str(tmp_path / "resumed")
-    launch_training(_cfg(), plan, out, evaluate=False, debug=Debug(stop_after=3))
+    launch_training(_cfg(engine), plan, out, evaluate=False, debug=Debug(stop_after=3))
     # One rank, the same global batch (1 x 4 = 2 x 2): DCP reshards the 2-rank checkpoint.
-    resumed = launch_training(_cfg(nproc=1, batch_size=4), plan, out, resume=True, evaluate=False)
+    one = _cfg(engine, nproc=1, batch_size=4)
+    resumed = launch_training(one, plan, out, resume=True, evaluate=False)
     assert resumed["resumed_from"] == 3
     assert resumed["world_size"] == 1
     assert list(resumed["losses"]) == [str(i) for i in range(6)]
