@@ -155,14 +155,17 @@ def check_ended(
     """Raise the one line that says how a job ended, if not well."""
     from lfdist.job import signal_name
 
+    reports = read_reports(out)
+    if signum is not None and not reports and _wrote_metrics(out):
+        return  # the signal came after the last step: the ranks finished (torchrun still fails)
     if signum is not None:
-        stopped = [r for r in read_reports(out) if r.kind == "stopped"]
+        stopped = [r for r in reports if r.kind == "stopped"]
         saved = f"; {stopped[0].message}" if stopped else ""
         raise JobFailed(
             f"stopped by {signal_name(signum)}{saved}; continue with: {resume_command()}",
             exit_code=128 + signum,
         )
-    bad_input = [r for r in read_reports(out) if r.kind == "user"]
+    bad_input = [r for r in reports if r.kind == "user"]
     if bad_input:  # the cause a user can fix, whatever it made the other ranks do
         raise UserError(bad_input[0].message)
     died = dead_rank(out, ranks) if returncode != 0 else None
@@ -179,3 +182,13 @@ def check_ended(
         f"the launcher exited with code {returncode} and no rank reported why; see "
         f"{launcher_log(out, node_rank)}"
     )
+
+
+def _wrote_metrics(out: str) -> bool:
+    """metrics.json written by this job (not left by the run a --resume continues)."""
+    try:
+        return os.path.getmtime(os.path.join(out, "metrics.json")) >= os.path.getmtime(
+            os.path.join(out, "job.json")
+        )
+    except OSError:
+        return False

@@ -356,3 +356,30 @@ def test_an_out_under_a_file_is_one_line(tmp_path):
         f"cannot create --out {str(tmp_path / 'file' / 'run')!r} (Not a directory); choose a "
         "writable folder"
     )
+
+
+def test_a_signal_is_one_line_with_the_checkpoint_and_exit_128_plus_its_number(tmp_path):
+    from lfdist.launch.run import check_ended
+
+    out = str(tmp_path)
+    write_job(new_job(_cfg(), "p.yaml", out))
+    write_report(out, 0, "stopped", f"checkpoint after step 7 in {out}/checkpoints/step-000007")
+    with pytest.raises(JobFailed) as e:
+        check_ended(out, 1, signal.SIGINT, range(2))
+    assert e.value.exit_code == 130
+    assert str(e.value) == (
+        f"stopped by SIGINT; checkpoint after step 7 in {out}/checkpoints/step-000007; "
+        "continue with: the same `lfdist train` command with --resume"
+    )
+
+
+def test_a_signal_after_the_last_step_is_a_finished_run(tmp_path):
+    from lfdist.launch.run import check_ended
+
+    out = str(tmp_path)
+    write_job(new_job(_cfg(), "p.yaml", out))
+    (tmp_path / "metrics.json").write_text("{}")  # written by the ranks after job.json
+    check_ended(out, 1, signal.SIGTERM, range(2))  # torchrun fails on SIGTERM; the run did not
+    os.utime(tmp_path / "metrics.json", (0, 0))  # a resumed run's old metrics do not count
+    with pytest.raises(JobFailed, match="^stopped by SIGTERM; continue with"):
+        check_ended(out, 1, signal.SIGTERM, range(2))
