@@ -11,7 +11,19 @@ from lfdist.job import Debug
 from lfdist.launch.run import launch_training
 from lfdist.plan import load_plan
 
-STRATEGIES = ["top", "bottom", "all", "random", "gradnorm", "salf", "spafit", "critical", "mask"]
+STRATEGIES = [
+    "top",
+    "bottom",
+    "all",
+    "random",
+    "gradnorm",
+    "salf",
+    "spafit",
+    "critical",
+    "mask",
+    "lora",
+    "lisa",
+]
 MODELS = {
     "llama": ("tiny:llama", "lm", "synthetic:lm:200"),
     "bert": ("tiny:bert", "classify", "synthetic:classify:200"),
