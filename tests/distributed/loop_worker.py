@@ -80,6 +80,8 @@ def _scenario(rank: int, world_size: int, sc: dict) -> dict:
 
     if tc.engine == "fsdp2":
         _count_reduce_scatter(reduced)
+    elif tc.engine == "fsdp1":
+        _count_fsdp1_reduce_scatter(reduced)
 
     if redraw is not None:  # re-register the counting hook on a rebuilt DDP wrapper
         at = redraw.at
@@ -143,6 +145,18 @@ def _count_reduce_scatter(reduced: list[list[int]]) -> None:
 
     cls._uncounted = original
     cls.__call__ = counting
+
+
+def _count_fsdp1_reduce_scatter(reduced: list[list[int]]) -> None:
+    """FSDP1 reduce-scatters each unit's flat gradient through dist.reduce_scatter_single."""
+    original = getattr(dist, "_uncounted_rs", dist.reduce_scatter_single)
+
+    def counting(output, input, *a, **kw):
+        reduced[-1].append(input.numel())
+        return original(output, input, *a, **kw)
+
+    dist._uncounted_rs = original
+    dist.reduce_scatter_single = counting
 
 
 def _full_blocks(engine) -> dict[str, torch.Tensor]:

@@ -43,12 +43,12 @@ def _changed_blocks(before: dict, after: dict) -> list[int]:
     return sorted(changed)
 
 
-ACCUM_RUNS = [(engine, accum) for engine in ("ddp", "fsdp2") for accum in (1, 2)]
+ACCUM_RUNS = [(engine, accum) for engine in ("ddp", "fsdp2", "fsdp1") for accum in (1, 2)]
 
 
 @pytest.fixture(scope="module")
 def default_runs(tmp_path_factory):
-    """The default-suite scenarios in one spawn: 4 accumulation runs, then the two bad steps."""
+    """The default-suite scenarios in one spawn: 6 accumulation runs, then the two bad steps."""
     scenarios = [
         {
             "train": {"engine": e, "steps": 2, "batch_size": 2, "grad_accum": a, "lr": 1e-3},
@@ -64,7 +64,8 @@ def default_runs(tmp_path_factory):
         {"train": huge, "treatments": PREFIX},
     ]
     results = _run(tmp_path_factory.mktemp("loop"), scenarios)
-    return {"accum": dict(zip(ACCUM_RUNS, results[:4])), "bomb": results[4], "huge": results[5]}
+    n = len(ACCUM_RUNS)
+    return {"accum": dict(zip(ACCUM_RUNS, results[:n])), "bomb": results[n], "huge": results[n + 1]}
 
 
 def test_gradient_accumulation_reduces_once_per_step(default_runs):
@@ -80,6 +81,9 @@ def test_gradient_accumulation_reduces_once_per_step(default_runs):
     # FSDP2: one reduce-scatter per trainable block and one for the root, once per step
     assert [len(s) for s in reduced["fsdp2", 1]] == [4, 4]
     assert reduced["fsdp2", 2] == reduced["fsdp2", 1]
+    # FSDP1: one reduce-scatter per trainable unit (3 blocks, the root with head and norm)
+    assert [len(s) for s in reduced["fsdp1", 1]] == [4, 4]
+    assert reduced["fsdp1", 2] == reduced["fsdp1", 1]
 
 
 def test_a_bad_step_never_reaches_the_weights_or_a_checkpoint(default_runs):
