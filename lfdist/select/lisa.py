@@ -3,8 +3,9 @@
 n blocks drawn at random are trained for `period` steps, then a fresh draw replaces them. The
 schedule is a pure function of (L, n, period, seed, step), so every rank and every resumed run
 draws the same blocks; the plan's treatments mark the first period's blocks and its options carry
-n, period and seed. Changing the trainable set mid-run needs an engine that can rebuild its
-optimizer: DeepSpeed cannot, and `check_engine_supports` refuses it there.
+n, period and seed. The training loop applies the schedule (lfdist.train.redraw.LisaSchedule) on
+DDP, FSDP2 and a single process; DeepSpeed (optimizer partitions fixed at build) and FSDP1 (flat
+parameters) cannot change the trainable set, and `check_engine_supports` refuses them.
 """
 
 from __future__ import annotations
