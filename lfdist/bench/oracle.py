@@ -51,6 +51,13 @@ def _recipe(settings: dict) -> dict:
     return {k: settings.get(k) for k in (*RECIPE, "max_eval", "n_eval")}
 
 
+def train_one(model, plan, prepared, task: str, tc, seed: int) -> dict:
+    """One run of `plan` (the only place the sweep trains)."""
+    from lfdist.train.local import train_plan
+
+    return train_plan(model, plan, prepared.train, prepared.heldout, task, tc, seed, EVAL_BATCH)
+
+
 def prefix(n_blocks: int, k: int) -> list[str]:
     return ["frozen"] * k + ["full"] * (n_blocks - k)
 
@@ -79,17 +86,13 @@ class Oracle:
 
     def train(self, model, plan, prepared, tc, seeds: list[int]) -> list[dict]:
         """The runs of `plan` for every seed, training only those not cached."""
-        from lfdist.train.local import train_plan
-
         key = plan_key(plan.treatments, plan.strategy, plan.options)
         done = self.runs.setdefault(key, {})
         for seed in seeds:
             if str(seed) in done:
                 continue
             t0 = time.perf_counter()
-            r = train_plan(
-                model, plan, prepared.train, prepared.heldout, self.task, tc, seed, EVAL_BATCH
-            )
+            r = train_one(model, plan, prepared, self.task, tc, seed)
             done[str(seed)] = {
                 "quality": quality_value(self.task, r["quality"]),
                 "loss": r["quality"]["loss"],

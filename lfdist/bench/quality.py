@@ -75,7 +75,7 @@ TASKS = [
         lr=1e-4,
         batch=2,
         seeds=[0, 1],
-        ks=[0, 4, 12, 24],
+        ks=[0, 1, 2, 4, 12, 24],
         max_examples=2000,
         max_eval=32,
         probe_samples=16,
@@ -247,6 +247,18 @@ def _n_blocks(model) -> int:
     return find_blocks(model).n_blocks
 
 
+def _flops(probe, spec: TaskSpec, treatments: list[str], plan=None) -> float:
+    """Training FLOPs per step as a fraction of full fine-tuning's (the cost model): a cost
+    that a loaded machine cannot blur, next to the measured step time."""
+    from lfdist.cost import predict, predict_plan
+    from lfdist.plan import DEFAULT_MODULES
+
+    settings = dict(engine="ddp", dtype="float32", batch_size=spec.batch, seq_len=spec.seq_len)
+    if plan is not None:
+        return predict_plan(probe.model_info, plan, **settings)["flops_fraction"]
+    return predict(probe.model_info, treatments, DEFAULT_MODULES, **settings)["flops_fraction"]
+
+
 def _salf_cost(probe, spec: TaskSpec, splits: dict, k: int | None) -> dict:
     """Probe forward + salf's pilots in seconds, against the run salf plans (its split's
     measured step time x the run's steps). gradnorm's and critical's passes are not salf's."""
@@ -266,11 +278,16 @@ def _salf_cost(probe, spec: TaskSpec, splits: dict, k: int | None) -> dict:
 
 def _score(spec, probe, plans, errors, oracle, splits, oracle_k, n_budget, wall) -> dict:
     task, seeds, L = spec.task, spec.seeds, oracle.n_blocks
+    for k, summary in splits.items():
+        summary["flops"] = _flops(probe, spec, prefix(L, k))
     cheapest = {}
     for s in ("salf", "top"):
         k = _frozen_bottom(plans[s]["default"].treatments) if s in plans else None
         if k is not None:
             cheapest[s] = cheapest_score(task, splits, k, oracle_k)
+            by_flops = cheapest_score(task, splits, k, oracle_k, cost="flops")
+            cheapest[s]["wasted_flops"] = by_flops["wasted_time"]
+            cheapest[s]["saved_share_flops"] = by_flops["saved_share"]
     best_k = best_within(task, splits, L, n_budget)
     at_budget = {}
     for s, p in plans.items():
@@ -279,6 +296,7 @@ def _score(spec, probe, plans, errors, oracle, splits, oracle_k, n_budget, wall)
         at_budget[s] = {
             **summary,
             "treatments": plan.treatments,
+            "flops": _flops(probe, spec, plan.treatments, plan),
             "trained_blocks": [i for i, t in enumerate(plan.treatments) if t != "frozen"],
             "options": {k: v for k, v in plan.options.items() if k in ("n", "m", "period", "seed")},
             "shortfall_vs_best_fit": shortfall(task, splits[best_k]["mean"], summary["mean"]),

@@ -26,8 +26,8 @@ def _task_md(r: dict) -> list[str]:
         f"### Oracle: {metric} per split k (k bottom blocks frozen)",
         "",
         "| k | blocks trained | mean | std (seeds) | per seed | gap to k=0 | seed spread "
-        "| resolved | step s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| resolved | step s | FLOPs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     sep = {row["k"]: row for row in r["separation"]}
     for k, s in sorted(r["oracle"].items(), key=lambda kv: int(kv[0])):
@@ -36,7 +36,7 @@ def _task_md(r: dict) -> list[str]:
         lines.append(
             f"| {k} | {r['n_blocks'] - int(k)} | {_q(task, s['mean'])} | {s['std']:.3f} | {per} "
             f"| {row['gap']:+.2f} | {row['spread']:.2f} | {'yes' if row['resolved'] else 'no'} "
-            f"| {s['step_s']:.3f} |"
+            f"| {s['step_s']:.3f} | {s['flops']:.2f} |"
         )
     unresolved = [row["k"] for row in r["separation"] if row["k"] and not row["resolved"]]
     lines += [
@@ -54,15 +54,18 @@ def _task_md(r: dict) -> list[str]:
         "",
         "### (a) Cheapest split within tolerance",
         "",
-        "| strategy | pick k | k_tol | verdict | quality shortfall | wasted step time | share of "
-        "k_tol's saving |",
+        "| strategy | pick k | k_tol | verdict | quality shortfall | wasted step time (FLOPs) "
+        "| share of k_tol's saving, time (FLOPs) |",
         "|---|---|---|---|---|---|---|",
     ]
     for s, c in r["cheapest"].items():
         share = "n/a" if c["saved_share"] is None else f"{100 * c['saved_share']:.0f}%"
+        if c.get("saved_share_flops") is not None:
+            share += f" ({100 * c['saved_share_flops']:.0f}%)"
         lines.append(
             f"| {s} | {c['pick']} | {c['k_tol']} | {c['verdict']} | {c['shortfall']:.2f} "
-            f"{_unit(task)} | {100 * c['wasted_time']:.0f}% | {share} |"
+            f"{_unit(task)} | {100 * c['wasted_time']:.0f}% "
+            f"({100 * c.get('wasted_flops', 0.0):.0f}%) | {share} |"
         )
     lines += [
         "",
@@ -71,8 +74,8 @@ def _task_md(r: dict) -> list[str]:
         f"The best oracle split within that budget is k = {r['best_fit_k']}. Shortfall in "
         f"{_unit(task)} against it (negative: better than it).",
         "",
-        "| strategy | blocks trained | mean | std | shortfall | step s |",
-        "|---|---|---|---|---|---|",
+        "| strategy | blocks trained | mean | std | shortfall | step s | FLOPs |",
+        "|---|---|---|---|---|---|---|",
     ]
     ranked = sorted(
         r["at_budget"].items(), key=lambda kv: kv[1]["mean"] * (-1 if task == "classify" else 1)
@@ -87,7 +90,7 @@ def _task_md(r: dict) -> list[str]:
             blocks = f"{len(b['trained_blocks'])} re-drawn every {b['options'].get('period')} steps"
         lines.append(
             f"| {s} | {blocks} | {_q(task, b['mean'])} | {b['std']:.3f} | "
-            f"{b['shortfall_vs_best_fit']:+.2f} | {b['step_s']:.3f} |"
+            f"{b['shortfall_vs_best_fit']:+.2f} | {b['step_s']:.3f} | {b['flops']:.2f} |"
         )
     sa = r["salf"]
     cost = sa["cost"]
@@ -118,7 +121,8 @@ def markdown(result: dict) -> str:
         "# Selection quality (`lfdist bench quality`)",
         "",
         "Step times are medians over each run's steps after the first, measured in one process "
-        "on this machine while it ran other work: compare them within a task, not across runs.",
+        "on this machine while it ran other work: compare them within a task, not across runs. "
+        "FLOPs: training FLOPs per step as a fraction of full fine-tuning's (the cost model).",
         "",
     ]
     for r in result["tasks"]:

@@ -29,11 +29,14 @@ def k_tol(task: str, splits: dict[int, dict], tolerance: float | None = None) ->
     return max(k for k, s in splits.items() if within(task, ref, s["mean"], tolerance))
 
 
-def cheapest_score(task: str, splits: dict[int, dict], pick: int, oracle_k: int) -> dict:
+def cheapest_score(
+    task: str, splits: dict[int, dict], pick: int, oracle_k: int, cost: str = "step_s"
+) -> dict:
     """Score (a): a pick above k_tol loses quality (its shortfall against k = 0); a pick below
     k_tol wastes time (its measured step time over k_tol's). `saved_share`: the share of the
-    step time k_tol saves against k = 0 that the pick saves too."""
-    base, tol_s, pick_s = splits[0]["step_s"], splits[oracle_k]["step_s"], splits[pick]["step_s"]
+    step time k_tol saves against k = 0 that the pick saves too. `cost`: the summary key
+    that measures cost (step_s measured, or flops predicted)."""
+    base, tol_s, pick_s = (splits[k][cost] for k in (0, oracle_k, pick))
     out = {
         "pick": pick,
         "k_tol": oracle_k,

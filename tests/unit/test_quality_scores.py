@@ -96,3 +96,10 @@ def test_reuse_refuses_another_recipe_but_not_another_grid(tmp_path):
     assert grown.runs == first.runs
     with pytest.raises(UserError, match="another recipe"):
         Oracle.load(path, {**settings, "steps": 20}, 4)
+
+
+def test_cheapest_score_by_predicted_flops():
+    splits = {k: {**s, "flops": 1.0 - 0.1 * k} for k, s in ACC.items()}
+    shallow = cheapest_score("classify", splits, pick=1, oracle_k=2, cost="flops")
+    assert shallow["wasted_time"] == pytest.approx(0.9 / 0.8 - 1)
+    assert shallow["saved_share"] == pytest.approx(0.1 / 0.2)
