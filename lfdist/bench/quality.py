@@ -206,11 +206,7 @@ def run_task(spec: TaskSpec, out: str, reuse: str | None = None) -> dict:
     n_budget = L - budget_k
     for s in list(plans):
         try:
-            plans[s]["budget"] = (
-                plans[s]["default"]
-                if s == "salf"
-                else select_plan(probe, s, options=_options(s, n_budget))
-            )
+            plans[s]["budget"] = _at_budget(probe, s, plans[s]["default"], n_budget)
         except UserError as e:
             errors[s] = str(e)
             del plans[s]
@@ -239,6 +235,18 @@ def run_task(spec: TaskSpec, out: str, reuse: str | None = None) -> dict:
             "total_s": time.perf_counter() - t_start,
         },
     )
+
+
+def _at_budget(probe, strategy: str, default, n: int):
+    """The strategy's plan with n trainable blocks. salf's own pick when it trains n blocks,
+    else salf under a blocks budget (as a user would ask for it)."""
+    from lfdist.select import select_plan
+
+    if strategy != "salf":
+        return select_plan(probe, strategy, options=_options(strategy, n))
+    if len(default.trainable_blocks) == n:
+        return default
+    return select_plan(probe, "salf", budget={"blocks": n})
 
 
 def _n_blocks(model) -> int:
