@@ -40,6 +40,7 @@ def test_all_strategies_registered():
         "critical",
         "gradnorm",
         "lisa",
+        "lora",
         "mask",
         "random",
         "salf",
