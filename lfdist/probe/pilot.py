@@ -4,8 +4,8 @@ Every pilot is a short run of the real recipe: `lfdist.train.local.train_split` 
 engine step, feeder, scheduler and clipping, on the run's global batch in one process), so
 "same recipe" holds by construction. `run_pilots` trains the top n blocks at a few depths, at
 two lengths that follow the run's steps, and measures held-out quality on calibration examples
-it never trained on; `plan_pilots` sizes them so that probe + pilots cost at most a share of
-the run (default 5%). `run_critical` trains every block and records how far each one moved.
+it never trained on; `plan_pilots` (lfdist.probe.pilot_budget) sizes them so that probe +
+pilots cost at most a share of the run (default 5%). `run_critical` trains every block and records how far each one moved.
 The model is put back exactly as it was found; results are deterministic functions of
 (weights, data, recipe, seed), so a Ray task per depth returns the serial loop's numbers.
 
@@ -24,18 +24,21 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from lfdist.cost import predict
 from lfdist.errors import UserError
 from lfdist.model.blocks import find_blocks
-from lfdist.plan import DEFAULT_MODULES
+from lfdist.probe.pilot_budget import (  # noqa: F401  (PILOT_BUDGET, MIN_STEPS: re-exported)
+    MIN_STEPS,
+    PILOT_BUDGET,
+    example_flops,
+    global_batch,
+    plan_pilots,
+    top_treatments,
+)
 from lfdist.probe.result import ProbeResult
 from lfdist.probe.run import _check_data, model_info
 
-PILOT_BUDGET = 0.05  # probe + pilots as a share of the cheapest run salf may pick
-MIN_STEPS = 4  # the longer pilot; the shorter is half of it
 CRITICAL_STEPS = 50
 HELDOUT_SAMPLES = 64  # held-out calibration examples each pilot is scored on, at most
-MIN_HELDOUT = 16
 
 ModelLike = nn.Module | Callable[[], nn.Module]
 Log = Callable[[str], None]
@@ -86,23 +89,6 @@ def _materialize(model: ModelLike) -> nn.Module:
     return model if isinstance(model, nn.Module) else model()
 
 
-def _top(L: int, depth: int) -> list[str]:
-    return ["frozen"] * (L - depth) + ["full"] * depth
-
-
-def example_flops(info: dict, seq_len: int) -> dict:
-    """Analytic FLOPs (cost model) of one example: forward only, and one training step of
-    every split k (index k = frozen bottom blocks)."""
-    L = info["n_blocks"]
-    one = dict(engine="single", dtype="float32", batch_size=1, seq_len=seq_len)
-    train = [predict(info, _top(L, L - k), DEFAULT_MODULES, **one) for k in range(L)]
-    return {"forward": train[0]["flops_forward"], "train": [p["flops_per_step"] for p in train]}
-
-
-def global_batch(tc) -> int:
-    return tc.batch_size * tc.grad_accum * tc.nproc
-
-
 def pilot_recipe(tc, steps: int):
     """The run's recipe (TrainConfig) for a pilot of `steps` steps, in one process: the same
     global batch, lr, clipping and schedule shape (warm-up scaled to the pilot's length)."""
@@ -110,95 +96,6 @@ def pilot_recipe(tc, steps: int):
     return replace(
         tc, steps=steps, batch_size=tc.batch_size * tc.nproc, nproc=1, warmup_steps=warmup
     )
-
-
-def _most_crowded(depths: list[int]) -> int:
-    """The interior depth whose neighbours are closest on a log scale: dropping it leaves the
-    others spread from 1 to L (1, 2, 4, 8, 16, 30 -> 1, 2, 4, 8, 30 -> 1, 4, 8, 30 -> 1, 4, 30)."""
-    return min(range(1, len(depths) - 1), key=lambda i: depths[i + 1] / depths[i - 1])
-
-
-def plan_pilots(
-    info: dict,
-    tc,
-    seq_len: int,
-    n_examples: int,
-    n_heldout: int,
-    probe_examples: int,
-    depths: list[int],
-    budget: float = PILOT_BUDGET,
-    steps: int | None = None,
-) -> dict:
-    """Which depths, lengths and held-out examples the budget allows: probe + pilots at most
-    `budget` of the run that trains the fewest blocks salf may pick (2; 1 on a 1-block model).
-
-    `n_examples`: the calibration examples (held-out ones included); `n_heldout`: the most
-    held-out examples. `steps`: an explicit longer length (the budget is reported, not enforced).
-    Before the pilots get shorter than MIN_STEPS, interior depths are dropped (1, the deepest
-    and one between stay), then the held-out set halves down to MIN_HELDOUT; with
-    nothing left, `skipped` says why.
-    """
-    L = info["n_blocks"]
-    flops = example_flops(info, seq_len)
-    gb = global_batch(tc)
-    cheapest = flops["train"][max(0, L - 2)]
-    allowed = budget * tc.steps * gb * cheapest
-    probe = probe_examples * flops["forward"]
-
-    def cost(ds: list[int], s2: int, held: int) -> float:  # + the pre-trained model's pass
-        train = (s2 + s2 // 2) * gb * sum(flops["train"][L - n] for n in ds)
-        return train + (2 * len(ds) + 1) * held * flops["forward"]
-
-    def longest(ds: list[int], held: int) -> int:
-        per_step = 1.5 * gb * sum(flops["train"][L - n] for n in ds)
-        return int((allowed - probe - cost(ds, 0, held)) // per_step)
-
-    depths, held = list(depths), min(n_heldout, max(1, n_examples // 4))
-    if steps is None:
-        while longest(depths, held) < MIN_STEPS and len(depths) > 3:
-            depths.pop(_most_crowded(depths))
-        while longest(depths, held) < MIN_STEPS and held // 2 >= MIN_HELDOUT:
-            held //= 2
-        s2 = min(longest(depths, held), tc.steps)
-    else:
-        s2 = steps
-    if gb > n_examples - held:
-        skipped = (
-            f"one global batch ({gb}) needs more than the {n_examples - held} calibration "
-            "examples left for training"
-        )
-    elif s2 < (2 if steps else MIN_STEPS):
-        skipped = (
-            f"the {budget:.0%} budget of a {tc.steps}-step run allows pilots of {max(s2, 0)} "
-            f"steps, fewer than {MIN_STEPS}"
-        )
-    else:
-        skipped = None
-    lengths = [] if skipped else [s2 // 2, s2]
-    pilots = cost(depths, s2, held) if lengths else 0.0
-    plan = {
-        "depths": depths,
-        "lengths": lengths,
-        "heldout_examples": held,
-        "budget": budget,
-        "probe_flops": probe,
-        "flops_total": pilots,  # the pilots and their held-out passes
-        "run_flops_per_example": flops["train"],
-        "global_batch": gb,
-        "planned_fraction": (probe + pilots) / (tc.steps * gb * cheapest),
-    }
-    if skipped:
-        return {**plan, "skipped": skipped, "budget_note": f"no pilots: {skipped}"}
-    why = (
-        f"the {budget:.0%} budget of a {tc.steps}-step run allowed"
-        if steps is None
-        else (f"probe.pilot_steps={steps} (not sized to the budget) gave")
-    )
-    note = (
-        f"{why} pilots of {lengths[0]} and {lengths[1]} steps at depths "
-        f"{','.join(map(str, depths))}, scored on {held} held-out examples"
-    )
-    return {**plan, "budget_note": note}
 
 
 def _error(task: str, quality: dict) -> float:
@@ -225,7 +122,9 @@ def run_depth(
         raise UserError(f"pilot depth {depth} must be a block count in 1..{L}")
     t0 = time.perf_counter()
     runs = [
-        train_split(model, _top(L, depth), train, heldout, task, pilot_recipe(tc, s), tc.seed)
+        train_split(
+            model, top_treatments(L, depth), train, heldout, task, pilot_recipe(tc, s), tc.seed
+        )
         for s in lengths
     ]
     for r in runs:
