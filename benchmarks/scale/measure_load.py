@@ -140,6 +140,25 @@ def _is_rank(cmdline: list[str]) -> bool:
     return args[:2] == ["-m", "lfdist.launch.worker"]
 
 
+def _rank_trees(kids, kinds: dict) -> dict[int, list[int]]:
+    """Each rank's process tree: the worker process and its descendants (the worker may run
+    the rank in a child; forked helpers count too), keyed by the top worker's pid."""
+    import psutil
+
+    trees: dict[int, list[int]] = {}
+    for kid in kids:
+        try:
+            if not kinds.get(kid.pid):  # before its exec, a rank shows its parent's cmdline
+                kinds[kid.pid] = _is_rank(kid.cmdline())
+            chain = [kid, *kid.parents()]
+        except psutil.Error:
+            continue
+        tops = [p.pid for p in chain if kinds.get(p.pid)]
+        if tops:
+            trees.setdefault(tops[-1], []).append(kid.pid)
+    return trees
+
+
 def measure(folder: str, plan: str, out: str, engine: str, whole: bool) -> dict:
     import psutil
 
@@ -167,17 +186,9 @@ def measure(folder: str, plan: str, out: str, engine: str, whole: bool) -> dict:
         except psutil.NoSuchProcess:
             kids = []
         loading = "t" not in first_step
-        for kid in kids:
-            if kid.pid not in kinds:
-                try:  # a rank's own forked children share its command line until they exec
-                    if _is_rank(kid.cmdline()) and not _is_rank(kid.parent().cmdline()):
-                        kinds[kid.pid] = True
-                except (psutil.Error, AttributeError):
-                    pass
-            if not kinds.get(kid.pid):
-                continue
-            rss = _rss_anon(kid.pid) or 0
-            r = ranks.setdefault(kid.pid, {"load": 0, "run": 0})
+        for top, tree in _rank_trees(kids, kinds).items():
+            rss = sum(_rss_anon(pid) or 0 for pid in tree)
+            r = ranks.setdefault(top, {"load": 0, "run": 0})
             r["run"] = max(r["run"], rss)
             if loading:
                 r["load"] = max(r["load"], rss)

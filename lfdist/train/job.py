@@ -47,6 +47,8 @@ def run_training(job: Job, world) -> None:
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
 
+    if world.device.type == "cpu":
+        _return_freed_memory()
     prepared = prepare(cfg)
     plan = load_plan(job.plan)
     # PEFT treatments' lrs from the plan (lr_scale) unless the config names them: engines read tc.
@@ -229,6 +231,21 @@ def _fire(fault: Fault, step: int, rank: int) -> None:
         raise RuntimeError(f"injected crash on rank {rank} at step {step}")
     elif fault.kind == "user":
         raise UserError(f"injected bad input on rank {rank} at step {step}")
+
+
+def _return_freed_memory() -> None:
+    """glibc raises its mmap threshold (up to 32 MiB) after the first large free, so FSDP's
+    per-block all-gather buffers then come from the heap and stay resident once freed (about
+    +1 GiB per rank on a 12-block 0.66B Llama, measured). A fixed 1 MiB threshold maps every
+    large tensor on its own and returns it to the OS when freed."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (glibc); elsewhere a harmless no-op
+    except (OSError, AttributeError):
+        pass
 
 
 def _prefix_cache(model, plan, prepared, cfg):
