@@ -253,6 +253,16 @@ def salf(
     )
 
 
+def _cost_line(scores: dict, what: str) -> list[str]:
+    if scores.get("cost_fraction") is None:
+        return []
+    line = f"salf {what} cost: {scores['cost_fraction']:.1%} of this run"
+    budget = scores.get("budget")
+    if budget and scores["cost_fraction"] > budget:
+        line += f", over the {budget:.0%} budget: probe fewer samples or plan a longer run"
+    return [line]
+
+
 def explain(scores: dict) -> list[str]:
     """What salf decided and on what evidence, for `plan show` and the quick start."""
     k = scores.get("split")
@@ -262,25 +272,16 @@ def explain(scores: dict) -> list[str]:
         tol = scores["tolerance"]
         tol_text = f"{tol:.1%}" if metric == "perplexity" else f"{tol:g} accuracy point(s)"
         lo, hi = p["pick_interval"]
-        lines = [
+        return [
             f"salf (pilot): freezes {k} blocks; predicted end-of-run {metric} {fmt(p['pick'])} "
             f"(interval {fmt(lo)}..{fmt(hi)}) vs full fine-tuning {fmt(p['full'])}, "
             f"tolerance {tol_text}",
             f"salf pilots: {scores.get('pilot_plan')}",
-        ]
-        if scores.get("cost_fraction") is not None:
-            lines.append(f"salf probe + pilot cost: {scores['cost_fraction']:.1%} of this run")
-        return lines
+        ] + _cost_line(scores, "probe + pilot")
     lines = [
         f"salf (trace, forward only): freezes {k} blocks, keeping the share "
         f"{scores['gain'][k]:.3f} of the trace's fall"
     ]
     if scores.get("pilot_skipped"):
         lines.append(f"salf pilots skipped: {scores['pilot_skipped']}")
-    if scores.get("cost_fraction") is not None:
-        line = f"salf probe cost: {scores['cost_fraction']:.1%} of this run"
-        budget = scores.get("budget")
-        if budget and scores["cost_fraction"] > budget:
-            line += f", over the {budget:.0%} budget: probe fewer samples or plan a longer run"
-        lines.append(line)
-    return lines
+    return lines + _cost_line(scores, "probe")

@@ -328,6 +328,7 @@ def test_salf_pilot_cost_fraction():
     plan = salf_pilot(record, run_steps=100)
     assert plan.boundary == 4 and plan.scores["cost_fraction"] == pytest.approx(0.05)
     assert plan.scores["probe_pilot_flops"] == 16000.0
+    assert explain(plan.scores)[-1] == "salf probe + pilot cost: 5.0% of this run"
 
 
 def test_salf_pilot_needs_pilots():
