@@ -233,6 +233,8 @@ def run_task(spec: TaskSpec, out: str, reuse: str | None = None) -> dict:
             "sweep_s": sweep_s,
             "probe_wall_s": probe_wall,
             "total_s": time.perf_counter() - t_start,
+            # every cached run's training + evaluation wall time, whichever invocation ran it
+            "trained_s": sum(r["wall_s"] for runs in oracle.runs.values() for r in runs.values()),
         },
     )
 

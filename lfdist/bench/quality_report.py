@@ -19,8 +19,9 @@ def _task_md(r: dict) -> list[str]:
         f"## {t['name']}: `{t['model']}` on `{t['data']}` ({task}, {r['n_blocks']} blocks)",
         "",
         f"Recipe: {t['steps']} steps, batch {t['batch']}, lr {t['lr']}, seq_len {t['seq_len']}, "
-        f"seeds {r['seeds']}, {r['n_eval']} held-out examples; tolerance {tol}. Wall: sweep "
-        f"{r['wall']['sweep_s']:.0f} s, probe {r['wall']['probe_wall_s']:.0f} s, task "
+        f"seeds {r['seeds']}, {r['n_eval']} held-out examples; tolerance {tol}. Wall: "
+        f"{r['wall'].get('trained_s', 0):.0f} s training and evaluating all runs (cached "
+        f"across invocations), probe {r['wall']['probe_wall_s']:.0f} s; this invocation "
         f"{r['wall']['total_s']:.0f} s.",
         "",
         f"### Oracle: {metric} per split k (k bottom blocks frozen)",
@@ -120,9 +121,10 @@ def markdown(result: dict) -> str:
     lines = [
         "# Selection quality (`lfdist bench quality`)",
         "",
-        "Step times are medians over each run's steps after the first, measured in one process "
-        "on this machine while it ran other work: compare them within a task, not across runs. "
-        "FLOPs: training FLOPs per step as a fraction of full fine-tuning's (the cost model).",
+        "Step s: the median of each run's steps after the first, measured while that run ran. "
+        "Runs ran minutes apart on a shared machine whose load changed, so a difference in "
+        "step s between two plans can be load, not cost. FLOPs: training FLOPs per step as a "
+        "fraction of full fine-tuning's (the cost model), the cost no load can blur.",
         "",
     ]
     for r in result["tasks"]:
