@@ -9,7 +9,7 @@ launcher (validate + torchrun / deepspeed), FSDP2 and ZeRO-3 train it for 2 step
 (seq 32, batch 1) with a plan that trains the top 2 blocks and the final norm (embeddings and
 head frozen, so optimizer state does not hide the load). Each process's anonymous memory
 (RssAnon in /proc/PID/status: memory-mapped file pages do not count) is polled every 50 ms:
-the launching process, and each rank until its first step ("load") and over the whole run.
+the launching process, and each rank until its engine is built ("load") and over the run.
 
 Side by side in the same run: lfdist's meta-device path ("sharded") and the old whole-model
 load ("whole": every rank calls from_pretrained; `debug.load_whole`). The old launcher, which
@@ -173,7 +173,7 @@ def measure(folder: str, plan: str, out: str, engine: str, whole: bool) -> dict:
     def read():
         for line in proc.stdout:
             lines.append(line)
-            if line.startswith("step 1/") and "t" not in first_step:
+            if ": model materialized and wrapped in" in line and "t" not in first_step:
                 first_step["t"] = time.monotonic()
 
     reader = threading.Thread(target=read, daemon=True)
@@ -223,7 +223,7 @@ def report(rows: list[dict], n_params: int, out_dir: str) -> None:
         "",
         f"Targets: per rank < 0.6 x {bf16_gib:.2f} + 0.9 = {target_rank:.2f} GiB; launcher < 1 GiB.",
         "",
-        "| engine | load path | rank peak during load (GiB) | rank peak, load + 2 steps (GiB) "
+        "| engine | load path | rank peak until the engine is built (GiB) | rank peak, load + 2 steps (GiB) "
         "| launcher peak (GiB) | rank target met | step-1 loss | wall (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]

@@ -80,6 +80,8 @@ def run_training(job: Job, world) -> None:
     t_build = time.perf_counter()
     engine = build_engine(tc.engine, source, tc, world)
     build_s = time.perf_counter() - t_build
+    if world.is_main:
+        print(f"{tc.engine}: model materialized and wrapped in {build_s:.1f} s", flush=True)
     torch.manual_seed(tc.seed)  # dropout draws start from the seed, whatever loading consumed
     applied, tracer, cache = built["applied"], built["tracer"], built["cache"]
     checkpointed = built["checkpointed"]
