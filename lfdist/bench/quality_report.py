@@ -134,37 +134,53 @@ def markdown(result: dict) -> str:
 
 
 def plot(results: list[dict], path: str) -> None:
+    """Quality against cost, per task: predicted FLOPs fraction (top row, the cost no load
+    can blur) and measured step time (bottom row)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
-    for ax, r in zip(axes[0], results):
-        task = r["task"]["task"]
-        ks = sorted(r["oracle"], key=int)
-        xs = [r["oracle"][k]["step_s"] for k in ks]
-        ys = [r["oracle"][k]["mean"] for k in ks]
-        es = [r["oracle"][k]["std"] for k in ks]
-        ax.errorbar(xs, ys, yerr=es, fmt="-o", color="0.5", ms=4, capsize=3, label="oracle k")
-        for k, x, y in zip(ks, xs, ys):
-            ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        for i, (s, b) in enumerate(r["at_budget"].items()):
-            ax.errorbar(
-                b["step_s"],
-                b["mean"],
-                yerr=b["std"],
-                fmt="x" if s != "salf" else "*",
-                ms=10,
-                capsize=2,
-                color=f"C{i}",
-                label=f"{s} ({len(b['trained_blocks'])} blocks)",
+    n = len(results)
+    fig, axes = plt.subplots(2, n, figsize=(6.5 * n, 9.0), squeeze=False)
+    for col, r in enumerate(results):
+        for row, (cost, label) in enumerate(
+            (
+                ("flops", "training FLOPs per step (fraction of full fine-tuning)"),
+                ("step_s", "measured step time (s), under changing load"),
             )
-        ax.axvline(r["oracle"][str(r["k_tol"])]["step_s"], ls=":", color="k", lw=0.8)
-        ax.set_xlabel("measured step time (s)")
-        ax.set_ylabel("accuracy (%)" if task == "classify" else "held-out perplexity")
-        ax.set_title(f"{r['task']['name']} (dotted: oracle k_tol={r['k_tol']})", fontsize=9)
-        ax.legend(fontsize=7)
+        ):
+            _panel(axes[row][col], r, cost, label)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _panel(ax, r: dict, cost: str, label: str) -> None:
+    task = r["task"]["task"]
+    ks = sorted(r["oracle"], key=int)
+    xs = [r["oracle"][k][cost] for k in ks]
+    ys = [r["oracle"][k]["mean"] for k in ks]
+    es = [r["oracle"][k]["std"] for k in ks]
+    ax.errorbar(xs, ys, yerr=es, fmt="-o", color="0.5", ms=4, capsize=3, label="oracle split k")
+    for k, x, y in zip(ks, xs, ys):
+        ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for i, (s, b) in enumerate(r["at_budget"].items()):
+        ax.errorbar(
+            b[cost],
+            b["mean"],
+            yerr=b["std"],
+            fmt="*" if s == "salf" else "x",
+            ms=10,
+            capsize=2,
+            color=f"C{i}",
+            label=f"{s} ({len(b['trained_blocks'])} blocks)",
+        )
+    ax.axvline(r["oracle"][str(r["k_tol"])][cost], ls=":", color="k", lw=0.8)
+    ax.set_xlabel(label)
+    ax.set_ylabel("accuracy (%)" if task == "classify" else "held-out perplexity")
+    ax.set_title(
+        f"{r['task']['name']}: salf k={r['salf']['k']}, oracle k_tol={r['k_tol']} (dotted)",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7)
