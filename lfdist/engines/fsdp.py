@@ -29,12 +29,29 @@ def _fsdp2(model: nn.Module, world, filler=None) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(world.device.type, (world.world_size,))
+    # Embeddings and an untied LM head are units of their own (as torchtitan does): gathered
+    # only while used, not for the whole step as part of the root.
+    for module in _outside_units(model):
+        fully_shard(module, mesh=mesh)
     for block in find_blocks(model).blocks(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     if filler is not None:  # sharded on meta: each rank now reads the rows of its shards
         filler.sharded(model, world.device)
     return model
+
+
+def _outside_units(model: nn.Module) -> list[nn.Module]:
+    bmap = find_blocks(model)
+    tied = _tied_param_ids(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    units = [
+        m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Embedding) and bmap.block_of(n + ".weight") is None
+    ]
+    units += [head] if isinstance(head, nn.Linear) else []
+    return [m for m in units if not any(id(p) in tied for p in m.parameters())]
 
 
 def _fsdp1(model: nn.Module, world, filler=None) -> nn.Module:
