@@ -28,17 +28,13 @@ import tempfile
 import threading
 import time
 
+from lfdist.bench.gpu import GENERATED_1B  # noqa: E402
+
 GIB = 2**30
 LAYERS_PER_SHARD = 2
+# The same generated 1.1B architecture as the GPU benchmark, with the byte tokenizer's ids.
 CONFIG = dict(
-    vocab_size=32000,
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=22,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    max_position_embeddings=2048,
-    tie_word_embeddings=False,
+    **GENERATED_1B,
     pad_token_id=256,
     bos_token_id=257,
     eos_token_id=258,

@@ -4,7 +4,6 @@ supervision (signals forwarded, one line for however the job ended)."""
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import nullcontext
 
@@ -74,13 +73,9 @@ def check_engine_config(cfg: RunConfig, world_size: int) -> None:
 
 def check_resumable(folder: str, cfg: RunConfig, world_size: int) -> None:
     """--resume on the world size and engine that wrote the checkpoint (its state.json)."""
-    try:
-        with open(os.path.join(folder, "state.json")) as f:
-            state = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"checkpoint {folder!r} has no readable state.json ({e}); resume from an earlier one"
-        ) from None
+    from lfdist.train.resume import read_state
+
+    state = read_state(folder)
     engine = state.get("engine")
     if engine is not None and engine != cfg.train.engine:
         raise UserError(
