@@ -28,13 +28,29 @@ class TensorInfo:
 
 def read_header(path: str) -> dict[str, dict]:
     """The JSON header of one .safetensors file (without its __metadata__ entry)."""
+    bad = f"{path!r} is not a readable safetensors file"
+    fix = "re-save the model with save_pretrained or copy it again"
+    total = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise UserError(f"{path!r} is not a safetensors file (too short); re-save the model")
+            raise UserError(f"{bad} (empty or too short); {fix}")
         (size,) = struct.unpack("<Q", raw)
-        header = json.loads(f.read(size))
+        if size > total - 8:  # a garbage length would have us read (and allocate) anything
+            raise UserError(f"{bad} (its header length is past the end of the file); {fix}")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise UserError(f"{bad} (its header is not JSON); {fix}")
     header.pop("__metadata__", None)
+    try:
+        end = max((int(e["data_offsets"][1]) for e in header.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise UserError(f"{bad} (malformed header entries); {fix}") from None
+    if 8 + size + end > total:
+        raise UserError(f"{bad} (truncated: {total} bytes of {8 + size + end}); {fix}")
     return header
 
 

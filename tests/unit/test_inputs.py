@@ -366,3 +366,27 @@ def test_symlink_loop_inside_a_data_folder_is_skipped(tmp_path):
         UserError, match=r"cannot read .*z\.txt \(Too many levels of symbolic links\)"
     ):
         load_text_data(str(tmp_path), "lm")
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "huge_length", "truncated"])
+def test_a_damaged_safetensors_file_is_one_line(tmp_path, damage):
+    import struct
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lfdist.model.headers import read_header
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(64, 64)}, str(path))
+    good = path.read_bytes()
+    assert list(read_header(str(path))) == ["w"]
+    damaged = {
+        "empty": b"",
+        "garbage": struct.pack("<Q", 16) + b"garbagegarbage!!",
+        "huge_length": struct.pack("<Q", 2**62) + b"{}",
+        "truncated": good[: len(good) - 100],
+    }[damage]
+    path.write_bytes(damaged)
+    with pytest.raises(UserError, match="is not a readable safetensors file"):
+        read_header(str(path))
