@@ -78,8 +78,9 @@ def test_gradient_accumulation_reduces_once_per_step(default_runs):
     # (before: once per micro-batch, twice as many elements with grad_accum=2)
     assert [sum(s) for s in reduced["ddp", 1]] == [trainable] * 2
     assert reduced["ddp", 2] == reduced["ddp", 1]
-    # FSDP2: one reduce-scatter per trainable block and one for the root, once per step
-    assert [len(s) for s in reduced["fsdp2", 1]] == [4, 4]
+    # FSDP2: one reduce-scatter per trainable unit, once per step: 3 blocks, the untied head
+    # (its own unit) and the root with the final norm; the frozen embedding unit has none
+    assert [len(s) for s in reduced["fsdp2", 1]] == [5, 5]
     assert reduced["fsdp2", 2] == reduced["fsdp2", 1]
     # FSDP1: one reduce-scatter per trainable unit (3 blocks, the root with head and norm)
     assert [len(s) for s in reduced["fsdp1", 1]] == [4, 4]
