@@ -157,9 +157,7 @@ def measure_training(p: dict, probe_result, workdir: str) -> dict:
 
     plan_path = os.path.join(workdir, "plan-all.yaml")
     save_plan(select_plan(probe_result, "all"), plan_path)
-    m = launch_training(
-        _config(p), plan_path, os.path.join(workdir, "train"), evaluate=False
-    )
+    m = launch_training(_config(p), plan_path, os.path.join(workdir, "train"), evaluate=False)
     steps = m["step_times"][2:]  # after warm-up
     return {
         "engine": "fsdp2",

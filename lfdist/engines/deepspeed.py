@@ -542,6 +542,7 @@ def build(source, cfg, world) -> DeepSpeedEngineAdapter:
     if filler is None:
         frozen_buffers = _keep_frozen_out_of_zero3(model) if replicate else []
     elif stage == 3:
+
         def keep_out(module: nn.Module) -> None:
             frozen_buffers.extend(_keep_frozen_out_of_zero3(module, recurse=False))
 

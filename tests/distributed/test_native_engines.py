@@ -285,9 +285,7 @@ def test_prefix_cache_gives_the_same_losses_over_two_epochs(tmp_path, engine):
                 },
             }
         )
-        return launch_training(
-            cfg, _plan(tmp_path, PREFIX), str(tmp_path / out), evaluate=True
-        )
+        return launch_training(cfg, _plan(tmp_path, PREFIX), str(tmp_path / out), evaluate=True)
 
     plain = run("plain")
     assert plain["data"]["n_examples"] == 20  # capped: 5 steps an epoch, 11 steps span 3 epochs
