@@ -261,7 +261,9 @@ def test_launcher_refuses_deepspeed_on_another_world_size_but_not_fsdp2(tmp_path
     folder = tmp_path / "step-000003"
     folder.mkdir()
     for engine, can in (("deepspeed", False), ("fsdp2", True), ("fsdp1", True), ("ddp", True)):
-        (folder / "state.json").write_text(json.dumps({"engine": engine, "world_size": 2}))
+        (folder / "state.json").write_text(
+            json.dumps({"step": 3, "engine": engine, "world_size": 2})
+        )
         cfg = _cfg(engine=engine, nproc=1)
         if can:
             check_resumable(str(folder), cfg, 1)
