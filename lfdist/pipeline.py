@@ -108,6 +108,14 @@ def probe(cfg: RunConfig, out: str, overwrite: bool = False, progress: bool = Tr
         )
     if cfg.probe.pilots or cfg.probe.pilot_steps or cfg.probe.critical_steps:
         _pilots(cfg, result, prepared or prepare(cfg))
+    if "pilot" not in result.curves:  # the probe's own share of the run, for salf's plan
+        from lfdist.probe.pilot_budget import probe_only
+
+        seq_len = int(result.data_info["seq_len"])
+        n = int(result.data_info.get("n_samples") or 0)
+        result.curves["pilot"] = probe_only(
+            result.model_info, cfg.train, seq_len, n, cfg.probe.pilot_budget
+        )
     result.save(out)
     return result
 

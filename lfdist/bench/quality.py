@@ -48,6 +48,10 @@ class TaskSpec:
     probe_samples: int = 64
     critical_steps: int = 10
     warmup: int = 0
+    # salf's pilot estimator scored OUTSIDE the budget: pilots of pilot_steps/2 and pilot_steps
+    # (0: not scored). The runs here are too short for pilots inside 5%; this shows what the
+    # estimator would pick, with its cost fraction printed as it is.
+    pilot_steps: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -57,13 +61,15 @@ TASKS = [
         "pkg:minilm-l6",
         "pkg:bbc-news",
         "classify",
-        seq_len=32,
-        steps=24,
-        lr=5e-4,
+        seq_len=64,
+        steps=80,
+        lr=2e-4,
         batch=8,
         seeds=[0, 1, 2],
         probe_samples=32,
-        critical_steps=4,
+        critical_steps=8,
+        warmup=8,
+        pilot_steps=16,
     ),
     TaskSpec(
         "smollm2-docs",
@@ -71,15 +77,17 @@ TASKS = [
         "pkg:python-docs",
         "lm",
         seq_len=32,
-        steps=10,
+        steps=60,
         lr=1e-4,
-        batch=2,
+        batch=4,
         seeds=[0, 1],
         ks=[0, 1, 2, 4, 12, 24],
         max_examples=2000,
         max_eval=32,
-        probe_samples=16,
-        critical_steps=2,
+        probe_samples=8,
+        critical_steps=4,
+        warmup=6,
+        pilot_steps=8,
     ),
 ]
 TINY_TASKS = [
@@ -94,6 +102,7 @@ TINY_TASKS = [
         4,
         [0, 1],
         ks=[0, 2, 4, 6, 7],
+        pilot_steps=4,
     ),
     TaskSpec(
         "tiny-llama",
@@ -200,6 +209,7 @@ def run_task(spec: TaskSpec, out: str, reuse: str | None = None) -> dict:
                 plans[s] = {"default": select_plan(probe, s)}
             except UserError as e:
                 errors[s] = str(e)
+    pilot = _pilot_pick(spec, cfg, out) if spec.pilot_steps else None
     salf_k = plans["salf"]["default"].boundary if "salf" in plans else None
     oracle_k = k_tol(spec.task, oracle.splits(seeds))
     budget_k = next(k for k in (salf_k, oracle_k, L // 2) if k)  # 0 would make every plan equal
@@ -215,6 +225,8 @@ def run_task(spec: TaskSpec, out: str, reuse: str | None = None) -> dict:
         k = _frozen_bottom(plans[s]["default"].treatments) if s in plans else None
         if k is not None:
             oracle.train(model, plan_for(model, prefix(L, k)), prepared, cfg.train, seeds)
+    if pilot is not None:
+        oracle.train(model, plan_for(model, prefix(L, pilot["k"])), prepared, cfg.train, seeds)
     for p in plans.values():
         oracle.train(model, p["budget"], prepared, cfg.train, seeds)
     splits = oracle.splits(seeds)
@@ -229,6 +241,7 @@ def run_task(spec: TaskSpec, out: str, reuse: str | None = None) -> dict:
         splits,
         oracle_k,
         n_budget,
+        pilot,
         {
             "sweep_s": sweep_s,
             "probe_wall_s": probe_wall,
@@ -237,6 +250,40 @@ def run_task(spec: TaskSpec, out: str, reuse: str | None = None) -> dict:
             "trained_s": sum(r["wall_s"] for runs in oracle.runs.values() for r in runs.values()),
         },
     )
+
+
+def _pilot_pick(spec: TaskSpec, cfg, out: str) -> dict:
+    """salf with its pilot estimator from a second probe whose pilots are spec.pilot_steps long
+    (probe.pilot_steps: not sized to the budget, the cost fraction reported as it is)."""
+    from dataclasses import replace
+
+    from lfdist import pipeline
+    from lfdist.select import select_plan
+
+    probe_cfg = replace(cfg.probe, gradnorm=False, critical_steps=0, pilot_steps=spec.pilot_steps)
+    _log(f"{spec.name}: salf's pilot estimator, pilots of {spec.pilot_steps} steps")
+    t0 = time.perf_counter()
+    probe = pipeline.probe(
+        replace(cfg, probe=probe_cfg),
+        os.path.join(out, f"probe-pilot-{spec.name}.json"),
+        overwrite=True,
+        progress=False,
+    )
+    wall = time.perf_counter() - t0
+    plan = select_plan(probe, "salf", options={"estimator": "pilot"})
+    sc = plan.scores
+    return {
+        "k": plan.boundary,
+        "predicted": sc.get("predicted"),
+        "pilot_plan": sc.get("pilot_plan"),
+        "plan_cost_fraction": sc.get("cost_fraction"),
+        "pilot_s": probe.timings.get("pilot_s"),
+        "probe_wall_s": wall,
+        "fit": {k: sc["pilot"].get(k) for k in ("alpha", "l_inf", "B", "se", "at_run_steps")},
+        "measured": sc["pilot"].get("measured"),
+        "depths": sc["pilot"].get("depths"),
+        "lengths": sc["pilot"].get("lengths"),
+    }
 
 
 def _at_budget(probe, strategy: str, default, n: int):
@@ -286,13 +333,17 @@ def _salf_cost(probe, spec: TaskSpec, splits: dict, k: int | None) -> dict:
     }
 
 
-def _score(spec, probe, plans, errors, oracle, splits, oracle_k, n_budget, wall) -> dict:
+def _score(spec, probe, plans, errors, oracle, splits, oracle_k, n_budget, pilot, wall) -> dict:
     task, seeds, L = spec.task, spec.seeds, oracle.n_blocks
     for k, summary in splits.items():
         summary["flops"] = _flops(probe, spec, prefix(L, k))
     cheapest = {}
-    for s in ("salf", "top"):
-        k = _frozen_bottom(plans[s]["default"].treatments) if s in plans else None
+    picks = {
+        s: _frozen_bottom(plans[s]["default"].treatments) for s in ("salf", "top") if s in plans
+    }
+    if pilot is not None:
+        picks["salf (pilot, over budget)"] = pilot["k"]
+    for s, k in picks.items():
         if k is not None:
             cheapest[s] = cheapest_score(task, splits, k, oracle_k)
             by_flops = cheapest_score(task, splits, k, oracle_k, cost="flops")
@@ -335,6 +386,7 @@ def _score(spec, probe, plans, errors, oracle, splits, oracle_k, n_budget, wall)
             "pilot_plan": scores.get("pilot_plan") or scores.get("pilot_skipped"),
             "cost": _salf_cost(probe, spec, splits, salf.boundary if salf else None),
         },
+        "salf_pilot": pilot,
         "errors": errors,
         "wall": wall,
     }

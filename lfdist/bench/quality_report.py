@@ -112,6 +112,26 @@ def _task_md(r: dict) -> list[str]:
             f"Predicted {p['metric']}: pick {p['pick']:.4g} (interval "
             f"{p['pick_interval'][0]:.4g}-{p['pick_interval'][1]:.4g}), full {p['full']:.4g}."
         )
+    sp = r.get("salf_pilot")
+    if sp:
+        frac = sp["plan_cost_fraction"]
+        lines += [
+            "",
+            f"### salf's pilot estimator, outside the budget: k = {sp['k']}",
+            "",
+            f"{sp['pilot_plan']}; pilots took {sp['pilot_s'] or 0:.1f} s, "
+            + ("n/a" if frac is None else f"{100 * frac:.1f}%")
+            + " of the run it plans in FLOPs (the default probe sizes pilots to 5% and, on "
+            "runs this short, skips them).",
+        ]
+        if sp.get("predicted"):
+            p = sp["predicted"]
+            per = ", ".join(f"{v:.4g}" for v in p["per_split"])
+            lines.append(
+                f"Predicted end-of-run {p['metric']} per split k = 0..: {per}; pick {p['pick']:.4g}"
+                f" (interval {p['pick_interval'][0]:.4g}-{p['pick_interval'][1]:.4g}), full "
+                f"{p['full']:.4g}."
+            )
     for s, e in r["errors"].items():
         lines.append(f"- {s} not scored: {e}")
     return lines + [""]

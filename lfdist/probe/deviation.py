@@ -18,7 +18,12 @@ _BETA_MAX = 1e4  # inverse temperature cap, in units of 1 / (mean squared distan
 
 
 def lm_deviation(s: ProbeStats) -> list[float]:
-    return (s.ce_sum / max(1, s.count)).tolist()
+    """Mean lens CE per latent space over the positions it scored (interior spaces read every
+    LENS_STRIDE-th position, the output all of them; probes written before the stride have no
+    per-space count and scored every position)."""
+    if s.ce_count is None:
+        return (s.ce_sum / max(1, s.count)).tolist()
+    return (s.ce_sum / s.ce_count.clamp_min(1)).tolist()
 
 
 def _sq_dist(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

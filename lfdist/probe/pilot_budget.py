@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from lfdist.cost import predict
 from lfdist.plan import DEFAULT_MODULES
+from lfdist.probe.stats import LENS_STRIDE
 
 PILOT_BUDGET = 0.05  # probe + pilots as a share of the cheapest run salf may pick
 MIN_STEPS = 4  # the longer pilot; the shorter is half of it
@@ -24,7 +25,22 @@ def example_flops(info: dict, seq_len: int) -> dict:
     L = info["n_blocks"]
     one = dict(engine="single", dtype="float32", batch_size=1, seq_len=seq_len)
     train = [predict(info, top_treatments(L, L - k), DEFAULT_MODULES, **one) for k in range(L)]
-    return {"forward": train[0]["flops_forward"], "train": [p["flops_per_step"] for p in train]}
+    forward = train[0]["flops_forward"]
+    return {
+        "forward": forward,
+        "probe": forward + lens_flops(info, seq_len),
+        "train": [p["flops_per_step"] for p in train],
+    }
+
+
+def lens_flops(info: dict, seq_len: int) -> float:
+    """The logit lens of one example (causal LMs): the unembedding matmul at every LENS_STRIDE-th
+    position for the L interior latent spaces, at every position for the output space."""
+    if info.get("task") != "lm":
+        return 0.0
+    positions = max(0, seq_len - 1)
+    interior = -(-positions // LENS_STRIDE)
+    return 2.0 * float(info["head_matmul_params"]) * (info["n_blocks"] * interior + positions)
 
 
 def global_batch(tc) -> int:
@@ -62,7 +78,7 @@ def plan_pilots(
     gb = global_batch(tc)
     cheapest = flops["train"][max(0, L - 2)]
     allowed = budget * tc.steps * gb * cheapest
-    probe = probe_examples * flops["forward"]
+    probe = probe_examples * flops["probe"]
 
     def cost(ds: list[int], s2: int, held: int) -> float:  # + the pre-trained model's pass
         train = (s2 + s2 // 2) * gb * sum(flops["train"][L - n] for n in ds)
@@ -118,3 +134,28 @@ def plan_pilots(
         f"{','.join(map(str, depths))}, scored on {held} held-out examples"
     )
     return {**plan, "budget_note": note}
+
+
+def probe_only(info: dict, tc, seq_len: int, probe_examples: int, budget: float = PILOT_BUDGET):
+    """The cost record of a probe that ran no pilots (probe.pilots off), so that salf's plan
+    still reports the probe's share of the run it plans."""
+    flops = example_flops(info, seq_len)
+    gb = global_batch(tc)
+    probe = probe_examples * flops["probe"]
+    cheapest = flops["train"][max(0, info["n_blocks"] - 2)]
+    skipped = "probe.pilots is off"
+    return {
+        "depths": [],
+        "lengths": [],
+        "budget": budget,
+        "probe_flops": probe,
+        "flops_total": 0.0,
+        "run_flops_per_example": flops["train"],
+        "global_batch": gb,
+        "planned_fraction": probe / (tc.steps * gb * cheapest),
+        "run_steps": tc.steps,
+        "seq_len": seq_len,
+        "skipped": skipped,
+        "budget_note": f"no pilots: {skipped}",
+        "seconds": [0.0],
+    }

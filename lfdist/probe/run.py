@@ -22,7 +22,7 @@ from lfdist.model.shapes import lora_in_out, projection_params
 from lfdist.probe.deviation import derive_curves
 from lfdist.probe.hooks import LatentHooks, find_final_norm, logit_lens, target_positions
 from lfdist.probe.result import ProbeResult
-from lfdist.probe.stats import SKETCH_DIM, ProbeStats, sketch_matrix
+from lfdist.probe.stats import LENS_STRIDE, SKETCH_DIM, ProbeStats, sketch_matrix
 
 TASKS = ("lm", "classify")
 log = logging.getLogger(__name__)
@@ -140,6 +140,10 @@ def _forward_pass(model, bmap, data, task, n, batch_size, offset, bar) -> ProbeS
         stats.add_latent(layer, h)
         y = batch_state["targets"]
         if task == "lm":
+            if layer < stats.n_latent - 1:  # an interior space: every LENS_STRIDE-th position
+                keep = batch_state["lens_keep"]
+                h, y = h[keep.to(h.device)], y[keep.to(y.device)]
+            stats.ce_count[layer] += h.shape[0]
             for i in range(0, h.shape[0], chunk):
                 logits = lens(h[i : i + chunk]).double()
                 target = y[i : i + chunk].to(logits.device)
@@ -155,7 +159,7 @@ def _forward_pass(model, bmap, data, task, n, batch_size, offset, bar) -> ProbeS
             bi, ti, y = target_positions(
                 task, model, batch["input_ids"], batch["attention_mask"], batch["labels"]
             )
-            batch_state.update(targets=y, feats=[])
+            batch_state.update(targets=y, feats=[], lens_keep=ti % LENS_STRIDE == 0)
             hooks.run(
                 model,
                 (bi, ti),

@@ -41,6 +41,13 @@ def test_tiny_bench_quality_then_reuse(tmp_path, monkeypatch):
         assert salf["quality"] == r["oracle"][str(8 - r["budget_blocks"])]["quality"]
         assert len(salf["trained_blocks"]) == r["budget_blocks"]
         assert r["salf"]["cost"]["fraction"] > 0
+        assert r["salf"]["plan_cost_fraction"] > 0  # the probe's share, pilots or not
+    # tiny-bert also scores salf's pilot estimator (pilots of 2 and 4 steps, outside the budget)
+    bert, llama = result["tasks"]
+    sp = bert["salf_pilot"]
+    assert sp["lengths"] == [2, 4] and sp["depths"] == [1, 2, 4, 8]
+    assert str(sp["k"]) in bert["oracle"] and bert["cheapest"]["salf (pilot, over budget)"]
+    assert llama["salf_pilot"] is None
     with open(os.path.join(out, "oracle-tiny-llama.json")) as f:
         oracle = json.load(f)
     assert oracle["settings"]["seeds"] == [0, 1] and oracle["n_blocks"] == 8
