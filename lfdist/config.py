@@ -116,6 +116,7 @@ class TrainConfig:
     deepspeed_config: str | None = None  # user JSON; "auto" values are filled from here
     cache_frozen_prefix: bool = False  # replay the frozen prefix's outputs after the first epoch
     cache_max_gib: float = 4.0  # host memory the prefix cache may use
+    cache_spill_dir: str | None = None  # a local folder: the cache is a memory-mapped file there
     zero3_replicate_frozen: bool = (
         False  # ZeRO-3: keep frozen params whole on every rank (no all-gather)
     )

@@ -132,14 +132,17 @@ def param_groups(model: nn.Module, cfg, scales: dict[str, float] | None = None) 
     return [{"params": ps, "lr": lrs[t], "treatment": t} for t, ps in members.items() if ps]
 
 
-def make_optimizer(model_or_params, cfg, scales=None) -> torch.optim.Optimizer:
+def make_optimizer(model_or_params, cfg, scales=None, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters: one group per treatment (a module), or one group
-    at train.lr (a list of parameters)."""
+    at train.lr (a list of parameters). `fused`: one kernel per tensor, no temporaries the size
+    of the tensor (DeepSpeed hands AdamW one flat fp32 partition per group, where the
+    single-tensor path's temporaries were +0.3 GiB per rank at the step on a 1.1B model)."""
     if isinstance(model_or_params, nn.Module):
         groups = param_groups(model_or_params, cfg, scales)
     else:
         groups = [{"params": list(model_or_params), "lr": cfg.lr, "treatment": "full"}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+    how = {"fused": True} if fused else {"foreach": False}
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **how)
 
 
 def optimizer_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:

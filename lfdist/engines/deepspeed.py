@@ -551,7 +551,7 @@ def build(source, cfg, world) -> DeepSpeedEngineAdapter:
         filler.replicate(model, world.device)
     # DeepSpeed moves the module (buffers included) to its device itself. One group per
     # treatment, each at its own lr, from the parameters materializing made.
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, fused=True)
     scheduler = make_scheduler(optimizer, cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config

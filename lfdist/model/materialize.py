@@ -8,7 +8,8 @@ calls one `Filler` method:
 - `module_init`: FSDP1's `param_init_fn`, one unit at a time before it is flattened and sharded;
 - `sharded`: FSDP2 after `fully_shard`, each rank reading only the rows of its DTensor shards
   (`safe_open(...).get_slice`): no rank ever holds a whole tensor it does not own;
-- `partition`: ZeRO-3, one module at a time: read, then partitioned by `deepspeed.zero.Init`.
+- `partition`: ZeRO-3, one module at a time partitioned by `deepspeed.zero.Init`, then each
+  rank reads the rows that hold its own partition (zero.Init's broadcast skipped).
 
 Values come from the safetensors files; LoRA adapters (drawn by peft from the plan's seed,
 kept on the CPU while their base layer is on meta) and buffers (computed by the constructors)
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
 import torch
 from torch import nn
@@ -256,20 +258,91 @@ class Filler:
                         p.copy_(self.value(module, attr).to(p.dtype))
 
     def partition(self, model: nn.Module, device, ds_config: dict, before_partition=None) -> None:
-        """ZeRO-3: one module at a time (children first) made real, then partitioned by
-        zero.Init; `before_partition(module)` may take frozen weights out first."""
+        """ZeRO-3: one module at a time (children first) partitioned by zero.Init, then each
+        rank fills its own partition from the rows of the files that hold it: no rank reads,
+        converts or receives a whole tensor. With `before_partition(module)` (frozen weights
+        kept whole, out of ZeRO-3) a module is made real first, since it keeps some whole."""
         import deepspeed
 
-        done = {}
-        for module in reversed(list(model.modules())):
-            if not any(p.is_meta for p in module._parameters.values() if p is not None):
-                self._buffers(module, device)
+        done, filled = {}, set()
+        rank, world = _rank_world()
+        with _partition_without_broadcast():
+            for module in reversed(list(model.modules())):
+                if not any(p.is_meta for p in module._parameters.values() if p is not None):
+                    self._buffers(module, device)
+                    continue
+                if before_partition is not None:
+                    self._module(module, device, done)
+                    filled.update(done)
+                    before_partition(module)
+                else:
+                    self._empty(module, device, done)
+                if any(p is not None for p in module._parameters.values()):
+                    deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
+                for attr, p in module._parameters.items():
+                    if p is not None and id(p) not in filled:
+                        filled.add(id(p))
+                        self._fill_partition(module, attr, p, rank, world)
+
+    def _empty(self, module: nn.Module, device, done: dict) -> None:
+        """Every direct parameter of `module` allocated, not written: untouched pages are not
+        resident, and zero.Init (without its broadcast) copies only this rank's part."""
+        for attr, p in list(module._parameters.items()):
+            if p is None:
                 continue
-            self._module(module, device, done)
-            if before_partition is not None:
-                before_partition(module)
-            if any(p is not None for p in module._parameters.values()):
-                deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
+            if id(p) not in done:
+                empty = torch.empty(p.shape, dtype=p.dtype, device=device)
+                done[id(p)] = nn.Parameter(empty, requires_grad=p.requires_grad)
+            module._parameters[attr] = done[id(p)]
+        self._buffers(module, device)
+
+    def _fill_partition(self, module: nn.Module, attr: str, p, rank: int, world: int) -> None:
+        """This rank's flat elements [rank x size, (rank + 1) x size) of the parameter, read
+        as the row range that covers them (DeepSpeed's layout: a flat split, zero padding)."""
+        part = p.ds_tensor
+        size = part.ds_numel
+        if size * world != p.ds_numel_aligned:
+            raise RuntimeError(
+                f"ZeRO-3 partition of {self._name(module, attr)}: {size} x {world} ranks != "
+                f"{p.ds_numel_aligned} elements; a layout this loader does not know"
+            )
+        start, stop = rank * size, min(p.ds_numel, (rank + 1) * size)
+        with torch.no_grad():
+            part.zero_()
+            if stop > start:
+                shape = tuple(p.ds_shape)
+                row = math.prod(shape[1:]) if len(shape) > 1 else 1
+                r0, r1 = start // row, -(-stop // row)
+                rows = (r0, r1) if shape else None
+                flat = self.value(module, attr, rows).reshape(-1)
+                lo = start - r0 * row if shape else 0
+                part[: stop - start].copy_(flat[lo : lo + stop - start].to(part.dtype))
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+@contextlib.contextmanager
+def _partition_without_broadcast():
+    """zero.Init broadcasts rank 0's values of each parameter before partitioning it, so every
+    rank would hold the whole tensor once; here every rank fills its own partition from the
+    files afterwards, so the broadcast is skipped (DeepSpeed's own steps otherwise)."""
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    original = Init._zero_init_param
+
+    def partition_only(self, param):
+        self._convert_to_deepspeed_param(param)
+        param.partition()
+
+    Init._zero_init_param = partition_only
+    try:
+        yield
+    finally:
+        Init._zero_init_param = original
 
 
 def _local_rows(p) -> tuple[int, int] | None:

@@ -177,7 +177,11 @@ def run_training(job: Job, world) -> None:
             "eval_before": before,
             "resumed_from": start,
             "checkpointed_blocks": checkpointed,
-            "prefix_cache": {"hits": cache.hits, "misses": cache.misses} if cache else None,
+            "prefix_cache": (
+                {"hits": cache.hits, "misses": cache.misses, "spilled": cache.spilled}
+                if cache
+                else None
+            ),
             "frozen_digest": {"before": frozen_before, "after": frozen_after},
             "comms": engine.comm_volume(),
             "lrs": optimizer_lrs(engine.optimizer),  # peak lr of each treatment's group
@@ -259,15 +263,15 @@ def _prefix_cache(model, plan, prepared, cfg):
             "follows the module trace); use ZeRO-1/2, FSDP2 or DDP"
         )
     n, seq = prepared.train["input_ids"].shape
-    element = next(model.parameters()).element_size()
     return install_prefix_cache(
         find_blocks(model).blocks(model),
         plan.boundary,
         n,
         seq,
         model.config.hidden_size,
-        element,
+        next(model.parameters()).dtype,
         int(cfg.train.cache_max_gib * 2**30),
+        cfg.train.cache_spill_dir,
     )
 
 

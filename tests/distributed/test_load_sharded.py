@@ -140,3 +140,69 @@ def test_fsdp2_ranks_read_only_their_shards(tmp_path):
         assert sum(n for _, n in read) == local  # exactly its shards' elements
         assert local < total
     assert sum(results[r][1] for r in (0, 1)) == total  # together: every element once
+
+
+# ----------------------------------------------------------------- what each ZeRO-3 rank reads
+
+
+def _zero3_rank(rank, store, cache, results):
+    os.environ.update(LFDIST_CACHE=cache, DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    import deepspeed
+
+    from lfdist.model.materialize import Reader, prepare
+    from lfdist.model.source import ModelSource
+
+    deepspeed.init_distributed(dist_backend="gloo")  # wraps the group above
+    read = {}
+    original = Reader.get
+
+    def get(self, key, rows=None):
+        t = original(self, key, rows)
+        read[key] = read.get(key, 0) + t.numel()
+        return t
+
+    Reader.get = get
+    source = ModelSource("tiny:llama").with_plan(make_plan(build_tiny("llama", "lm"), TOP2))
+    model, filler = prepare(source)
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    filler.partition(model, torch.device("cpu"), config)
+    # What this rank may read of each tensor: its partition's elements, widened to whole rows
+    # (at most one partial row at each end).
+    bound = {}
+    for name, p in model.named_parameters():
+        start = rank * p.ds_tensor.ds_numel
+        mine = max(0, min(p.ds_numel, start + p.ds_tensor.ds_numel) - start)
+        row = int(torch.Size(p.ds_shape)[1:].numel()) if len(p.ds_shape) > 1 else 1
+        bound[name] = (mine, mine + 2 * row, p.ds_numel)
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        full = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    results[rank] = (dict(read), bound)
+    if rank == 0:
+        expected = build_tiny("llama", "lm").state_dict()
+        results["equal"] = all(torch.equal(full[k], expected[k]) for k in expected)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.deepspeed
+def test_zero3_ranks_read_only_their_partitions(tmp_path):
+    from lfdist.model.source import tiny_folder
+
+    os.environ["LFDIST_CACHE"] = str(tmp_path / "cache")
+    try:
+        tiny_folder("llama", "lm", 2, 0)
+    finally:
+        del os.environ["LFDIST_CACHE"]
+    results = mp.Manager().dict()
+    mp.spawn(
+        _zero3_rank, args=(str(tmp_path / "store"), str(tmp_path / "cache"), results), nprocs=2
+    )
+    assert results["equal"]  # the gathered partitions are the checkpoint, bit for bit
+    for rank in (0, 1):
+        read, bound = results[rank]
+        total_read = sum(read.values())
+        total = sum(b[2] for b in bound.values())
+        assert sum(b[0] for b in bound.values()) <= total_read <= sum(b[1] for b in bound.values())
+        assert total_read < 0.6 * total  # about half of the model, never all of it

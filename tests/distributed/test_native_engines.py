@@ -291,7 +291,14 @@ def test_prefix_cache_gives_the_same_losses_over_two_epochs(tmp_path, engine):
     assert plain["data"]["n_examples"] == 20  # capped: 5 steps an epoch, 11 steps span 3 epochs
     cached = run("cached", cache_frozen_prefix=True)
     # Epoch 1 records (each rank keeps every rank's examples), later epochs replay.
-    assert cached["prefix_cache"] == {"hits": 12, "misses": 10}
+    assert cached["prefix_cache"] == {"hits": 12, "misses": 10, "spilled": False}
     for step, loss in plain["losses"].items():
         assert cached["losses"][step] == pytest.approx(loss, rel=1e-5), step
     assert cached["eval"]["loss"] == pytest.approx(plain["eval"]["loss"], rel=1e-5)
+    if engine == "fsdp2":  # the same cache as a memory-mapped file per rank on disk
+        spill = tmp_path / "spill"
+        spill.mkdir()
+        spilled = run("spilled", cache_frozen_prefix=True, cache_spill_dir=str(spill))
+        assert spilled["prefix_cache"] == {"hits": 12, "misses": 10, "spilled": True}
+        assert spilled["losses"] == cached["losses"]
+        assert list(spill.iterdir()) == []  # each rank's file was unlinked once mapped

@@ -301,10 +301,35 @@ def test_prefix_cache_refuses_more_than_the_machine_has(monkeypatch):
     for p in model.parameters():
         p.requires_grad_(False)
     monkeypatch.setattr(prefix_cache, "_available_bytes", lambda: 2 * 2**30)
+    f32 = torch.float32
     with pytest.raises(UserError, match="needs 1.50 GiB on every rank but this machine has 2.00"):
-        prefix_cache.install_prefix_cache(blocks, 4, 3 * 2**20, 128, 1, 4, 2**40)
-    cache = prefix_cache.install_prefix_cache(blocks, 4, 2**20, 128, 1, 4, 2**40)  # 0.5 GiB: fits
-    assert len(cache.store) == 2**20
+        prefix_cache.install_prefix_cache(blocks, 4, 3 * 2**20, 128, 1, f32, 2**40)
+    cache = prefix_cache.install_prefix_cache(blocks, 4, 2**20, 128, 1, f32, 2**40)  # 0.5 GiB: fits
+    assert cache.store.shape == (2**20, 128, 1) and not cache.spilled
+
+
+def test_prefix_cache_spill_checks_its_folder(monkeypatch, tmp_path):
+    import shutil
+    from collections import namedtuple
+
+    from lfdist.model.blocks import find_blocks
+    from lfdist.train import prefix_cache
+
+    model = build_tiny("llama", "lm")
+    blocks = find_blocks(model).blocks(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    args = (blocks, 4, 3 * 2**20, 128, 1, torch.float32, 2**30)  # 1.5 GiB, over the 1 GiB cap
+    with pytest.raises(UserError, match="is not a folder; create it"):
+        prefix_cache.install_prefix_cache(*args, spill_dir=str(tmp_path / "missing"))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(0, 0, 2 * 2**30))
+    with pytest.raises(UserError, match=r"needs 1.50 GiB on every rank but .* has 2.00 GiB free"):
+        prefix_cache.install_prefix_cache(*args, spill_dir=str(tmp_path))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(0, 0, 4 * 2**30))
+    cache = prefix_cache.install_prefix_cache(*args, spill_dir=str(tmp_path))
+    assert cache.spilled and cache.store.shape == (3 * 2**20, 128, 1)
+    assert list(tmp_path.iterdir()) == []  # mapped, then unlinked: nothing left behind
 
 
 def test_plan_modules_accept_tied_head_only():
