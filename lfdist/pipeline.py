@@ -255,7 +255,11 @@ def _run(cfg: RunConfig, compare_full: bool, resume: bool, overwrite: bool = Fal
         ),
     }
     if compare_full:
-        result["full"] = train_full_reference(cfg, probe_path, out, overwrite)
+        full = train_full_reference(cfg, probe_path, out, overwrite)
+        if full is None:  # the plan is full fine-tuning: a second run would repeat it
+            result["full_same_as_plan"] = True
+        else:
+            result["full"] = full
     atomic_write_text(os.path.join(out, "summary.json"), json.dumps(result, indent=1, default=str))
     return result
 
@@ -263,9 +267,15 @@ def _run(cfg: RunConfig, compare_full: bool, resume: bool, overwrite: bool = Fal
 def train_full_reference(
     cfg: RunConfig, probe_path: str, out: str, overwrite: bool = False
 ) -> dict:
-    """Full fine-tuning on the same engine, steps and data: the baseline savings are measured against."""
+    """Full fine-tuning on the same engine, steps and data: the baseline savings are measured
+    against. None when the run's own plan already trains exactly what it would."""
+    from lfdist.plan import load_plan
+
     full_plan = os.path.join(out, "plan-all.yaml")
-    select(probe_path, "all", {}, {}, full_plan, overwrite=True)
+    full = select(probe_path, "all", {}, {}, full_plan, overwrite=True)
+    mine = load_plan(os.path.join(out, "plan.yaml"))
+    if (mine.treatments, mine.modules) == (full.treatments, full.modules):
+        return None
     return train(cfg, full_plan, os.path.join(out, "train-all"), overwrite=overwrite)
 
 

@@ -103,6 +103,12 @@ def _peak(m: dict) -> int:
 
 def run_summary(result: dict) -> str:
     lines = [f"plan: {result['plan']}", train_summary(result["train"])]
+    if result.get("full_same_as_plan"):
+        lines += [
+            "",
+            "full fine-tuning: the plan trains every block, so it IS full fine-tuning; no "
+            "second run (savings: none, quality: the same)",
+        ]
     if result.get("full"):
         lines += [
             "",

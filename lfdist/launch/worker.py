@@ -52,7 +52,11 @@ def _world():
         if os.environ.get("LFDIST_ENGINE") == "deepspeed":
             import deepspeed
 
+            from lfdist.engines.deepspeed import release_shm_name
+
             deepspeed.init_distributed(dist_backend=backend)
+            dist.barrier()  # every rank has mapped its peers' shared buffers
+            release_shm_name(rank)
         else:
             dist.init_process_group(backend=backend)
     return World(rank, world_size, local_rank, device)

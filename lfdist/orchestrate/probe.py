@@ -41,74 +41,38 @@ def shard_ranges(n: int, workers: int, batch_size: int) -> list[Shard]:
     return [Shard(k, cuts[k], cuts[k + 1]) for k in range(parts)]
 
 
-def load_tokenizer(spec: str):
-    """The tokenizer `load_model` would return for `spec`, without loading the weights."""
-    if spec.startswith("tiny:"):
-        from lfdist.model.tokenizer import ByteTokenizer
-
-        return ByteTokenizer()
-    import transformers
-
-    from lfdist.model.specs import resolve_folder
-
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(resolve_folder(spec) or spec)
-    except OSError as e:
-        raise UserError(
-            f"cannot load the tokenizer of {spec!r}: {str(e).splitlines()[0]}"
-        ) from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def model_spec(cfg: RunConfig, tokenizer=None) -> dict:
+def model_spec(cfg: RunConfig, source=None) -> dict:
     """What a Ray worker needs to load the model exactly as prepare() does (plain data)."""
-    from lfdist.data import load_text_data
+    if source is None:
+        from lfdist.train.prepare import prepare
 
-    d = cfg.data
-    num_labels = 2
-    if cfg.model.task == "classify":  # the head's width comes from the data's labels
-        labels = load_text_data(d.spec, "classify", d.text_column, d.label_column).label_names
-        num_labels = len(labels)
-    tok = tokenizer or load_tokenizer(cfg.model.spec)
+        source = prepare(cfg).source
     return {
-        "spec": cfg.model.spec,
-        "task": cfg.model.task,
-        "num_labels": num_labels,
-        "dtype": cfg.model.dtype,
-        "seed": cfg.train.seed,
-        "pad_token_id": tok.pad_token_id,
+        "spec": source.spec,
+        "task": source.task,
+        "num_labels": source.num_labels,
+        "dtype": source.dtype,
+        "seed": source.seed,
+        "pad_token_id": source.pad_token_id,
     }
 
 
 def probe_data(cfg: RunConfig) -> tuple[dict, dict, dict]:
-    """(picked calibration tensors, data info, model_spec) for a Ray probe."""
+    """(picked calibration tensors, data info, model_spec) for a Ray probe: the data and
+    model source `prepare` makes for every other path."""
+    from lfdist.train.prepare import prepare
 
-    from lfdist.data import load_task_data
-
-    d = cfg.data
-    tok = load_tokenizer(cfg.model.spec)
-    train, _, info = load_task_data(
-        d.spec,
-        cfg.model.task,
-        tok,
-        d.seq_len,
-        heldout_fraction=d.heldout_fraction,
-        text_column=d.text_column,
-        label_column=d.label_column,
-        max_examples=d.max_examples,
-        eval_spec=d.eval_spec,
-    )
+    prepared = prepare(cfg)
+    train, info = prepared.train, prepared.data_info
     n_total = int(train["input_ids"].shape[0])
     if n_total == 0:
         raise UserError(
-            f"the calibration data {d.spec!r} is empty; give data with at least one example"
+            f"the calibration data {cfg.data.spec!r} is empty; give data with at least one example"
         )
     from lfdist.probe.run import evenly_spaced  # run_probe's own pick, so shards cover it exactly
 
     train = evenly_spaced(train, min(cfg.probe.samples, n_total))
-    return train, dict(info), model_spec(cfg, tok)
+    return train, dict(info), model_spec(cfg, prepared.source)
 
 
 def ray_probe(

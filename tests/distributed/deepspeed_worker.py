@@ -233,8 +233,11 @@ def main(argv: list[str]) -> None:
     import torch.distributed as dist
 
     from lfdist.engines.base import World
+    from lfdist.engines.deepspeed import release_shm_name
 
     deepspeed.init_distributed(dist_backend="gloo")
+    dist.barrier()
+    release_shm_name(dist.get_rank())  # no 66 MB of /dev/shm left per rank
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     world = World(rank, world_size, int(os.environ.get("LOCAL_RANK", rank)), torch.device("cpu"))

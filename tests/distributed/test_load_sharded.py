@@ -76,7 +76,16 @@ def test_ddp_with_prefix_cache_same_as_whole_load(tmp_path):
 @pytest.mark.slow
 @pytest.mark.deepspeed
 def test_zero3_same_as_whole_load(tmp_path):
+    before = _shm_buffers()
     _same_run(tmp_path, "deepspeed", LORA, zero_stage=3)
+    # DeepSpeed's CPU all-reduce buffers (66 MB of /dev/shm per rank) are not left behind.
+    assert _shm_buffers() - before == set()
+
+
+def _shm_buffers() -> set[str]:
+    shm = "/dev/shm"
+    names = os.listdir(shm) if os.path.isdir(shm) else []
+    return {n for n in names if n.startswith("deepspeed_allreduce_buffer_")}
 
 
 @pytest.mark.slow

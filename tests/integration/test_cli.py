@@ -329,3 +329,23 @@ def test_end_to_end_probe_select_train_export(tmp_path, capsys):
     assert result["loss"] == pytest.approx(
         metrics["eval"]["loss"], rel=1e-5
     )  # same model, same held-out set
+
+
+def test_run_compare_full_skips_a_second_identical_run(tmp_path, capsys):
+    """A plan that trains every block is full fine-tuning: --compare-full says so instead of
+    training the same thing twice."""
+    cfg = tmp_path / "all.yaml"
+    cfg.write_text(
+        "model: {spec: 'tiny:llama', task: lm}\n"
+        "data: {spec: 'synthetic:lm:64', seq_len: 32}\n"
+        "probe: {samples: 8}\n"
+        "select: {strategy: all}\n"
+        "train: {engine: single, nproc: 1, steps: 2, batch_size: 2, lr: 1.0e-3}\n"
+        f"out: {tmp_path / 'run'}\n"
+    )
+    assert run_cli("run", str(cfg), "--compare-full") == 0
+    assert "so it IS full fine-tuning; no second run" in capsys.readouterr().out
+    with open(tmp_path / "run" / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["full_same_as_plan"] is True and "full" not in summary
+    assert not (tmp_path / "run" / "train-all").exists()
