@@ -24,7 +24,7 @@ from lfdist.orchestrate.block_loader import StreamedModel
 from lfdist.probe import ProbeResult, ProbeStats, model_info
 from lfdist.probe.deviation import derive_curves
 from lfdist.probe.hooks import find_final_norm, logit_lens, target_positions
-from lfdist.probe.run import _LENS_ELEMENTS, _check_data  # same chunking, same input checks
+from lfdist.probe.run import _LENS_ELEMENTS, _check_data, add_lens  # same lens, same checks
 from lfdist.probe.stats import SKETCH_DIM, sketch_matrix
 
 
@@ -95,16 +95,11 @@ class _Accumulator:
         vocab = model.get_output_embeddings().weight.shape[0] if task == "lm" else 1
         self.chunk = max(1, _LENS_ELEMENTS // vocab)
 
-    def add(self, layer: int, h: torch.Tensor, y: torch.Tensor, feats: list) -> None:
-        import torch.nn.functional as F
-
+    def add(self, layer: int, h: torch.Tensor, y: torch.Tensor, ti, feats: list) -> None:
         s = self.stats
         s.add_latent(layer, h)
         if self.task == "lm":
-            for i in range(0, h.shape[0], self.chunk):
-                logits = self.lens(h[i : i + self.chunk]).double()
-                target = y[i : i + self.chunk].to(logits.device)
-                s.ce_sum[layer] += F.cross_entropy(logits, target, reduction="sum").cpu()
+            add_lens(s, self.lens, self.chunk, layer, h, y, ti)
         else:
             s.add_classes(layer, h, y)
             z = self.norm(h) if self.norm is not None else h
@@ -128,7 +123,7 @@ def _run_blocks(sm, batches, where, acc, before_block) -> dict:
     hidden, calls = _record_calls(sm, batches, _returns_tuple(sm, batches[0]))
     feats: list[list] = [[] for _ in batches]
     for b, (bi, ti, y) in enumerate(where):
-        acc.add(0, hidden[b][bi, ti], y, feats[b])
+        acc.add(0, hidden[b][bi, ti], y, ti, feats[b])
     peak, load_s = 0, 0.0
     for i, block in enumerate(sm.bmap.blocks(sm.model)):
         t = time.perf_counter()
@@ -140,7 +135,7 @@ def _run_blocks(sm, batches, where, acc, before_block) -> dict:
             before_block(i)
         for b, (bi, ti, y) in enumerate(where):
             hidden[b] = _call_block(block, calls[b][i], hidden[b])
-            acc.add(i + 1, hidden[b][bi, ti], y, feats[b])
+            acc.add(i + 1, hidden[b][bi, ti], y, ti, feats[b])
         sm.drop(i)
     return {"feats": feats, "peak": peak, "load_s": load_s}
 

@@ -124,6 +124,19 @@ def evenly_spaced(data: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tens
     return {k: v[pick] for k, v in data.items()}
 
 
+def add_lens(stats: ProbeStats, lens, chunk: int, layer: int, h, y, ti) -> None:
+    """Latent space `layer`'s logit-lens cross-entropy at the target positions (h, y, their
+    time index ti): an interior space scores every LENS_STRIDE-th position, the output all."""
+    if layer < stats.n_latent - 1:
+        keep = ti % LENS_STRIDE == 0
+        h, y = h[keep.to(h.device)], y[keep.to(y.device)]
+    stats.ce_count[layer] += h.shape[0]
+    for i in range(0, h.shape[0], chunk):
+        logits = lens(h[i : i + chunk]).double()
+        target = y[i : i + chunk].to(logits.device)
+        stats.ce_sum[layer] += F.cross_entropy(logits, target, reduction="sum").cpu()
+
+
 def _forward_pass(model, bmap, data, task, n, batch_size, offset, bar) -> ProbeStats:
     num_labels = model.config.num_labels if task == "classify" else 0
     stats = ProbeStats.empty(task, bmap.n_blocks + 1, _hidden_size(model), num_labels, SKETCH_DIM)
@@ -140,14 +153,7 @@ def _forward_pass(model, bmap, data, task, n, batch_size, offset, bar) -> ProbeS
         stats.add_latent(layer, h)
         y = batch_state["targets"]
         if task == "lm":
-            if layer < stats.n_latent - 1:  # an interior space: every LENS_STRIDE-th position
-                keep = batch_state["lens_keep"]
-                h, y = h[keep.to(h.device)], y[keep.to(y.device)]
-            stats.ce_count[layer] += h.shape[0]
-            for i in range(0, h.shape[0], chunk):
-                logits = lens(h[i : i + chunk]).double()
-                target = y[i : i + chunk].to(logits.device)
-                stats.ce_sum[layer] += F.cross_entropy(logits, target, reduction="sum").cpu()
+            add_lens(stats, lens, chunk, layer, h, y, batch_state["time_index"])
         else:
             stats.add_classes(layer, h, y)
             z = norm(h.to(norm_device)) if norm is not None else h  # the features the head reads
@@ -159,7 +165,7 @@ def _forward_pass(model, bmap, data, task, n, batch_size, offset, bar) -> ProbeS
             bi, ti, y = target_positions(
                 task, model, batch["input_ids"], batch["attention_mask"], batch["labels"]
             )
-            batch_state.update(targets=y, feats=[], lens_keep=ti % LENS_STRIDE == 0)
+            batch_state.update(targets=y, feats=[], time_index=ti)
             hooks.run(
                 model,
                 (bi, ti),
