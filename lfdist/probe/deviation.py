@@ -122,6 +122,19 @@ def gradnorm_ratio(s: ProbeStats, weight_norm: list[float]) -> list[float]:
     return [float(g / w) if w > 0 else 0.0 for g, w in zip(rms, weight_norm)]
 
 
+CONSTANT = 1e-6  # variance across positions below this share of the mean square: constant
+
+
+def constant_spaces(s: ProbeStats) -> list[int]:
+    """Latent spaces whose h_l is the same at every scored position, so they say nothing about
+    the task: an encoder classifier pools its [CLS] token, whose h_0 (token + position
+    embedding) is identical in every example, so its deviation is chance by construction."""
+    n = max(1, s.count)
+    mean_sq = s.sumsq.sum(1) / n
+    variance = (s.sumsq / n - (s.sum / n) ** 2).sum(1)
+    return [i for i in range(s.n_latent) if s.count > 1 and variance[i] <= CONSTANT * mean_sq[i]]
+
+
 def derive_curves(s: ProbeStats, model_info: dict) -> dict[str, list[float]]:
     curves: dict[str, list[float]] = {}
     if s.task == "lm":
@@ -131,6 +144,7 @@ def derive_curves(s: ProbeStats, model_info: dict) -> dict[str, list[float]]:
     # Root-mean-square norm of h_l: how the residual stream's scale grows with depth.
     rms = (s.sumsq.sum(1) / max(1, s.count)).sqrt()
     curves["hidden_rms"] = rms.tolist()
+    curves["constant_spaces"] = constant_spaces(s)
     if s.grad_sq_sum is not None:
         curves["gradnorm"] = gradnorm_ratio(s, model_info["per_block_weight_norm"])
     return curves

@@ -34,10 +34,11 @@ ESTIMATORS = ("trace", "pilot")
 DECISIONS = ("target", "budget", "ratio")
 
 
-def trace_gain(d: list[float]) -> tuple[list[float], bool]:
-    """(G(0..L-1), whether the uniform fallback was used)."""
+def trace_gain(d: list[float], skip: list[int] = ()) -> tuple[list[float], bool]:
+    """(G(0..L-1), whether the uniform fallback was used). `skip`: latent spaces that carry no
+    information (constant across examples); the running max reads the others."""
     L = len(d) - 1
-    env = [max(d[k:]) for k in range(L)]
+    env = [max(d[j] for j in range(k, L + 1) if j not in skip or j == L) for k in range(L)]
     drop = env[0] - d[L] if L else 0.0
     if not drop > 1e-9 * max(1.0, abs(d[L])):
         return [(L - k) / L for k in range(L)], True
@@ -200,7 +201,8 @@ def salf(
     feasible = [ctx.fits(p) for p in plans] if decision == "budget" else [True] * L
     if not any(feasible):
         raise infeasible(ctx, plans[-1])
-    gain, fallback = trace_gain(d)
+    constant = [i for i in ctx.probe.curves.get("constant_spaces", []) if i < L]
+    gain, fallback = trace_gain(d, constant)
     if estimator == "pilot":
         tolerance = TOLERANCE[task] if tolerance is None else float(tolerance)
         errors, fit = _pilot_scores(ctx, run_steps)
@@ -241,6 +243,8 @@ def salf(
     )
     if fallback:
         scores["fallback"] = "uniform gain: the deviation trace does not fall"
+    if constant:
+        scores["constant_spaces"] = constant
     options = {"estimator": estimator}
     if estimator == "pilot":
         options["tolerance"] = tolerance
@@ -282,6 +286,12 @@ def explain(scores: dict) -> list[str]:
         f"salf (trace, forward only): freezes {k} blocks, keeping the share "
         f"{scores['gain'][k]:.3f} of the trace's fall"
     ]
+    if scores.get("constant_spaces"):
+        spaces = ", ".join(f"h_{i}" for i in scores["constant_spaces"])
+        lines.append(
+            f"salf trace: {spaces} is the same in every example at the scored position (e.g. "
+            "the [CLS] embedding), so it carries no deviation and is left out of the trace"
+        )
     if scores.get("pilot_skipped"):
         lines.append(f"salf pilots skipped: {scores['pilot_skipped']}")
     return lines + _cost_line(scores, "probe")

@@ -155,6 +155,32 @@ def test_trace_gain_by_hand():
     assert trace_gain(RISING) == ([(8 - k) / 8 for k in range(8)], True)
 
 
+def test_trace_leaves_out_a_constant_latent_space():
+    # An encoder classifier's [CLS] h_0 is the same in every example: chance (ln 5) by
+    # construction. Read as a deviation it makes block 0 carry the fall and salf keep every block.
+    d = [1.6094, 1.0958, 1.2909, 0.9821, 1.2603, 1.5604, 1.3952]  # MiniLM on BBC (probe)
+    assert trace_gain(d)[0][1] == pytest.approx(0.771, abs=1e-3)
+    assert trace_gain(d, [0])[0] == [1.0] * 6
+    probe = helpers.fake_probe(d, n_blocks=6, constant_spaces=[0])
+    plan = select_plan(probe, "salf")
+    assert plan.boundary == 4 and plan.scores["constant_spaces"] == [0]
+    assert "h_0 is the same in every example" in " ".join(explain(plan.scores))
+    assert select_plan(helpers.fake_probe(d, n_blocks=6), "salf").boundary == 0
+
+
+def test_constant_spaces_from_the_statistics():
+    import torch
+
+    from lfdist.probe.deviation import constant_spaces
+    from lfdist.probe.stats import ProbeStats
+
+    s = ProbeStats.empty("classify", 3, 4, num_labels=2)
+    same = torch.tensor([[0.5, -1.0, 2.0, 0.0]] * 5)
+    for layer, h in enumerate([same, torch.randn(5, 4), same * 3]):
+        s.add_latent(layer, h)
+    assert constant_spaces(s) == [0, 2]
+
+
 def salf_k(deviation, budget=None, **options) -> int:
     plan = select_plan(fake_probe(deviation), "salf", budget, options)
     assert plan.trainable_blocks == list(range(plan.boundary, L))  # always a frozen prefix
