@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-frozen-prefix",
         action="store_true",
         default=None,
-        help="replay the frozen prefix's outputs after the first epoch (skips its forward)",
+        help="replay the frozen prefix's outputs after the first epoch (skips its forward); "
+        "held in memory up to train.cache_max_gib, or in a memory-mapped file per rank with "
+        "train.cache_spill_dir=DIR",
     )
     t.add_argument(
         "--activation-checkpointing",
