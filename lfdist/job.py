@@ -98,8 +98,10 @@ def job_path(out: str) -> str:
 
 
 def write_job(job: Job) -> str:
-    """out/job.json (the folder exists); a stale error file of an earlier run is removed."""
+    """out/job.json (the folder exists); a stale error file or stop request of an earlier run
+    is removed."""
     clear_errors(job.out)
+    clear_stop_file(job.out)
     path = job_path(job.out)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -217,6 +219,37 @@ def request_stop(signum: int, _frame=None) -> None:
 def stop_requested() -> int | None:
     """The signal that asked this process to stop, if any."""
     return _stop_signal[0] if _stop_signal else None
+
+
+# Ranks that cannot install signal handlers (Ray Train runs the rank's code in a thread of its
+# worker actor) read a stop request from a file in out/ instead: the launching process writes
+# the signal it received there, and every rank sees it at its next step boundary.
+
+STOP_FILE = ".stop"
+
+
+def stop_file(out: str) -> str:
+    return os.path.join(out, STOP_FILE)
+
+
+def write_stop_file(out: str, signum: int) -> None:
+    tmp = stop_file(out) + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(int(signum)))
+    os.replace(tmp, stop_file(out))
+
+
+def read_stop_file(out: str) -> int | None:
+    try:
+        with open(stop_file(out)) as f:
+            return int(f.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def clear_stop_file(out: str) -> None:
+    if os.path.exists(stop_file(out)):
+        os.remove(stop_file(out))
 
 
 def signal_name(signum: int) -> str:

@@ -10,8 +10,10 @@ folder's lock and the job, result and error files (lfdist.job) are those of
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 import time
 
 from lfdist.config import RunConfig
@@ -54,12 +56,44 @@ def ray_train(
                 clear_results(out)
             job = new_job(cfg, plan_path, out, resume, evaluate, debug)
             write_job(job)
-            try:
-                _trainer(cfg, job, use_gpu).fit()
-            except Exception as e:  # noqa: BLE001 — the ranks' own reports say more, read below
-                failure = e
+            with _stop_requests(out) as received:
+                try:
+                    _trainer(cfg, job, use_gpu).fit()
+                except Exception as e:  # noqa: BLE001 — the ranks' own reports say more, below
+                    failure = e
+    if received:  # the ranks stopped at a step boundary with a checkpoint, or had finished
+        from lfdist.launch.run import check_ended
+
+        check_ended(out, 0 if failure is None else 1, received[0], range(nproc))
     _raise_rank_error(out, failure)
     return read_metrics(out)
+
+
+@contextlib.contextmanager
+def _stop_requests(out: str):
+    """SIGTERM/SIGINT to this process become a stop request the ranks read from out/ (they run
+    in Ray worker threads, where no signal handler can be installed): every rank stops at the
+    next step boundary with a checkpoint, as under torchrun. A second signal stops waiting."""
+    import signal
+
+    from lfdist.job import clear_stop_file, write_stop_file
+
+    received: list[int] = []
+
+    def on_signal(signum, _frame):
+        received.append(signum)
+        if len(received) > 1:
+            raise KeyboardInterrupt
+        write_stop_file(out, signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    try:
+        yield received
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        clear_stop_file(out)
 
 
 def _trainer(cfg: RunConfig, job: Job, use_gpu: bool):

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from lfdist.engines import build_engine
 from lfdist.engines.base import optimizer_lrs, with_treatment_lrs
 from lfdist.errors import UserError
-from lfdist.job import Fault, Job, signal_name, stop_requested, write_report
+from lfdist.job import Fault, Job, read_stop_file, signal_name, stop_requested, write_report
 from lfdist.model.blocks import find_blocks
 from lfdist.model.checkpointing import checkpoint_trainable_blocks
 from lfdist.plan import atomic_write_text, load_plan
@@ -188,7 +188,7 @@ def run_training(job: Job, world) -> None:
             "trained_blocks": (
                 {str(k): v for k, v in result["trained_blocks"].items()} if redraw else None
             ),
-            "stopped": {"step": done, "signal": _stop_signal()} if stopped else None,
+            "stopped": {"step": done, "signal": _stop_signal(job.out)} if stopped else None,
         }
         _merge_metrics(os.path.join(out, "metrics.json"), metrics)
 
@@ -210,7 +210,8 @@ def _step_boundary(job: Job, world):
     def at(step: int) -> bool:
         for fault in faults:
             _fire(fault, step, world.rank)
-        flag = torch.tensor([1 if stop_requested() else 0], device=world.device)
+        asked = stop_requested() or read_stop_file(job.out)
+        flag = torch.tensor([1 if asked else 0], device=world.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -218,8 +219,8 @@ def _step_boundary(job: Job, world):
     return at
 
 
-def _stop_signal() -> str:
-    signum = stop_requested()
+def _stop_signal(out: str) -> str:
+    signum = stop_requested() or read_stop_file(out)
     return signal_name(signum) if signum else "a stop request on another rank"
 
 

@@ -119,3 +119,63 @@ def test_bad_plan_is_refused_before_ray_starts(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         ray_train(_cfg("fsdp2"), str(tmp_path / "missing.yaml"), str(out))
     assert not os.path.exists(out)
+
+
+RAY_SCRIPT = """
+import sys
+from lfdist.config import config_from_dict
+from lfdist.errors import JobFailed
+from lfdist.job import Debug, Fault
+from lfdist.orchestrate.train import ray_train
+cfg = config_from_dict({cfg!r})
+try:
+    ray_train(cfg, {plan!r}, {out!r}, evaluate=False,
+              debug=Debug(inject_faults=(Fault("sleep", 0, seconds=0.3),)))
+except JobFailed as e:
+    print(f"lfdist: {{e}}", file=sys.stderr)
+    sys.exit(e.exit_code)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_stops_ray_train_at_a_step_with_a_checkpoint(tmp_path):
+    """Ray Train runs each rank in a worker thread (no signal handlers there): the launching
+    process turns SIGTERM into a stop request in out/, every rank stops at one step boundary
+    with a checkpoint, and --resume continues it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from lfdist.orchestrate.train import ray_train
+
+    root = Path(__file__).resolve().parents[2]
+    plan, out = str(tmp_path / "plan.yaml"), tmp_path / "run"
+    save_plan(make_plan(build_tiny("llama", "lm"), PREFIX), plan)
+    cfg = _cfg("fsdp2").to_dict()
+    cfg["train"].update(steps=40, save_every=1)
+    code = RAY_SCRIPT.format(cfg=cfg, plan=plan, out=str(out))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        end = time.monotonic() + 240
+        while not (out / "checkpoints" / "latest").exists() and time.monotonic() < end:
+            time.sleep(0.2)
+        assert (out / "checkpoints" / "latest").exists(), "training did not start"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    latest = (out / "checkpoints" / "latest").read_text()
+    step = int(latest.removeprefix("step-"))
+    assert 1 <= step < 40
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith(f"lfdist: stopped by SIGTERM; checkpoint after step {step} in "), line
+    assert not (out / ".stop").exists()  # the request does not outlive the job
+    resumed = ray_train(config_from_dict(cfg), plan, str(out), resume=True, evaluate=False)
+    assert resumed["resumed_from"] == step
+    assert list(resumed["losses"]) == [str(i) for i in range(40)]
