@@ -332,7 +332,10 @@ def _partition_without_broadcast():
     files afterwards, so the broadcast is skipped (DeepSpeed's own steps otherwise)."""
     from deepspeed.runtime.zero.partition_parameters import Init
 
-    original = Init._zero_init_param
+    original = getattr(Init, "_zero_init_param", None)
+    if original is None:  # another DeepSpeed: its own broadcast stays, results are the same
+        yield
+        return
 
     def partition_only(self, param):
         self._convert_to_deepspeed_param(param)
