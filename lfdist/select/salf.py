@@ -121,6 +121,7 @@ def _cost_fraction(ctx: Context, k: int, run_steps: int | None) -> dict:
     steps = run_steps or pilot.get("run_steps")
     spent = float(pilot.get("flops_total") or 0.0) + float(pilot.get("probe_flops") or 0.0)
     out = {"run_steps": steps, "probe_pilot_flops": spent, "budget": pilot.get("budget")}
+    out["global_batch"] = pilot.get("global_batch")
     per_example = pilot.get("run_flops_per_example")  # per frozen split k, one example
     if steps and per_example:
         run = steps * int(pilot["global_batch"]) * per_example[k]
@@ -260,7 +261,10 @@ def salf(
 def _cost_line(scores: dict, what: str) -> list[str]:
     if scores.get("cost_fraction") is None:
         return []
-    line = f"salf {what} cost: {scores['cost_fraction']:.1%} of this run"
+    run = "this run"
+    if scores.get("run_steps") and scores.get("global_batch"):  # the run it was priced against
+        run = f"the {scores['run_steps']}-step run at global batch {scores['global_batch']}"
+    line = f"salf {what} cost: {scores['cost_fraction']:.1%} of {run}"
     budget = scores.get("budget")
     if budget and scores["cost_fraction"] > budget:
         line += f", over the {budget:.0%} budget: probe fewer samples or plan a longer run"

@@ -354,7 +354,9 @@ def test_salf_pilot_cost_fraction():
     plan = salf_pilot(record, run_steps=100)
     assert plan.boundary == 4 and plan.scores["cost_fraction"] == pytest.approx(0.05)
     assert plan.scores["probe_pilot_flops"] == 16000.0
-    assert explain(plan.scores)[-1] == "salf probe + pilot cost: 5.0% of this run"
+    assert explain(plan.scores)[-1] == (
+        "salf probe + pilot cost: 5.0% of the 100-step run at global batch 1"
+    )
 
 
 def test_salf_pilot_needs_pilots():
@@ -374,8 +376,8 @@ def test_salf_pilot_needs_pilots():
     sized["budget"] = 0.05
     plan = select_plan(helpers.fake_probe(FALLING, pilot=sized), "salf", options={"run_steps": 10})
     assert explain(plan.scores)[-1] == (
-        "salf probe cost: 15.0% of this run, over the 5% budget: probe fewer samples or plan a "
-        "longer run"
+        "salf probe cost: 15.0% of the 10-step run at global batch 1, over the 5% budget: probe "
+        "fewer samples or plan a longer run"
     )
     with pytest.raises(UserError, match="tolerance"):
         salf_pilot(pilot_record([[0.1] * 4]), tolerance=-1)
