@@ -36,3 +36,26 @@ def fake_probe(deviation=None, head=0, n_blocks=8, **curves):
     all_curves.update({k: v for k, v in curves.items() if v is not None})
     stats = ProbeStats.empty("lm", L + 1, 1)
     return ProbeResult("classify", stats, info, {"seq_len": 1, "n_samples": 1}, {}, all_curves)
+
+
+SLOW_JOB = """
+import sys
+from lfdist.config import config_from_dict
+from lfdist.errors import JobFailed
+from lfdist.job import Debug, Fault
+from {module} import {launcher}
+cfg = config_from_dict({cfg!r})
+try:
+    {launcher}(cfg, {plan!r}, {out!r}, evaluate=False,
+               debug=Debug(inject_faults=(Fault("sleep", 0, seconds=0.3),)))
+except JobFailed as e:
+    print(f"lfdist: {{e}}", file=sys.stderr)
+    sys.exit(e.exit_code)
+"""
+
+
+def slow_job_script(launcher: str, cfg: dict, plan: str, out: str) -> str:
+    """Python source that runs `launcher` ("module:function", launch_training or ray_train)
+    with every step slowed to >= 0.3 s and turns its JobFailed into the CLI's line and exit."""
+    module, function = launcher.split(":")
+    return SLOW_JOB.format(module=module, launcher=function, cfg=cfg, plan=plan, out=out)

@@ -129,10 +129,11 @@ def constant_spaces(s: ProbeStats) -> list[int]:
     """Latent spaces whose h_l is the same at every scored position, so they say nothing about
     the task: an encoder classifier pools its [CLS] token, whose h_0 (token + position
     embedding) is identical in every example, so its deviation is chance by construction."""
-    n = max(1, s.count)
-    mean_sq = s.sumsq.sum(1) / n
-    variance = (s.sumsq / n - (s.sum / n) ** 2).sum(1)
-    return [i for i in range(s.n_latent) if s.count > 1 and variance[i] <= CONSTANT * mean_sq[i]]
+    if s.count < 2:
+        return []
+    mean_sq = s.sumsq.sum(1) / s.count
+    variance = (s.sumsq / s.count - (s.sum / s.count) ** 2).sum(1)
+    return [i for i in range(s.n_latent) if variance[i] <= CONSTANT * mean_sq[i]]
 
 
 def derive_curves(s: ProbeStats, model_info: dict) -> dict[str, list[float]]:

@@ -47,6 +47,15 @@ def global_batch(tc) -> int:
     return tc.batch_size * tc.grad_accum * tc.nproc
 
 
+def _run_and_probe(info: dict, tc, seq_len: int, probe_examples: int):
+    """(per-example FLOPs, global batch, FLOPs of the cheapest run salf may pick, the probe's
+    FLOPs): what every budget figure is a share of."""
+    flops = example_flops(info, seq_len)
+    gb = global_batch(tc)
+    run = tc.steps * gb * flops["train"][max(0, info["n_blocks"] - 2)]
+    return flops, gb, run, probe_examples * flops["probe"]
+
+
 def _most_crowded(depths: list[int]) -> int:
     """The interior depth whose neighbours are closest on a log scale: dropping it leaves the
     others spread from 1 to L (1, 2, 4, 8, 16, 30 -> 1, 2, 4, 8, 30 -> 1, 4, 8, 30 -> 1, 4, 30)."""
@@ -74,11 +83,8 @@ def plan_pilots(
     nothing left, `skipped` says why.
     """
     L = info["n_blocks"]
-    flops = example_flops(info, seq_len)
-    gb = global_batch(tc)
-    cheapest = flops["train"][max(0, L - 2)]
-    allowed = budget * tc.steps * gb * cheapest
-    probe = probe_examples * flops["probe"]
+    flops, gb, run, probe = _run_and_probe(info, tc, seq_len, probe_examples)
+    allowed = budget * run
 
     def cost(ds: list[int], s2: int, held: int) -> float:  # + the pre-trained model's pass
         train = (s2 + s2 // 2) * gb * sum(flops["train"][L - n] for n in ds)
@@ -120,7 +126,7 @@ def plan_pilots(
         "flops_total": pilots,  # the pilots and their held-out passes
         "run_flops_per_example": flops["train"],
         "global_batch": gb,
-        "planned_fraction": (probe + pilots) / (tc.steps * gb * cheapest),
+        "planned_fraction": (probe + pilots) / run,
     }
     if skipped:
         return {**plan, "skipped": skipped, "budget_note": f"no pilots: {skipped}"}
@@ -139,10 +145,7 @@ def plan_pilots(
 def probe_only(info: dict, tc, seq_len: int, probe_examples: int, budget: float = PILOT_BUDGET):
     """The cost record of a probe that ran no pilots (probe.pilots off), so that salf's plan
     still reports the probe's share of the run it plans."""
-    flops = example_flops(info, seq_len)
-    gb = global_batch(tc)
-    probe = probe_examples * flops["probe"]
-    cheapest = flops["train"][max(0, info["n_blocks"] - 2)]
+    flops, gb, run, probe = _run_and_probe(info, tc, seq_len, probe_examples)
     skipped = "probe.pilots is off"
     return {
         "depths": [],
@@ -152,7 +155,7 @@ def probe_only(info: dict, tc, seq_len: int, probe_examples: int, budget: float 
         "flops_total": 0.0,
         "run_flops_per_example": flops["train"],
         "global_batch": gb,
-        "planned_fraction": probe / (tc.steps * gb * cheapest),
+        "planned_fraction": probe / run,
         "run_steps": tc.steps,
         "seq_len": seq_len,
         "skipped": skipped,

@@ -120,8 +120,12 @@ def _cost_fraction(ctx: Context, k: int, run_steps: int | None) -> dict:
     pilot = ctx.probe.curves["pilot"]
     steps = run_steps or pilot.get("run_steps")
     spent = float(pilot.get("flops_total") or 0.0) + float(pilot.get("probe_flops") or 0.0)
-    out = {"run_steps": steps, "probe_pilot_flops": spent, "budget": pilot.get("budget")}
-    out["global_batch"] = pilot.get("global_batch")
+    out = {
+        "run_steps": steps,
+        "global_batch": pilot.get("global_batch"),
+        "probe_pilot_flops": spent,
+        "budget": pilot.get("budget"),
+    }
     per_example = pilot.get("run_flops_per_example")  # per frozen split k, one example
     if steps and per_example:
         run = steps * int(pilot["global_batch"]) * per_example[k]

@@ -210,7 +210,8 @@ def _step_boundary(job: Job, world):
     def at(step: int) -> bool:
         for fault in faults:
             _fire(fault, step, world.rank)
-        asked = stop_requested() or read_stop_file(job.out)
+        # The stop file (Ray Train) is read once, on rank 0; the all-reduce tells the others.
+        asked = stop_requested() or (world.is_main and read_stop_file(job.out))
         flag = torch.tensor([1 if asked else 0], device=world.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -15,7 +15,7 @@ from lfdist.config import config_from_dict
 from lfdist.errors import UserError
 from lfdist.model.tiny import build_tiny
 from lfdist.plan import save_plan
-from tests.helpers import make_plan
+from tests.helpers import make_plan, slow_job_script
 
 pytestmark = pytest.mark.ray
 
@@ -121,22 +121,6 @@ def test_bad_plan_is_refused_before_ray_starts(tmp_path):
     assert not os.path.exists(out)
 
 
-RAY_SCRIPT = """
-import sys
-from lfdist.config import config_from_dict
-from lfdist.errors import JobFailed
-from lfdist.job import Debug, Fault
-from lfdist.orchestrate.train import ray_train
-cfg = config_from_dict({cfg!r})
-try:
-    ray_train(cfg, {plan!r}, {out!r}, evaluate=False,
-              debug=Debug(inject_faults=(Fault("sleep", 0, seconds=0.3),)))
-except JobFailed as e:
-    print(f"lfdist: {{e}}", file=sys.stderr)
-    sys.exit(e.exit_code)
-"""
-
-
 @pytest.mark.slow
 def test_sigterm_stops_ray_train_at_a_step_with_a_checkpoint(tmp_path):
     """Ray Train runs each rank in a worker thread (no signal handlers there): the launching
@@ -155,7 +139,7 @@ def test_sigterm_stops_ray_train_at_a_step_with_a_checkpoint(tmp_path):
     save_plan(make_plan(build_tiny("llama", "lm"), PREFIX), plan)
     cfg = _cfg("fsdp2").to_dict()
     cfg["train"].update(steps=40, save_every=1)
-    code = RAY_SCRIPT.format(cfg=cfg, plan=plan, out=str(out))
+    code = slow_job_script("lfdist.orchestrate.train:ray_train", cfg, plan, str(out))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     proc = subprocess.Popen(
         [sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True

@@ -16,6 +16,7 @@ from lfdist.config import config_from_dict
 from lfdist.errors import UserError
 from lfdist.job import Debug, Fault
 from lfdist.launch.run import launch_training
+from tests.helpers import slow_job_script
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,25 +86,11 @@ def _rank_pid(out: Path, rank: int) -> int:
     return int(first.split(" pid ")[1].split()[0])
 
 
-SCRIPT = """
-import sys
-from lfdist.config import config_from_dict
-from lfdist.errors import JobFailed
-from lfdist.job import Debug, Fault
-from lfdist.launch.run import launch_training
-cfg = config_from_dict({cfg!r})
-try:
-    launch_training(cfg, {plan!r}, {out!r}, evaluate=False,
-                    debug=Debug(inject_faults=(Fault("sleep", 0, seconds=0.3),)))
-except JobFailed as e:
-    print(f"lfdist: {{e}}", file=sys.stderr)
-    sys.exit(e.exit_code)
-"""
-
-
 def _start_slow_job(plan: str, out: Path, steps: int) -> subprocess.Popen:
     """launch_training in a process of its own, every step slowed to >= 0.3 s."""
-    code = SCRIPT.format(cfg=_cfg(steps).to_dict(), plan=plan, out=str(out))
+    code = slow_job_script(
+        "lfdist.launch.run:launch_training", _cfg(steps).to_dict(), plan, str(out)
+    )
     return subprocess.Popen(
         [sys.executable, "-c", code],
         env=_env(),
