@@ -41,6 +41,10 @@ def validate(
     checkpoint = latest_checkpoint(os.path.join(out, "checkpoints"))
     check_run_folder(out, resume, overwrite, checkpoint is not None)
     check_engine_config(cfg, world_size)
+    if cfg.train.cache_frozen_prefix and cfg.train.cache_spill_dir is not None:
+        from lfdist.train.prefix_cache import check_spill_dir
+
+        check_spill_dir(cfg.train.cache_spill_dir)
     if resume:
         check_resumable(checkpoint, cfg, world_size)
         from lfdist.train.resume import check_resume

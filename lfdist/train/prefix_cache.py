@@ -135,6 +135,12 @@ def _available_bytes() -> int | None:
     return None
 
 
+def check_spill_dir(spill_dir: str) -> None:
+    """The launcher checks this before out/ exists; the ranks again before they map the file."""
+    if not os.path.isdir(spill_dir):
+        raise UserError(f"train.cache_spill_dir {spill_dir!r} is not a folder; create it")
+
+
 def _spill_store(folder: str, shape: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
     """A tensor backed by a new file in `folder`, unlinked as soon as it is mapped."""
     import torch.distributed as dist
@@ -167,8 +173,7 @@ def install_prefix_cache(
     shape = (n_examples, seq_len, hidden)
     need = n_examples * seq_len * hidden * torch.empty((), dtype=dtype).element_size()
     if spill_dir is not None:
-        if not os.path.isdir(spill_dir):
-            raise UserError(f"train.cache_spill_dir {spill_dir!r} is not a folder; create it")
+        check_spill_dir(spill_dir)
         free = shutil.disk_usage(spill_dir).free
         if need + DISK_MARGIN > free:
             raise UserError(

@@ -278,3 +278,12 @@ def test_plan_show_png_is_not_written_over_a_file_or_into_nowhere(tmp_path, caps
     )
     assert refused(capsys, tmp_path, *show, "/proc/p.png").startswith("cannot write in '/proc'")
     assert mine.read_text() == "the user's"
+
+
+def test_missing_cache_spill_dir_is_refused_before_out_exists(tmp_path, capsys, plan_file):
+    spill = tmp_path / "nowhere"
+    argv = ["train", *MODEL_DATA, "--plan", plan_file, "--out", str(tmp_path / "run")]
+    argv += ["--cache-frozen-prefix", f"train.cache_spill_dir={spill}"]
+    assert refused(capsys, tmp_path, *argv) == (
+        f"train.cache_spill_dir {str(spill)!r} is not a folder; create it"
+    )
