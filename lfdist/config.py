@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 from lfdist.errors import UserError
+from lfdist.precision import PRECISIONS
+from lfdist.precision import resolve as resolve_precision
 
 TASKS = ("lm", "classify")
 ENGINES = ("ddp", "fsdp1", "fsdp2", "deepspeed", "single")
@@ -123,6 +125,9 @@ class TrainConfig:
     launcher: str = (
         "auto"  # auto: torchrun, or the deepspeed launcher for deepspeed; ray: Ray Train
     )
+    # auto: bf16-mixed for bf16 models (fp32 masters and AdamW states for trainable parameters
+    # only), fp32 for fp32 models; bf16 (pure, memory), fp16, fp32: lfdist.precision
+    precision: str = "auto"
     eval_before: bool = True  # held-out quality of the base model before training
     save_final: bool = True  # write a checkpoint after the last step
 
@@ -130,6 +135,7 @@ class TrainConfig:
         _choice("train.engine", self.engine, ENGINES)
         _choice("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _choice("train.launcher", self.launcher, ("auto", "ray"))
+        _choice("train.precision", self.precision, PRECISIONS)
         for name in ("nproc", "steps", "batch_size", "grad_accum"):
             _positive(f"train.{name}", getattr(self, name))
         if not self.lr > 0:  # the config loader already refused inf and nan
@@ -154,6 +160,9 @@ class RunConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     out: str = "runs/default"
+
+    def __post_init__(self):
+        resolve_precision(self.model.dtype, self.train.precision)  # a conflict is one line now
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from lfdist.engines.base import keep_trainable_in, run_precision
 from lfdist.engines.native import NativeEngine
 
 
 def build(source, cfg, world):
     from lfdist.model.materialize import prepare
 
+    precision = run_precision(source, cfg)
     model, filler = prepare(source)
+    keep_trainable_in(model, precision, getattr(source, "plan", None))
     if filler is None:
         model = model.to(world.device)
     else:  # a replica by design: each tensor read once, in the training dtype, on the device
@@ -21,4 +24,4 @@ def build(source, cfg, world):
         # DDP only registers hooks on parameters that require grad, so frozen blocks cost no
         # gradient buckets and no all-reduce.
         model = DistributedDataParallel(model, device_ids=device_ids)
-    return NativeEngine(cfg.engine, model, cfg, world)
+    return NativeEngine(cfg.engine, model, cfg, world, precision)

@@ -27,6 +27,7 @@ from torch import nn
 
 from lfdist.engines.base import make_optimizer, make_scheduler, trainable_parameters
 from lfdist.errors import UserError
+from lfdist.precision import resolve as resolve_precision
 
 TAG = "deepspeed"  # the checkpoint tag inside the folder lfdist hands to save()/load()
 TEMPLATES = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
@@ -160,6 +161,7 @@ def fill_config(
         cfg.zero_stage,
         f"train.zero_stage={cfg.zero_stage}",
     )
+    _pure_bf16(ds, resolve_precision(dtype, getattr(cfg, "precision", "auto")), zero["stage"])
     sized = {"reduce_bucket_size": 1.0, "stage3_prefetch_bucket_size": 0.9}
     for key, factor in sized.items():
         if zero.get(key) == "auto":
@@ -176,6 +178,27 @@ def fill_config(
             f"deepspeed config key {left[0]} is 'auto' but lfdist cannot fill it; set a value"
         )
     return ds
+
+
+def _pure_bf16(ds: dict, precision, stage: int) -> None:
+    """bf16-mixed is DeepSpeed's own bf16 path (fp32 master partitions and AdamW states of the
+    trainable parameters only: the optimizer never sees a frozen one); pure bf16 asks it for
+    bf16 masters, gradients and states too."""
+    section = ds["bf16"]
+    pure = precision.name == "bf16"
+    if pure and stage == 0:
+        raise UserError(
+            "train.precision=bf16 (pure) needs ZeRO stage 1, 2 or 3 on deepspeed; "
+            "use --zero-stage 1 or train.precision=bf16-mixed"
+        )
+    for key in ("bf16_master_weights_and_grads", "bf16_optimizer_states"):
+        section[key] = _settle(
+            f"bf16.{key}",
+            section.get(key),
+            pure,
+            f"train.precision={precision.name}",
+            "remove the key, or set train.precision to match",
+        )
 
 
 def _fill_or_drop(section: dict, key: str, value: int | None) -> None:
@@ -237,6 +260,7 @@ def _storage_elements(tensors) -> int:
 
 class DeepSpeedEngineAdapter:
     name = "deepspeed"
+    skips_bad_steps_on_device = False
 
     def __init__(
         self,
@@ -261,6 +285,9 @@ class DeepSpeedEngineAdapter:
         managed = getattr(engine, "managed_gradient_accumulation", lambda: True)
         self._managed = bool(managed())
         self._micro = 0
+        self.precision = resolve_precision(
+            _model_dtype(engine.module), getattr(cfg, "precision", "auto")
+        )
 
     # -- training
 
@@ -276,7 +303,10 @@ class DeepSpeedEngineAdapter:
             self.model.step()
         return loss.detach()
 
-    def optimizer_step(self) -> None:
+    def optimizer_step(self, skip: torch.Tensor | None = None) -> None:
+        """DeepSpeed clips and reads its gradient norm on the host itself, so the loop reads
+        each step's health before this (skips_bad_steps_on_device is False): `skip` is never
+        set here."""
         if self._micro % self._accum:
             raise RuntimeError(
                 f"optimizer_step after {self._micro} micro-steps; "
@@ -284,6 +314,10 @@ class DeepSpeedEngineAdapter:
             )
         # Clips, steps AdamW on the partitions, steps the scheduler, zeroes the gradients.
         self.model.step()
+
+    def drop_gradients(self) -> None:
+        self._micro = 0
+        self.model.zero_grad()
 
     # -- what this rank holds
 
@@ -551,7 +585,7 @@ def build(source, cfg, world) -> DeepSpeedEngineAdapter:
         filler.replicate(model, world.device)
     # DeepSpeed moves the module (buffers included) to its device itself. One group per
     # treatment, each at its own lr, from the parameters materializing made.
-    optimizer = make_optimizer(model, cfg, fused=True)
+    optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config

@@ -13,6 +13,7 @@ import logging
 
 from torch import nn
 
+from lfdist.engines.base import keep_trainable_in, run_precision
 from lfdist.engines.native import NativeEngine
 from lfdist.errors import UserError
 from lfdist.model.blocks import find_blocks
@@ -24,18 +25,27 @@ def _mixed_units(blocks: nn.ModuleList) -> list[int]:
     return [i for i, b in enumerate(blocks) if len({p.requires_grad for p in b.parameters()}) > 1]
 
 
-def _fsdp2(model: nn.Module, world, filler=None) -> nn.Module:
+def _fsdp2(model: nn.Module, world, filler=None, precision=None) -> nn.Module:
+    import torch
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(world.device.type, (world.world_size,))
+    # Mixed precision: every unit all-gathers in the compute dtype (a no-op for frozen units
+    # already stored in it) and reduce-scatters trainable gradients in fp32 into the fp32
+    # shards (torchtitan's recipe).
+    mp = MixedPrecisionPolicy()
+    if precision is not None and precision.mixed:
+        mp = MixedPrecisionPolicy(
+            param_dtype=getattr(torch, precision.compute), reduce_dtype=torch.float32
+        )
     # Embeddings and an untied LM head are units of their own (as torchtitan does): gathered
     # only while used, not for the whole step as part of the root.
     for module in _outside_units(model):
-        fully_shard(module, mesh=mesh)
+        fully_shard(module, mesh=mesh, mp_policy=mp)
     for block in find_blocks(model).blocks(model):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     if filler is not None:  # sharded on meta: each rank now reads the rows of its shards
         filler.sharded(model, world.device)
     return model
@@ -89,6 +99,11 @@ def _fsdp1(model: nn.Module, world, filler=None) -> nn.Module:
             "fsdp1: tied embeddings share the root unit with trainable modules; "
             "fsdp2 avoids the extra gradient memory"
         )
+    if len({p.dtype for p in root_params}) > 1:
+        # A flat parameter holds one dtype: a frozen tied embedding in the root unit is kept in
+        # fp32 next to the trainable masters there (fsdp2 keeps it in the model's dtype).
+        for p in root_params:
+            p.data = p.data.float()
     policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: id(m) in units)
     # An explicit device (CPU included) is what lets FSDP1 run on CPU with gloo.
     # On meta, FSDP1 calls param_init_fn per module of a unit before flattening and sharding
@@ -118,9 +133,13 @@ def _root_params(model: nn.Module, units: set[int]) -> list[nn.Parameter]:
 def build(source, cfg, world):
     from lfdist.model.materialize import prepare
 
+    precision = run_precision(source, cfg)
     model, filler = prepare(source)  # on meta unless whole: frozen and trainable set first
+    keep_trainable_in(model, precision, getattr(source, "plan", None))  # fp32 masters, on meta
     if filler is None:
         model = model.to(world.device)
-    shard = _fsdp2 if cfg.engine == "fsdp2" else _fsdp1
-    wrapped = shard(model, world, filler)
-    return NativeEngine(cfg.engine, wrapped, cfg, world)
+    if cfg.engine == "fsdp2":
+        wrapped = _fsdp2(model, world, filler, precision)
+    else:
+        wrapped = _fsdp1(model, world, filler)
+    return NativeEngine(cfg.engine, wrapped, cfg, world, precision)

@@ -33,24 +33,35 @@ from lfdist.engines.base import (
     treatment_of_parameters,
 )
 from lfdist.errors import UserError
+from lfdist.precision import Precision
 
 
 class NativeEngine:
-    def __init__(self, name: str, model: nn.Module, cfg, world):
+    def __init__(self, name: str, model: nn.Module, cfg, world, precision: Precision):
         self.name = name
         self.model = model
         self.cfg = cfg
         self.world = world
+        self.precision = precision
         self.optimizer = make_optimizer(model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg)
+        # Fused AdamW reads `found_inf` (GradScaler's protocol) and skips the update on the
+        # device: a bad step is then read one step late, with no host synchronisation.
+        self.skips_bad_steps_on_device = bool(self.optimizer.defaults.get("fused"))
+        # FSDP2 casts to the compute dtype in its all-gather (MixedPrecisionPolicy); the other
+        # engines hold fp32 trainable weights next to low-precision frozen ones and autocast.
+        autocast = precision.mixed and name != "fsdp2"
+        self._autocast = (world.device.type, getattr(torch, precision.compute), autocast)
         self._micro = 0  # micro-steps since the last optimizer step
 
     def micro_step(self, batch, scale: float) -> torch.Tensor:
         self._micro += 1
+        device_type, dtype, enabled = self._autocast
         # Gradients are reduced across ranks only on the step's last micro-batch; the others
         # accumulate locally (the reduction is linear, so one reduce of the sum is the same).
         with self._gradient_sync(self._micro >= self.cfg.grad_accum):
-            loss = self.model(**batch).loss
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                loss = self.model(**batch).loss
             (loss * scale).backward()
         return loss.detach()
 
@@ -70,31 +81,39 @@ class NativeEngine:
         else:
             yield
 
-    def optimizer_step(self) -> None:
+    def optimizer_step(self, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """The update, unless `skip` or a non-finite gradient norm says the step is bad: then
+        the weights and AdamW states stay as they were (checked on the device where AdamW is
+        fused, else here). Returns the norm, for the loop to read when it reads the step."""
         self._micro = 0
         norm = self._clip_gradients()
-        if not torch.isfinite(norm):
-            # Checked before the step: a non-finite gradient never reaches the weights.
-            self.optimizer.zero_grad(set_to_none=True)
-            raise UserError(
-                f"the gradient norm became {norm.item()} before the optimizer step (weights not "
-                "updated); lower train.lr, keep train.max_grad_norm on, or check the data"
-            )
-        self.optimizer.step()
+        bad = ~torch.isfinite(norm)
+        if skip is not None:
+            bad = bad | skip
+        if self.skips_bad_steps_on_device:
+            self.optimizer.found_inf = bad.float()
+            self.optimizer.step()
+        elif not bool(bad):
+            self.optimizer.step()
         self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def drop_gradients(self) -> None:
+        self._micro = 0
         self.optimizer.zero_grad(set_to_none=True)
 
     def _clip_gradients(self) -> torch.Tensor:
-        """The global gradient norm (every rank gets the same value), clipping to
+        """The global gradient norm (every rank gets the same value, on the device), clipping to
         train.max_grad_norm where it is set; inf as the bound only measures."""
         bound = self.cfg.max_grad_norm if self.cfg.max_grad_norm else float("inf")
         if self.name == "fsdp1":
             norm = self.model.clip_grad_norm_(bound)
         else:
             params = trainable_parameters(self.model)
-            norm = torch.nn.utils.clip_grad_norm_(params, bound, foreach=False)
+            norm = torch.nn.utils.clip_grad_norm_(params, bound)  # foreach where the device has it
         full = getattr(norm, "full_tensor", None)  # FSDP2: a DTensor over the mesh
-        return (full() if full is not None else norm).detach().float().cpu()
+        return (full() if full is not None else norm).detach().float()
 
     def retrain(self, wanted: Callable[[str], bool]) -> list[str]:
         """Change the trainable set between steps (LISA): `wanted(name)` says whether the

@@ -203,19 +203,16 @@ def _every_block(redraw, engine):
 
 
 def _step_boundary(job: Job, world):
-    """Called before each step: fires the faults a test injected into this rank, and says
-    whether to stop, which every rank agrees on (one all-reduce), so all stop at one step."""
+    """Called at the start of each step: fires the faults a test injected into this rank and
+    says whether this rank is asked to stop; the loop makes every rank agree (in the step's
+    health all-reduce), so all stop at one step."""
     faults = [f for f in job.debug.inject_faults if f.rank in (None, world.rank)]
 
     def at(step: int) -> bool:
         for fault in faults:
             _fire(fault, step, world.rank)
         # The stop file (Ray Train) is read once, on rank 0; the all-reduce tells the others.
-        asked = stop_requested() or (world.is_main and read_stop_file(job.out))
-        flag = torch.tensor([1 if asked else 0], device=world.device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(stop_requested() or (world.is_main and read_stop_file(job.out)))
 
     return at
 

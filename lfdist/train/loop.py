@@ -1,9 +1,17 @@
 """The training loop: one visible loop, the same for every engine.
 
 A step is: re-draw the trainable set where the plan re-draws (LISA), forward + backward of each
-micro-batch (the engine reduces gradients on the last one only), the loss checked on every rank
-BEFORE the optimizer step, then the step. A bad step (non-finite loss or gradient norm) stops
-the run with its weights untouched.
+micro-batch (the engine reduces gradients on the last one only), one small all-reduce of the
+step's health (loss, a non-finite flag, a stop request), then the optimizer step, which the
+engine skips on the device when that flag or the gradient norm says the step is bad. A bad step
+stops the run with its weights untouched.
+
+No host synchronisation in a steady-state step: the health of step s is read on the host during
+step s+1, once its forward and backward are queued, so the device never drains. The run stops
+within one step of a bad step or a stop request (step s+1's gradients are dropped, nothing of it
+reaches the weights). Engines that cannot skip an update on the device (DeepSpeed reads its
+gradient norm on the host anyway, an optimizer without `found_inf` support), steps that write a
+checkpoint, and the last step read their health at once, as before.
 
 Checkpoints are written one step late: the state after s steps is saved during step s, once its
 forward has shown a finite loss on every rank. An update that blows the weights up therefore never
@@ -17,6 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,12 +35,30 @@ from lfdist.train.checkpoint import rng_state, set_rng_state
 from lfdist.train.feed import StepFeeder
 
 
-def _mean_across_ranks(value: float, device: torch.device) -> float:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+@dataclass
+class _Health:
+    """One step's health on the device: [loss summed over ranks, ranks with a non-finite loss,
+    ranks asking to stop], and the gradient norm (None where the engine reports none)."""
+
+    step: int
+    values: torch.Tensor
+    norm: torch.Tensor | None
+    rng: dict  # the RNG from before this step's forward: what a stop here saves
+
+    def read(self, world_size: int) -> tuple[float, bool, bool, float | None]:
+        loss_sum, bad, stop = self.values.tolist()  # waits for this step only
+        norm = None if self.norm is None else float(self.norm)
+        return loss_sum / world_size, bad > 0, stop > 0, norm
+
+
+def _health(step: int, losses: list, asked: bool, device, rng: dict) -> _Health:
+    loss = torch.stack(losses).float().mean()
+    values = torch.stack(
+        [loss, (~torch.isfinite(loss)).float(), torch.tensor(float(asked), device=device)]
+    )
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)  # every rank reads the same sums: all agree on every decision
+    return _Health(step, values, None, rng)
 
 
 def train_loop(
@@ -49,69 +76,164 @@ def train_loop(
 ) -> dict:
     """Runs steps start_step..cfg.steps-1. Returns per-step losses, times and first-step counts.
 
-    stop: asked before each step (every rank must give the same answer); True ends the loop
-    there, with the steps so far in the result.
+    stop: asked at the start of each step whether this rank wants to stop (a signal, a stop
+    file); the loop makes every rank agree (in the step's health all-reduce) and ends at one
+    step boundary, at most one step later, with the steps so far in the result.
     redraw: an object with `at(engine, step)` that changes the trainable set where a schedule
     says (lfdist.train.redraw.LisaSchedule); `trained` in the result lists, per step, the blocks
     it trained.
     """
-    losses, times, counts, trained = {}, [], {}, {}
+    run = _Run(engine, cfg, world, start_step, save, log)
     engine.model.train()
+    defer = bool(getattr(engine, "skips_bad_steps_on_device", False))
     scale = 1.0 / cfg.grad_accum
-    progress = _progress(cfg.steps, start_step, world)
-    last_saved = start_step or None  # the checkpoint a bad step leaves the user with
     for step in range(start_step, cfg.steps):
-        if stop is not None and stop(step):
-            break
-        t0 = time.perf_counter()
+        run.started(step)
+        asked = bool(stop(step)) if stop is not None else False
         if redraw is not None:
-            trained[step] = redraw.at(engine, step)
-        pending = bool(cfg.save_every) and step > start_step and step % cfg.save_every == 0
-        rng = rng_state() if pending else None
+            run.trained[step] = redraw.at(engine, step)
+        rng = rng_state()
         micro_losses = []
         for idx, batch in zip(feeder.micro_indices(step), feeder.micro_batches(step, world.device)):
             if before_micro is not None:
                 before_micro(idx)  # e.g. tell the prefix cache which examples come next
             micro_losses.append(engine.micro_step(batch, scale))
         if step == start_step:
-            counts["after_backward"] = engine.local_counts()
-            if tracer is not None:
-                counts["backward_blocks"] = sorted(tracer.reached)
-                tracer.enabled = False
-        loss = _mean_across_ranks(torch.stack(micro_losses).float().mean().item(), world.device)
-        if not math.isfinite(loss):
-            raise UserError(
-                f"loss became {loss} at step {step}, before its optimizer step; "
-                f"{_kept(last_saved)} — lower train.lr or check the data"
-            )
-        save_s = 0.0
-        if pending:
-            t_save = time.perf_counter()
-            _save_with_rng(save, step, rng)
-            save_s = time.perf_counter() - t_save  # not part of the step's time
-            last_saved = step
-        try:
-            engine.optimizer_step()
-        except UserError as e:
-            raise UserError(f"step {step}: {e}; {_kept(last_saved)}") from None
-        if world.device.type == "cuda":
-            torch.cuda.synchronize(world.device)
-        times.append(time.perf_counter() - t0 - save_s)
-        losses[step] = loss
+            run.first_step_counts(tracer)
+        health = _health(step, micro_losses, asked, world.device, rng)
+        if run.settle_previous():  # read with this step's work queued behind it
+            run.drop(health)
+            break
+        pending = bool(cfg.save_every) and step > start_step and step % cfg.save_every == 0
+        # Read at once where the step writes a checkpoint, is the last, or the engine cannot
+        # skip a bad update on the device; else one step late.
+        deferred = defer and not pending and step < cfg.steps - 1
+        if not deferred:
+            if run.settle(health, before_update=True):
+                run.drop(health)
+                break
+            if pending:
+                run.save_with_rng(step, rng)
+        health.norm = engine.optimizer_step(skip=health.values[1] > 0 if deferred else None)
         if step == start_step:
-            counts["after_step"] = engine.local_counts()
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}")
-        elif world.is_main and cfg.log_every and (step + 1) % cfg.log_every == 0:
-            log(f"step {step + 1}/{cfg.steps} loss {loss:.4f} ({times[-1]:.2f}s)")
-    if progress is not None:
-        progress.close()
-    _check_weights_finite(engine, world, cfg.steps)
-    out = {"losses": losses, "step_times": times, "counts": counts}
+            run.counts["after_step"] = engine.local_counts()
+        if deferred:
+            run.previous = health
+        else:
+            run.settle_norm(health)
+    run.finish()
+    _check_weights_finite(engine, world, run.done)
+    out = {"losses": run.losses, "step_times": run.times(), "counts": run.counts}
     if redraw is not None:
-        out["trained_blocks"] = trained
+        out["trained_blocks"] = run.trained
     return out
+
+
+class _Run:
+    """What the loop keeps between steps: the step still to be read, losses, times, logging."""
+
+    def __init__(self, engine, cfg, world, start_step, save, log):
+        self.engine, self.cfg, self.world, self.save, self.log = engine, cfg, world, save, log
+        self.losses: dict[int, float] = {}
+        self.counts: dict = {}
+        self.trained: dict = {}
+        self.previous: _Health | None = None
+        self.done = start_step  # steps whose update is in the weights
+        self.last_saved = start_step or None  # the checkpoint a bad step leaves the user with
+        self._starts: list[float] = []
+        self._save_s: dict[int, float] = {}
+        self._progress = _progress(cfg.steps, start_step, world)
+
+    def started(self, step: int) -> None:
+        self._starts.append(time.perf_counter())
+
+    def first_step_counts(self, tracer) -> None:
+        self.counts["after_backward"] = self.engine.local_counts()
+        if tracer is not None:
+            self.counts["backward_blocks"] = sorted(tracer.reached)
+            tracer.enabled = False
+
+    def settle_previous(self) -> bool:
+        """Reads the deferred step; True when every rank agreed to stop there."""
+        previous, self.previous = self.previous, None
+        if previous is None:
+            return False
+        stop = self.settle(previous, before_update=False)
+        self.settle_norm(previous)
+        return stop
+
+    def settle(self, h: _Health, before_update: bool) -> bool:
+        """Checks one step's loss (raising on a non-finite one) and records it; True when a
+        rank asked to stop. `before_update`: read before the step's optimizer step, so a stop
+        there drops the step instead of recording it."""
+        loss, bad, stop, _ = h.read(self.world.world_size)
+        if bad or not math.isfinite(loss):
+            raise UserError(
+                f"loss became {loss} at step {h.step}, before its optimizer step; "
+                f"{_kept(self.last_saved)} — lower train.lr or check the data"
+            )
+        if stop and before_update:
+            return True
+        self.losses[h.step] = loss
+        return stop
+
+    def settle_norm(self, h: _Health) -> None:
+        """A non-finite gradient norm: the engine skipped the update; the run stops here."""
+        norm = None if h.norm is None else float(h.norm)
+        if norm is not None and not math.isfinite(norm):
+            raise UserError(
+                f"step {h.step}: the gradient norm became {norm} before the optimizer step "
+                "(weights not updated); lower train.lr, keep train.max_grad_norm on, or check "
+                f"the data; {_kept(self.last_saved)}"
+            )
+        self.done = h.step + 1
+        self._logged(h.step)
+
+    def drop(self, h: _Health) -> None:
+        """A stop agreed after step h's backward: its gradients go, the RNG is the one from
+        before its forward (what the checkpoint of the steps done must carry)."""
+        self.engine.drop_gradients()
+        set_rng_state(h.rng)
+
+    def save_with_rng(self, step: int, rng: dict) -> None:
+        # The checkpoint must carry the RNG from before this step's forward (what a resumed run
+        # starts from), not the one after it.
+        t = time.perf_counter()
+        now = rng_state()
+        set_rng_state(rng)
+        try:
+            self.save(step)
+        finally:
+            set_rng_state(now)
+        self.last_saved = step
+        self._save_s[step] = time.perf_counter() - t  # not part of the step's time
+
+    def _logged(self, step: int) -> None:
+        loss = self.losses[step]
+        if self._progress is not None:
+            self._progress.update(1)
+            self._progress.set_postfix(loss=f"{loss:.4f}")
+        elif self.world.is_main and self.cfg.log_every and (step + 1) % self.cfg.log_every == 0:
+            self.log(f"step {step + 1}/{self.cfg.steps} loss {loss:.4f}")
+
+    def finish(self) -> None:
+        if self.previous is not None:
+            self.settle_previous()
+        if self.world.device.type == "cuda":
+            torch.cuda.synchronize(self.world.device)
+        self._starts.append(time.perf_counter())
+        if self._progress is not None:
+            self._progress.close()
+
+    def times(self) -> list[float]:
+        """Each recorded step's time: from its start to the next step's start (the device is at
+        most one step behind the host), less any checkpoint written during it."""
+        first = min(self.losses, default=0)
+        out = []
+        for step in sorted(self.losses):
+            j = step - first
+            out.append(self._starts[j + 1] - self._starts[j] - self._save_s.get(step, 0.0))
+        return out
 
 
 def _kept(last_saved: int | None) -> str:
@@ -119,17 +241,6 @@ def _kept(last_saved: int | None) -> str:
     if last_saved is not None:
         return f"the last good checkpoint (step {last_saved}) is kept"
     return "no checkpoint passed the check, so none was written: start again without --resume"
-
-
-def _save_with_rng(save: Callable[[int], None], step: int, rng: dict) -> None:
-    # The checkpoint must carry the RNG from before this step's forward (what a resumed run
-    # starts from), not the one after it.
-    now = rng_state()
-    set_rng_state(rng)
-    try:
-        save(step)
-    finally:
-        set_rng_state(now)
 
 
 def _check_weights_finite(engine, world, step: int) -> None:
