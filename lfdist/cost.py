@@ -4,12 +4,18 @@ Pure arithmetic on the probe's `model_info` (no torch), so `select` can cost eve
 candidate plan in microseconds and benchmarks can print predicted next to measured.
 
 Assumptions (each is a number a benchmark can check):
-- parameters and gradients are held in `dtype`; the optimizer only ever sees trainable
-  parameters. torch's AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype (2 x 2 bytes
-  per element in bf16, measured by tests/unit/test_cost.py); DeepSpeed's ZeRO optimizers keep
-  an fp32 master copy plus two fp32 states (12 bytes) of their partition, in fp32 runs too
-  (measured: `lfdist bench memory` in fp32, tests/distributed/test_cost_deepspeed_bf16.py in
-  bf16). AdamW's per-tensor step counter is left out.
+- `dtype` is the model's dtype as loaded, `precision` the run's (lfdist.precision; auto:
+  bf16-mixed for bf16 models). DDP, FSDP and `single` hold frozen parameters in `dtype` and
+  trainable ones, their gradients and AdamW's exp_avg and exp_avg_sq in the precision's
+  trainable dtype: under bf16-mixed 4 + 4 + 8 bytes per trainable element and 2 per frozen one
+  (tests/distributed/test_precision.py measures it); pure bf16 2 + 2 + 4. Activations are in the
+  compute dtype. Under bf16-mixed, autocast (DDP, FSDP1, single) keeps bf16 copies of the
+  trainable weights for the step and FSDP2 all-gathers each block in bf16: both counted as
+  transient. DeepSpeed holds every parameter and gradient in `dtype` and its ZeRO optimizers
+  keep an fp32 master copy plus two fp32 states (12 bytes) of their partition, in fp32 runs
+  too (measured: `lfdist bench memory` in fp32, tests/distributed/test_cost_deepspeed_bf16.py
+  in bf16); pure bf16 asks it for bf16 masters and states (6 bytes). AdamW's per-tensor step
+  counter is left out.
 - frozen parameters get no gradient and no optimizer state on any engine.
 - treatments: `lora` trains r·(in + out) adapter elements per targeted projection (the
   attention projections, `per_block_lora_in_out`; r from the plan's options) plus the block's
@@ -43,6 +49,8 @@ from typing import Any
 
 from lfdist.activations import block_activation_bytes, lm_head_activation_bytes, rotary_bytes
 from lfdist.errors import UserError
+from lfdist.precision import BYTES, Precision
+from lfdist.precision import resolve as resolve_precision
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 ENGINES = ("single", "ddp", "fsdp1", "fsdp2", "deepspeed")
@@ -73,13 +81,27 @@ def _check(engine, zero_stage, world_size, dtype, batch_size, seq_len, lora_rank
         raise UserError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
 
 
-def optimizer_bytes_per_element(engine: str, zero_stage: int, dtype: str) -> int:
-    """AdamW state bytes per trainable element, before sharding."""
+def optimizer_bytes_per_element(
+    engine: str, zero_stage: int, dtype: str, precision: str = "auto"
+) -> int:
+    """AdamW state bytes per trainable element, before sharding (DeepSpeed: with its master)."""
+    prec = resolve_precision(_dtype_name(dtype), precision)
     b = DTYPE_BYTES[dtype]
-    # ZeRO (stage >= 1) keeps an fp32 master partition even in fp32; stage 0 only with 16 bits.
-    if engine == "deepspeed" and (zero_stage >= 1 or b < 4):
-        return FP32_ADAM_STATE_BYTES + MASTER_BYTES
-    return 2 * b  # torch.optim.AdamW: states shaped and typed like the parameter
+    if engine == "deepspeed":
+        if prec.name == "bf16":  # bf16_master_weights_and_grads + bf16_optimizer_states
+            return 3 * b
+        # ZeRO (stage >= 1) keeps an fp32 master partition even in fp32; stage 0 with 16 bits.
+        if zero_stage >= 1 or b < 4:
+            return FP32_ADAM_STATE_BYTES + MASTER_BYTES
+    return 2 * BYTES[prec.trainable]  # torch.optim.AdamW: states typed like the parameter
+
+
+def _dtype_name(dtype: str) -> str:
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype)
+
+
+def run_precision(dtype: str, precision: str = "auto") -> Precision:
+    return resolve_precision(_dtype_name(dtype), precision)
 
 
 def added_elements(model_info: dict[str, Any], treatments: list[str], lora_rank: int) -> list[int]:
@@ -182,7 +204,8 @@ def _activations(model_info, modules, train_el, b, batch_size, seq_len, ckpt) ->
 
 
 def _memory(model_info, treatments, modules, train_el, added, settings) -> dict[str, float]:
-    engine, zero_stage, w, dtype, batch_size, seq_len, ckpt = settings
+    engine, zero_stage, w, dtype, precision, batch_size, seq_len, ckpt = settings
+    prec = run_precision(dtype, precision)
     b = DTYPE_BYTES[dtype]
     per_block = model_info["per_block_params"]
     groups = model_info["group_params"]
@@ -191,12 +214,21 @@ def _memory(model_info, treatments, modules, train_el, added, settings) -> dict[
     fsdp = engine in ("fsdp1", "fsdp2")
     zero = zero_stage if engine == "deepspeed" else 0
     shard_params = fsdp or zero >= 3
-    params = total * b / (w if shard_params else 1)
-    grads = trainable * b / (w if fsdp or zero >= 2 else 1)
-    opt_per_el = optimizer_bytes_per_element(engine, zero_stage, dtype)
+    # DeepSpeed holds the module in `dtype` (its masters are in the optimizer's bytes).
+    b_train = b if engine == "deepspeed" else BYTES[prec.trainable]
+    b_compute = BYTES[prec.compute]
+    params = ((total - trainable) * b + trainable * b_train) / (w if shard_params else 1)
+    grads = trainable * b_train / (w if fsdp or zero >= 2 else 1)
+    opt_per_el = optimizer_bytes_per_element(engine, zero_stage, dtype, precision)
     optim = trainable * opt_per_el / (w if fsdp or zero >= 1 else 1)
-    acts = _activations(model_info, modules, train_el, b, batch_size, seq_len, ckpt)
-    transient = max(per_block, default=0) * b if shard_params and w > 1 else 0
+    acts = _activations(model_info, modules, train_el, b_compute, batch_size, seq_len, ckpt)
+    largest = max(per_block, default=0)
+    transient = largest * b if shard_params and w > 1 else 0
+    if prec.mixed and engine != "deepspeed":
+        if engine == "fsdp2":  # one block all-gathered in the compute dtype at a time
+            transient = largest * b_compute
+        else:  # autocast's compute-dtype copies of the trainable weights, for the step
+            transient += trainable * b_compute
     return {
         "params": params,
         "grads": grads,
@@ -206,6 +238,8 @@ def _memory(model_info, treatments, modules, train_el, added, settings) -> dict[
         "total": params + grads + optim + acts + transient,
         "_trainable": trainable,
         "_total": total,
+        # weight + gradient + AdamW state (+ DeepSpeed's master) per trainable element
+        "_b_trainable": b_train * 2 + opt_per_el,
     }
 
 
@@ -221,6 +255,7 @@ def predict(
     seq_len: int = 512,
     lora_rank: int = DEFAULT_LORA_RANK,
     activation_checkpointing: bool = False,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Per-rank bytes and per-rank FLOPs for one optimizer step, plus fractions of full FT.
 
@@ -232,7 +267,8 @@ def predict(
             f"{len(treatments)} treatments for {len(model_info['per_block_params'])} blocks"
         )
     ckpt = bool(activation_checkpointing)
-    settings = (engine, zero_stage, world_size, dtype, batch_size, seq_len, ckpt)
+    prec = run_precision(dtype, precision)
+    settings = (engine, zero_stage, world_size, dtype, precision, batch_size, seq_len, ckpt)
     tokens = batch_size * seq_len
 
     def cost(ts):
@@ -245,11 +281,15 @@ def predict(
     mem, fwd, bwd = cost(treatments)
     mem_full, fwd_full, bwd_full = cost(["full"] * len(treatments))
     trainable, total = mem.pop("_trainable"), mem.pop("_total")
+    per_trainable = mem.pop("_b_trainable")
     return {
         "engine": engine,
         "zero_stage": zero_stage if engine == "deepspeed" else None,
         "world_size": world_size,
         "dtype": dtype,
+        "precision": prec.name,
+        "bytes_per_trainable_param": per_trainable,
+        "bytes_per_frozen_param": DTYPE_BYTES[dtype],
         "batch_size": batch_size,
         "seq_len": seq_len,
         "lora_rank": lora_rank,

@@ -160,6 +160,10 @@ def run_training(job: Job, world) -> None:
             "zero_stage": tc.zero_stage if tc.engine == "deepspeed" else None,
             "world_size": world.world_size,
             "device": str(world.device),
+            "precision": _precision_record(engine.precision),
+            # the cost model for this run as it started (engine, world, precision, batch),
+            # next to the measured peak in per_rank[].memory
+            "predicted_run": _predicted_run(cfg, tc, plan, prepared.source, world),
             "plan": {
                 "strategy": plan.strategy,
                 "treatments": plan.treatments,
@@ -191,6 +195,38 @@ def run_training(job: Job, world) -> None:
             "stopped": {"step": done, "signal": _stop_signal(job.out)} if stopped else None,
         }
         _merge_metrics(os.path.join(out, "metrics.json"), metrics)
+
+
+def _precision_record(precision) -> dict:
+    """The dtypes the run held (bytes per trainable and frozen parameter: predicted_run)."""
+    return {
+        "name": precision.name,
+        "compute": precision.compute,
+        "trainable": precision.trainable,
+        "frozen": precision.frozen,
+    }
+
+
+def _predicted_run(cfg, tc, plan, source, world) -> dict:
+    from lfdist.cost import predict_plan
+    from lfdist.model.meta_info import meta_model_info
+
+    try:
+        info = meta_model_info(source.spec, cfg.model.task, source.num_labels)
+        return predict_plan(
+            info,
+            plan,
+            engine=tc.engine,
+            zero_stage=tc.zero_stage,
+            world_size=world.world_size,
+            dtype=cfg.model.dtype,
+            precision=tc.precision,
+            batch_size=tc.batch_size,
+            seq_len=cfg.data.seq_len,
+            activation_checkpointing=tc.activation_checkpointing,
+        )
+    except (UserError, KeyError, ValueError, OSError) as e:  # a model the cost model lacks
+        return {"error": str(e).splitlines()[0]}
 
 
 def _checkpoint_step(folder: str) -> int:

@@ -31,9 +31,10 @@ def test_scale_rows_by_hand(tmp_path):
     trainable = 8 * BLOCK_8B + 4096 + HEAD_8B  # top 8 blocks, final norm, head
     assert row["trainable_params"] == trainable
     g = row["gib_per_rank"]["8"]
-    assert g["params"] * GIB == pytest.approx(TOTAL_8B * 2 / 8)
-    assert g["grads"] * GIB == pytest.approx(trainable * 2 / 8)
-    assert g["optimizer"] * GIB == pytest.approx(trainable * 4 / 8)  # bf16 AdamW states
+    # bf16-mixed: frozen weights in bf16, trainable ones with fp32 masters, gradients and states
+    assert g["params"] * GIB == pytest.approx(((TOTAL_8B - trainable) * 2 + trainable * 4) / 8)
+    assert g["grads"] * GIB == pytest.approx(trainable * 4 / 8)
+    assert g["optimizer"] * GIB == pytest.approx(trainable * 8 / 8)  # fp32 AdamW states
     # 8 blocks; fp32 log-softmax 4·V, int64 targets and the bf16 inputs of the final norm's and
     # head's weights per token; the loss scalar; rotary cos + sin (4096 x 128 each, bf16)
     head = TOKENS * (4 * 128256 + 8 + 2 * 2 * 4096) + 4

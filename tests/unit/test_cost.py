@@ -133,18 +133,41 @@ def test_cost_and_report_import_without_torch():
 
 
 @pytest.mark.parametrize(
-    "engine,stage,optimizer",
+    "engine,stage,precision,optimizer",
     [
-        # torch AdamW: exp_avg + exp_avg_sq in bf16 = 4 B per trainable element (250 of them)
-        ("ddp", 0, 250 * 4),
-        ("fsdp2", 0, 250 * 4 / 2),
-        # ZeRO: fp32 master + two fp32 states = 12 B, partitioned over 2 ranks
-        ("deepspeed", 2, 250 * 12 / 2),
-        ("deepspeed", 3, 250 * 12 / 2),
+        # bf16-mixed (the default for bf16): fp32 exp_avg + exp_avg_sq = 8 B per trainable
+        # element (250 of them); pure bf16: 4 B
+        ("ddp", 0, "auto", 250 * 8),
+        ("fsdp2", 0, "bf16-mixed", 250 * 8 / 2),
+        ("ddp", 0, "bf16", 250 * 4),
+        ("fsdp2", 0, "bf16", 250 * 4 / 2),
+        # ZeRO: fp32 master + two fp32 states = 12 B, partitioned over 2 ranks; pure bf16: 6 B
+        ("deepspeed", 2, "auto", 250 * 12 / 2),
+        ("deepspeed", 3, "auto", 250 * 12 / 2),
+        ("deepspeed", 2, "bf16", 250 * 6 / 2),
     ],
 )
-def test_optimizer_state_follows_parameter_dtype(engine, stage, optimizer):
-    assert _bytes(engine, stage, dtype="bfloat16")["optimizer"] == optimizer
+def test_optimizer_state_follows_the_precision(engine, stage, precision, optimizer):
+    p = predict(
+        INFO, PLAN, DEFAULT_MODULES, engine=engine, zero_stage=stage, world_size=2,
+        dtype="bfloat16", precision=precision, batch_size=2, seq_len=4,
+    )  # fmt: skip
+    assert p["bytes"]["optimizer"] == optimizer
+
+
+def test_bf16_mixed_prices_trainable_in_fp32_and_frozen_in_bf16():
+    kw = dict(engine="ddp", world_size=1, dtype="bfloat16", batch_size=2, seq_len=4)
+    mixed = predict(INFO, PLAN, DEFAULT_MODULES, **kw)
+    pure = predict(INFO, PLAN, DEFAULT_MODULES, precision="bf16", **kw)
+    assert mixed["precision"] == "bf16-mixed" and pure["precision"] == "bf16"
+    # 250 trainable elements (fp32 masters), 250 frozen (bf16)
+    assert mixed["bytes"]["params"] == 250 * 4 + 250 * 2
+    assert mixed["bytes"]["grads"] == 250 * 4
+    assert mixed["bytes_per_trainable_param"] == 16 and mixed["bytes_per_frozen_param"] == 2
+    assert pure["bytes"]["params"] == 500 * 2 and pure["bytes_per_trainable_param"] == 8
+    assert mixed["bytes"]["activations"] == pure["bytes"]["activations"]  # both compute in bf16
+    with pytest.raises(UserError, match="train.precision=fp32 trains in float32"):
+        predict(INFO, PLAN, DEFAULT_MODULES, precision="fp32", **kw)
 
 
 # ---------------------------------------------------------------- LoRA rank, LoRA biases, masks
@@ -294,15 +317,19 @@ def test_block_activations_equal_measured_saved_tensors(arch, dtype_name):
 # ---------------------------------------------------------------- measured: one bf16 AdamW step
 
 
-def test_bf16_adamw_step_bytes_equal_prediction_on_tiny_llama():
-    """Build tiny:llama in bf16, apply a plan with every treatment, take one AdamW step and walk
-    the parameters, gradients and optimizer states."""
+@pytest.mark.parametrize("precision", ["bf16", "bf16-mixed"])
+def test_bf16_adamw_step_bytes_equal_prediction_on_tiny_llama(precision):
+    """Build tiny:llama in bf16, apply a plan with every treatment, hold it as the engines do in
+    `precision`, take one AdamW step and walk the parameters, gradients and optimizer states."""
     import torch
 
     from lfdist.cost import predict_plan
+    from lfdist.engines.base import keep_trainable_in
     from lfdist.model.apply import apply_plan
     from lfdist.model.tiny import build_tiny
+    from lfdist.precision import resolve
     from lfdist.probe.run import model_info
+
     from tests.helpers import make_plan
 
     model = build_tiny("llama", "lm").to(torch.bfloat16)
@@ -310,11 +337,15 @@ def test_bf16_adamw_step_bytes_equal_prediction_on_tiny_llama():
     treatments = ["frozen"] * 4 + ["bias", "lora", "mask", "full"]
     plan = make_plan(model, treatments, options={"lora_rank": 4})
     apply_plan(model, plan)
+    keep_trainable_in(model, resolve("bfloat16", precision))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-3, foreach=False)
+    opt = torch.optim.AdamW(trainable, lr=1e-3, fused=True)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    model(input_ids=ids, labels=ids).loss.backward()
+    with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-mixed"):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
     opt.step()
+    t = 2 if precision == "bf16" else 4  # bytes of a trainable weight, gradient, state
 
     def nbytes(tensors):
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -323,7 +354,7 @@ def test_bf16_adamw_step_bytes_equal_prediction_on_tiny_llama():
     grads = nbytes(p.grad for p in trainable)
     states = [s for p in trainable for s in opt.state[p].values()]
     moments = [s for s in states if s.dim() > 0]
-    assert {s.dtype for s in moments} == {torch.bfloat16}
+    assert {s.dtype for s in moments} == {torch.bfloat16 if t == 2 else torch.float32}
     assert nbytes(s for s in states if s.dim() == 0) == 4 * len(trainable)  # step counters
 
     # By hand: a block has q 4096, k 2048, v 2048, o 4096, gate/up/down 8192 each (36864 in
@@ -333,11 +364,14 @@ def test_bf16_adamw_step_bytes_equal_prediction_on_tiny_llama():
     # 1792 adapters + the 36864 scores.
     trainable_el = 128 + 1792 + 128 + 36864 + 36992 + 64 + 20480
     assert sum(p.numel() for p in trainable) == trainable_el
-    assert params == 2 * (8 * 36992 + 20480 + 64 + 20480 + 1792 + 36864)
-    assert grads == 2 * trainable_el
-    assert nbytes(moments) == 2 * 2 * trainable_el
+    held = 8 * 36992 + 20480 + 64 + 20480 + 1792 + 36864
+    assert params == 2 * (held - trainable_el) + t * trainable_el
+    assert grads == t * trainable_el
+    assert nbytes(moments) == 2 * t * trainable_el
 
-    p = predict_plan(info, plan, engine="single", world_size=1, dtype="bfloat16")
+    p = predict_plan(
+        info, plan, engine="single", world_size=1, dtype="bfloat16", precision=precision
+    )
     assert p["bytes"]["params"] == params
     assert p["bytes"]["grads"] == grads
     assert p["bytes"]["optimizer"] == nbytes(moments)
