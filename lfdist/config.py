@@ -128,6 +128,9 @@ class TrainConfig:
     # auto: bf16-mixed for bf16 models (fp32 masters and AdamW states for trainable parameters
     # only), fp32 for fp32 models; bf16 (pure, memory), fp16, fp32: lfdist.precision
     precision: str = "auto"
+    # CPU only: map every allocation over 1 MiB on its own, so freed FSDP/ZeRO buffers go back
+    # to the OS at once (-1 GiB per rank on a 0.66B Llama) at ~1.3x the step time
+    cpu_lean_malloc: bool = False
     eval_before: bool = True  # held-out quality of the base model before training
     save_final: bool = True  # write a checkpoint after the last step
 

@@ -99,12 +99,11 @@ def write_plan(folder: str, path: str) -> None:
 # No prefetch, and parameters re-gathered for backward (what FSDP2's reshard_after_forward
 # does by default) instead of kept gathered from forward.
 LEAN = {"stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0}
-# bf16 master weights, gradients and AdamW states (DeepSpeed keeps fp32 ones by default): what
-# FSDP2's torch AdamW keeps for bf16 parameters.
-BF16_STATES = {"bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+# zero3-lean-bf16 also runs with train.precision=bf16, which asks DeepSpeed for bf16 master
+# weights, gradients and AdamW states (bf16_master_weights_and_grads, bf16_optimizer_states).
 VARIANTS = {
     "zero3-lean": {"zero_optimization": LEAN},
-    "zero3-lean-bf16": {"zero_optimization": LEAN, "bf16": BF16_STATES},
+    "zero3-lean-bf16": {"zero_optimization": LEAN},
 }
 
 
@@ -114,7 +113,12 @@ def child(folder: str, plan: str, out: str, engine: str, whole: bool) -> None:
     from lfdist.job import Debug
     from lfdist.launch.run import launch_training
 
+    # As measured: freed FSDP/ZeRO buffers returned to the OS at once (train.cpu_lean_malloc),
+    # bf16 weights, gradients and states on FSDP (what its torch AdamW kept before
+    # bf16-mixed became the default) and DeepSpeed's default fp32 masters on ZeRO-3.
     train = {"nproc": 2, "steps": 2, "batch_size": 1, "lr": 1e-4, "warmup_steps": 0}
+    mixed = engine in ("zero3", "zero3-lean")
+    train.update(cpu_lean_malloc=True, precision="bf16-mixed" if mixed else "bf16")
     if engine.startswith("zero3"):
         train.update(engine="deepspeed", zero_stage=3)
         if engine in VARIANTS:  # the user's DeepSpeed config trading speed or fp32 for memory
@@ -259,9 +263,11 @@ def report(rows: list[dict], n_params: int, out_dir: str) -> None:
         "by default): less memory, less overlap of communication with compute. By default "
         "every ZeRO-3 rank also holds DeepSpeed's fp32 master copy and fp32 AdamW states of its "
         "trainable partition (12 bytes per trained parameter), where FSDP2's torch AdamW keeps "
-        f"bf16 states for bf16 parameters (4 bytes); zero3-lean-bf16 adds {BF16_STATES} in "
-        "the bf16 section, the same precision as FSDP2's optimizer. Both are the user's choice "
-        "in the DeepSpeed config; lfdist's template keeps DeepSpeed's defaults.",
+        "bf16 states for bf16 parameters (4 bytes) under train.precision=bf16, the precision "
+        "the FSDP2 rows ran in; zero3-lean-bf16 runs ZeRO-3 with train.precision=bf16 too "
+        "(DeepSpeed's bf16_master_weights_and_grads and bf16_optimizer_states). lfdist's "
+        "default is bf16-mixed (fp32 masters and states for trainable parameters), and its "
+        "template keeps DeepSpeed's other defaults. All rows set train.cpu_lean_malloc.",
         "",
         "Quoted, not measured here (issue 9, the code before this change): per-rank peak "
         f"{QUOTED_BEFORE['fsdp2']} GiB on FSDP2 and {QUOTED_BEFORE['zero3']} GiB on ZeRO-3; "
