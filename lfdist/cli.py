@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="strategy option, e.g. n=4",
+        help="strategy option, e.g. n=4; the run it prices: engine, zero_stage, world_size, "
+        "dtype (default: the probe's), precision (auto: bf16-mixed for bf16), batch_size, "
+        "seq_len, and for salf run_steps (the run's train.steps)",
     )
     s.add_argument("--out", required=True)
 

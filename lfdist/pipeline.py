@@ -288,6 +288,7 @@ def _select_options(cfg: RunConfig) -> dict:
         "batch_size": cfg.train.batch_size,
         "seq_len": cfg.data.seq_len,
         "dtype": cfg.model.dtype,
+        "precision": cfg.train.precision,
     }
     if cfg.select.strategy == "salf":  # the pilots' cost is reported against this run's length
         costing["run_steps"] = cfg.train.steps

@@ -85,9 +85,22 @@ def _totals(plan) -> str:
             f"memory {p['gib_per_rank']:.3g} GiB/rank vs {p['gib_per_rank_full']:.3g} "
             f"(saves {1 - p['memory_fraction']:.1%}, {p['engine']}"
             f"{'' if p.get('zero_stage') is None else ' ZeRO-' + str(p['zero_stage'])}"
-            f" x{p['world_size']})"
+            f" x{p['world_size']}, {_priced_in(p)})"
         )
     return "; ".join(parts)
+
+
+def _priced_in(p: dict) -> str:
+    """The precision the memory figure assumes, in words (plans from before it was recorded:
+    the weights' dtype only)."""
+    dtype = p.get("dtype", "float32")
+    if "precision" not in p:
+        return f"{dtype} weights"
+    per = p.get("bytes_per_trainable_param")
+    return (
+        f"{dtype} weights, {p['precision']}: {per:g} B per trainable parameter, "
+        f"{p.get('bytes_per_frozen_param', 0):g} per frozen"
+    )
 
 
 def plot_plan(plan, png_path: str, probe=None) -> str:

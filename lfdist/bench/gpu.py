@@ -11,8 +11,10 @@ without activation checkpointing. Per run, one process, one device:
   process's peak RSS on CPU (coarse: it includes the interpreter and libraries);
 - median step time after warm-up;
 
-each next to `lfdist.cost.predict` for engine `single` (nothing sharded). The training step is
-the single engine's: `torch.optim.AdamW(foreach=False)` on the trainable parameters only.
+each next to `lfdist.cost.predict` for engine `single` (nothing sharded) in pure bf16, the
+precision this loop trains in: `torch.optim.AdamW(foreach=False)` on bf16 trainable parameters.
+On a GPU each run is its own process, so each peak is that run's alone. lfdist's own engines in
+their default precision are measured by benchmarks/gpu/run.sh (benchmarks/speed/run.py --gpu).
 `--tiny` runs tiny:llama for two steps on the CPU (the default CPU test suite runs it).
 """
 
@@ -176,12 +178,23 @@ def rows(tiny: bool) -> Iterator[dict[str, Any]]:
             continue
         for plan, treatments in plans.items():
             for ckpt in (False, True):
+                args = (name, source, batch, seq, plan, treatments, ckpt, device, steps)
                 try:
-                    yield _row(name, source, batch, seq, plan, treatments, ckpt, device, steps)
+                    yield _row(*args) if tiny else _row_in_own_process(args)
                 except Exception as e:  # noqa: BLE001 - a one-shot GPU run keeps what it has
                     if tiny:
                         raise
                     yield {"model": name, "skipped": f"{plan}, AC {ckpt}: {e!r}"[:500]}
+
+
+def _row_in_own_process(args: tuple) -> dict[str, Any]:
+    """One row in a fresh process: max_memory_allocated then counts that run alone (in one
+    process every later row's peak carried the earlier runs' memory: 2.0x-3.8x the plain
+    loop's, issue 15)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_row, args)
 
 
 def _release(device: str) -> None:
@@ -207,6 +220,7 @@ def _row(name, source, batch, seq, plan, treatments, ckpt, device, steps) -> dic
         engine="single",
         world_size=1,
         dtype="bfloat16",
+        precision="bf16",  # this loop holds everything in bf16 (pure)
         batch_size=batch,
         seq_len=seq,
         activation_checkpointing=ckpt,

@@ -192,6 +192,9 @@ def _pure_bf16(ds: dict, precision, stage: int) -> None:
             "use --zero-stage 1 or train.precision=bf16-mixed"
         )
     for key in ("bf16_master_weights_and_grads", "bf16_optimizer_states"):
+        if not pure and section.get(key) in (None, "auto", False):
+            section.pop(key, None)  # DeepSpeed's default: fp32 masters and states
+            continue
         section[key] = _settle(
             f"bf16.{key}",
             section.get(key),

@@ -20,6 +20,7 @@ COST_KEYS = (
     "zero_stage",
     "world_size",
     "dtype",
+    "precision",
     "batch_size",
     "seq_len",
     "activation_checkpointing",

@@ -304,3 +304,21 @@ def test_replicate_flag_is_read_from_the_config():
     assert not _replicate_frozen(cfg, 3)
     flagged = types.SimpleNamespace(zero3_replicate_frozen=True)
     assert _replicate_frozen(flagged, 3) and not _replicate_frozen(flagged, 2)
+
+
+def test_precision_picks_deepspeeds_bf16_path():
+    from lfdist.errors import UserError
+
+    mixed = fill_config(None, _cfg(), world_size=1, dtype="bfloat16")
+    assert mixed["bf16"] == {"enabled": True}  # DeepSpeed's default: fp32 masters and states
+    pure = fill_config(None, _cfg(precision="bf16"), world_size=1, dtype="bfloat16")
+    assert pure["bf16"] == {
+        "enabled": True,
+        "bf16_master_weights_and_grads": True,
+        "bf16_optimizer_states": True,
+    }
+    user = {"bf16": {"bf16_optimizer_states": True}}
+    with pytest.raises(UserError, match="bf16.bf16_optimizer_states=true conflicts with train"):
+        fill_config(user, _cfg(), world_size=1, dtype="bfloat16")
+    with pytest.raises(UserError, match="needs ZeRO stage 1, 2 or 3"):
+        fill_config(None, _cfg(zero_stage=0, precision="bf16"), world_size=1, dtype="bfloat16")

@@ -1,10 +1,12 @@
-"""benchmarks/gpu/run.sh --tiny on the CPU: the GPU script's own path, exact where it can be."""
+"""`python -m lfdist.bench.gpu --tiny` on the CPU: the GPU memory check's own path, exact where
+it can be."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -12,16 +14,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_gpu_script_tiny_mode_measures_what_the_cost_model_predicts(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(
-        [
-            "bash",
-            os.path.join(ROOT, "benchmarks", "gpu", "run.sh"),
-            "--tiny",
-            "--out",
-            str(tmp_path),
-        ],
+        [sys.executable, "-m", "lfdist.bench.gpu", "--tiny", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,
+        cwd=ROOT,
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
