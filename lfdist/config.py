@@ -131,6 +131,9 @@ class TrainConfig:
     # CPU only: map every allocation over 1 MiB on its own, so freed FSDP/ZeRO buffers go back
     # to the OS at once (-1 GiB per rank on a 0.66B Llama) at ~1.3x the step time
     cpu_lean_malloc: bool = False
+    # torch.compile each block before the engine wraps it (torchtitan's recipe); ddp, fsdp1,
+    # fsdp2, single. The first steps pay the compile (tens of seconds).
+    compile: bool = False
     eval_before: bool = True  # held-out quality of the base model before training
     save_final: bool = True  # write a checkpoint after the last step
 
@@ -151,6 +154,11 @@ class TrainConfig:
                 )
         for name in ("warmup_steps", "save_every", "log_every", "weight_decay", "max_grad_norm"):
             _not_negative(f"train.{name}", getattr(self, name))
+        if self.compile and self.engine == "deepspeed":
+            raise UserError(
+                "train.compile is for ddp, fsdp1, fsdp2 and single; DeepSpeed compiles through "
+                "its own config (compile section): drop train.compile=true"
+            )
         if not self.cache_max_gib > 0:
             raise UserError(f"train.cache_max_gib must be greater than 0, got {self.cache_max_gib}")
 

@@ -253,3 +253,17 @@ def clean_name(name: str) -> str:
 def micro_forward(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     out = model(**batch)
     return out.loss
+
+
+def compile_blocks(model: nn.Module, enabled: bool) -> int:
+    """torch.compile each transformer block in place, before the engine wraps it (torchtitan
+    compiles per block too: every block of one shape reuses one graph, and FSDP's hooks stay
+    outside it). Returns how many blocks were compiled."""
+    if not enabled:
+        return 0
+    from lfdist.model.blocks import find_blocks
+
+    blocks = find_blocks(model).blocks(model)
+    for block in blocks:
+        block.compile()
+    return len(blocks)

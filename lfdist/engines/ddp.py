@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from lfdist.engines.base import keep_trainable_in, run_precision
+from lfdist.engines.base import compile_blocks, keep_trainable_in, run_precision
 from lfdist.engines.native import NativeEngine
 
 
@@ -15,6 +15,7 @@ def build(source, cfg, world):
     precision = run_precision(source, cfg)
     model, filler = prepare(source)
     keep_trainable_in(model, precision, getattr(source, "plan", None))
+    compile_blocks(model, cfg.compile)
     if filler is None:
         model = model.to(world.device)
     else:  # a replica by design: each tensor read once, in the training dtype, on the device

@@ -13,7 +13,7 @@ import logging
 
 from torch import nn
 
-from lfdist.engines.base import keep_trainable_in, run_precision
+from lfdist.engines.base import compile_blocks, keep_trainable_in, run_precision
 from lfdist.engines.native import NativeEngine
 from lfdist.errors import UserError
 from lfdist.model.blocks import find_blocks
@@ -136,6 +136,7 @@ def build(source, cfg, world):
     precision = run_precision(source, cfg)
     model, filler = prepare(source)  # on meta unless whole: frozen and trainable set first
     keep_trainable_in(model, precision, getattr(source, "plan", None))  # fp32 masters, on meta
+    compile_blocks(model, cfg.compile)
     if filler is None:
         model = model.to(world.device)
     if cfg.engine == "fsdp2":
