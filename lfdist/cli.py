@@ -9,14 +9,40 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 
 from lfdist.errors import JobFailed, UserError
 
 
+_ARGV: list[str] = []  # the command line being parsed (for the did-you-mean hint)
+_OVERRIDE = re.compile(r"^(model|data|probe|select|train|out)(\.[A-Za-z_]\w*)*=")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own usage errors: one line, exit 2
-        raise UserError(f"{message}; see `{self.prog} --help`")
+        raise UserError(f"{message}{_did_you_mean(self)}; see `{self.prog} --help`")
+
+
+def _did_you_mean(parser: argparse.ArgumentParser) -> str:
+    """A close flag for the first mistyped one on the command line (`--modle` -> `--model`)."""
+    import difflib
+
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    for token in _ARGV:
+        flag = token.split("=", 1)[0]
+        if flag.startswith("--") and flag not in known:
+            close = difflib.get_close_matches(flag, known, n=1)
+            if close:
+                return f" ({flag} is not a flag here: did you mean {close[0]}?)"
+    return ""
+
+
+def _overrides_last(argv: list[str]) -> list[str]:
+    """Dotted overrides may sit anywhere among the flags (as torchrun and HF scripts allow):
+    they move to the end, where argparse reads its positionals in one piece."""
+    overrides = [a for a in argv if _OVERRIDE.match(a)]
+    return [a for a in argv if not _OVERRIDE.match(a)] + overrides
 
 
 def _common_model_data(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -43,6 +69,9 @@ def _common_model_data(p: argparse.ArgumentParser, required: bool = True) -> Non
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lfdist", description="Decide where to fine-tune, then train only there.")
+    from lfdist import __version__
+
+    p.add_argument("--version", action="version", version=f"lfdist {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     q = sub.add_parser("probe", help="forward-only probe: per-layer statistics -> probe.json")
@@ -382,7 +411,9 @@ def _log_to_stderr() -> None:
 def main(argv: list[str] | None = None) -> int:
     _log_to_stderr()
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        _ARGV[:] = argv
+        args = build_parser().parse_args(_overrides_last(argv))
         code = dispatch(args)
     except UserError as e:
         print(f"lfdist: error: {e}", file=sys.stderr)

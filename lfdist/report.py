@@ -64,7 +64,7 @@ def plan_table(plan, probe=None) -> str:
     if plan.strategy == "salf" and plan.scores:
         from lfdist.select.salf import explain
 
-        lines += explain(plan.scores)
+        lines += explain(plan.scores, plan.boundary, plan.budget)
     return "\n".join(lines)
 
 

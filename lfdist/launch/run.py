@@ -5,6 +5,7 @@ supervision (signals forwarded, one line for however the job ended)."""
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import nullcontext
 
 from lfdist.config import RunConfig
@@ -125,12 +126,15 @@ def launch_training(
 
     cuda = torch.cuda.is_available()
     argv, env = build_command(cfg, os.path.join(out, "job.json"), nodes, cuda)
-    if dry_run:
-        print(shell_line(argv, env))
-        return None
     world_size = cfg.train.nproc * nodes.nnodes
     if validate_first:
         validate(cfg, plan_path, out, resume, overwrite, world_size)
+    if dry_run:  # the job file the command names, so the printed line runs as it is
+        make_run_folder(out)
+        write_job(new_job(cfg, plan_path, out, resume, evaluate, debug))
+        print(f"wrote {os.path.join(out, 'job.json')}; the launch command:", file=sys.stderr)
+        print(shell_line(argv, env))
+        return None
     make_run_folder(out)
     # Multi-node runs share --out: node 0 owns the folder (lock, --overwrite), every node's
     # launcher runs and watches its own ranks.

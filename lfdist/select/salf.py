@@ -122,6 +122,7 @@ def _cost_fraction(ctx: Context, k: int, run_steps: int | None) -> dict:
     spent = float(pilot.get("flops_total") or 0.0) + float(pilot.get("probe_flops") or 0.0)
     out = {
         "run_steps": steps,
+        "run_steps_given": bool(run_steps),  # else the train.steps the probe was sized for
         "global_batch": pilot.get("global_batch"),
         "probe_pilot_flops": spent,
         "budget": pilot.get("budget"),
@@ -268,6 +269,11 @@ def _cost_line(scores: dict, what: str) -> list[str]:
     run = "this run"
     if scores.get("run_steps") and scores.get("global_batch"):  # the run it was priced against
         run = f"the {scores['run_steps']}-step run at global batch {scores['global_batch']}"
+        if scores.get("run_steps_given") is False:
+            run += (
+                " the probe was sized for (its train.steps; price your own run with "
+                "select --option run_steps=N)"
+            )
     line = f"salf {what} cost: {scores['cost_fraction']:.1%} of {run}"
     budget = scores.get("budget")
     if budget and scores["cost_fraction"] > budget:
@@ -275,8 +281,22 @@ def _cost_line(scores: dict, what: str) -> list[str]:
     return [line]
 
 
-def explain(scores: dict) -> list[str]:
-    """What salf decided and on what evidence, for `plan show` and the quick start."""
+def explain(scores: dict, frozen: int | None = None, budget: dict | None = None) -> list[str]:
+    """What salf decided and on what evidence, for `plan show` and the quick start. `frozen`:
+    the blocks the plan freezes in the end (a budget may freeze more than salf picked)."""
+    lines = _explain(scores)
+    k = scores.get("split")
+    if frozen is not None and k is not None and frozen != k:
+        limits = ", ".join(f"{key}={value:g}" for key, value in (budget or {}).items())
+        lines.insert(
+            1,
+            f"salf's pick froze {k} blocks; the budget ({limits or 'as given'}) moved the split: "
+            f"the plan freezes {frozen} blocks (backward stops at block {frozen})",
+        )
+    return lines
+
+
+def _explain(scores: dict) -> list[str]:
     k = scores.get("split")
     if scores.get("estimator") == "pilot":
         p, metric = scores["predicted"], scores["predicted"]["metric"]

@@ -262,7 +262,9 @@ def test_dry_run_prints_the_launch_command(capsys, plan_file, tmp_path):
         and "--num_gpus 2" in line
         and "DS_ACCELERATOR=cpu" in line
     )
-    assert not (tmp_path / "run").exists()
+    # the job file the command names is written (and nothing else), so the line runs as printed
+    assert sorted(os.listdir(tmp_path / "run")) == ["job.json"]
+    assert str(tmp_path / "run" / "job.json") in line
 
 
 def test_console_script_help():

@@ -418,3 +418,18 @@ def test_report_table_and_plot(tmp_path):
     png = plot_plan(plan, str(tmp_path / "plan.png"), probe)
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_salf_lines_follow_the_plan_under_a_budget_and_name_an_unpriced_run():
+    sized = {"skipped": "too short", "probe_flops": 4800.0, "flops_total": 0.0, "global_batch": 1}
+    sized.update(run_steps=20, run_flops_per_example=[4800, 4400, 4000, 3600, 3200, 2800, 2400, 2000])
+    probe = helpers.fake_probe(FALLING, pilot=sized)
+    plan = select_plan(probe, "salf", budget={"blocks": 2})
+    assert plan.scores["split"] == 4 and plan.boundary == 6  # the budget froze two more
+    lines = explain(plan.scores, plan.boundary, plan.budget)
+    assert lines[1] == (
+        "salf's pick froze 4 blocks; the budget (blocks=2) moved the split: the plan freezes 6 "
+        "blocks (backward stops at block 6)"
+    )
+    assert "of the 20-step run at global batch 1 the probe was sized for" in lines[-1]
+    assert "select --option run_steps=N" in lines[-1]
