@@ -25,6 +25,9 @@ def train_summary(metrics: dict) -> str:
         f"{metrics['params']['trainable'] + metrics['params']['frozen']:,} parameters; "
         f"backward reached blocks {_ranges(metrics['per_rank'][0].get('backward_blocks', []))}",
     ]
+    memory = _memory_line(metrics)
+    if memory:
+        lines.append(memory)
     modules = metrics["plan"].get("modules")
     if modules:  # what trains outside the blocks (a tied head does not, with frozen embeddings)
         groups = ", ".join(f"{g} {t}" for g, t in modules.items() if g != "head")
@@ -37,6 +40,22 @@ def train_summary(metrics: dict) -> str:
             f"held-out loss {ev['loss']:.4f}, {key} {ev[key]:.3f}{was} ({ev['examples']} examples)"
         )
     return "\n".join(lines)
+
+
+def _memory_line(metrics: dict) -> str | None:
+    """The run's precision and its measured peak next to the cost model's prediction for it."""
+    prec, pred = metrics.get("precision"), metrics.get("predicted_run") or {}
+    if not prec:
+        return None
+    line = f"precision {prec['name']}"
+    if prec["trainable"] != prec["frozen"]:
+        line += f" ({prec['trainable']} trainable, {prec['frozen']} frozen parameters)"
+    peak = metrics["per_rank"][0].get("memory", {}).get("cuda_max_allocated")
+    if "gib_per_rank" in pred:
+        line += f"; predicted {pred['gib_per_rank']:.3g} GiB per rank"
+        if peak is not None:
+            line += f", measured peak {peak / 2**30:.3g} GiB (cuda max_memory_allocated)"
+    return line
 
 
 def _ranges(xs: list[int]) -> str:

@@ -351,3 +351,34 @@ def test_run_compare_full_skips_a_second_identical_run(tmp_path, capsys):
         summary = json.load(f)
     assert summary["full_same_as_plan"] is True and "full" not in summary
     assert not (tmp_path / "run" / "train-all").exists()
+
+
+def test_dry_run_line_runs_as_printed(capsys, plan_file, tmp_path):
+    argv = ["train", "--model", "tiny:llama", "--data", "synthetic:lm:32", "--plan", plan_file]
+    argv += ["--engine", "single", "--steps", "2", "--out", str(tmp_path / "run"), "--dry-run"]
+    assert run_cli(*argv) == 0
+    line = capsys.readouterr().out.strip()
+    done = subprocess.run(line, shell=True, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(metrics["losses"]) == 2
+
+
+def test_version_typo_hint_and_overrides_anywhere(capsys, plan_file, tmp_path):
+    from lfdist import __version__
+
+    assert run_cli("--version") == 0
+    assert capsys.readouterr().out.strip() == f"lfdist {__version__}"
+    assert_user_error(
+        capsys,
+        ["train", "--modle", "tiny:llama", "--data", "synthetic:lm", "--plan", plan_file],
+        "(--modle is not a flag here: did you mean --model?)",
+        tmp_path,
+    )
+    # dotted overrides before, between and after flags: all of them reach the config
+    argv = ["train", "train.steps=2", "--model", "tiny:llama", "train.lr=1e-3", "--data"]
+    argv += ["synthetic:lm:32", "--plan", plan_file, "--engine", "single", "train.batch_size=2"]
+    assert run_cli(*argv, "--out", str(tmp_path / "run"), "--dry-run") == 0
+    job = json.loads((tmp_path / "run" / "job.json").read_text())
+    train = job["config"]["train"]
+    assert (train["steps"], train["lr"], train["batch_size"]) == (2, 1e-3, 2)
