@@ -14,7 +14,6 @@ import sys
 
 from lfdist.errors import JobFailed, UserError
 
-
 _ARGV: list[str] = []  # the command line being parsed (for the did-you-mean hint)
 _OVERRIDE = re.compile(r"^(model|data|probe|select|train|out)(\.[A-Za-z_]\w*)*=")
 

@@ -61,7 +61,9 @@ def child(name: str, folder: str, plan: str, out: str) -> None:
             json.dump(ds, f)
     cfg = config_from_dict({"model": {"spec": folder}, "train": train})
     world = World(0, 1, 0, torch.device("cpu"))
-    e = build_engine(cfg.train.engine, ModelSource(folder).with_plan(load_plan(plan)), cfg.train, world)
+    e = build_engine(
+        cfg.train.engine, ModelSource(folder).with_plan(load_plan(plan)), cfg.train, world
+    )
     ids = torch.randint(0, 256, (4, 128), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
@@ -125,10 +127,15 @@ def markdown(rows: dict) -> str:
         lines.append(f"| {name} | {r['median_s']:.3f} | {r['median_s'] / base:.2f} |")
     plain = rows["single"]["ops_ms_per_step"]
     lines += ["", "Self CPU ms per step, the operators that differ most from `single`:", ""]
-    lines += ["| operator | single | " + " | ".join(PROFILED[1:]) + " |", "|---|" + "---:|" * len(PROFILED)]
+    lines += [
+        "| operator | single | " + " | ".join(PROFILED[1:]) + " |",
+        "|---|" + "---:|" * len(PROFILED),
+    ]
     keys = set().union(*(rows[n]["ops_ms_per_step"] for n in PROFILED))
+
     def excess(k):
         return max(rows[n]["ops_ms_per_step"].get(k, 0) - plain.get(k, 0) for n in PROFILED[1:])
+
     for k in sorted(keys, key=excess, reverse=True)[:10]:
         cells = [f"{rows[n]['ops_ms_per_step'].get(k, 0):.1f}" for n in PROFILED]
         lines.append(f"| `{k[:60]}` | " + " | ".join(cells) + " |")

@@ -90,8 +90,7 @@ def write_plans(folder: str, dtype: str, out: str) -> dict[str, str]:
     plans = {}
     for name, top in (("full", n), ("top quarter", max(1, n // 4))):
         blocks = tuple(
-            BlockPlan(i, f"{bmap.path}.{i}", "full" if i >= n - top else "frozen")
-            for i in range(n)
+            BlockPlan(i, f"{bmap.path}.{i}", "full" if i >= n - top else "frozen") for i in range(n)
         )
         modules = {"embeddings": "frozen", "final_norm": "full", "head": "full"}
         plans[name] = os.path.join(out, f"plan-{name.replace(' ', '-')}.yaml")
@@ -166,10 +165,13 @@ def run(mode: str, out_dir: str, engines: list[str], cache: str) -> list[dict]:
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     rows = []
     for plan_name, plan in plans.items():
-        runs = [(f"plain {p}", lambda p=p: plain_row(folder, plan, p, mode)) for p in plain_precisions]
-        runs += [(f"lfdist {e}", lambda e=e: lfdist_row(folder, dtype, plan, e, mode, work)) for e in engines]  # fmt: skip
-        for label, measure in runs:
-            row = {"plan": plan_name, "run": label, **measure()}
+        runs = [("plain", p) for p in plain_precisions] + [("lfdist", e) for e in engines]
+        for kind, what in runs:
+            if kind == "plain":
+                measured = plain_row(folder, plan, what, mode)
+            else:
+                measured = lfdist_row(folder, dtype, plan, what, mode, work)
+            row = {"plan": plan_name, "run": f"{kind} {what}", **measured}
             if "error" not in row:
                 row = summarize(row, batch, seq, peak)
             rows.append(row)

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from lfdist.errors import UserError
+from lfdist.train.collective import all_finite, all_ranks_agree
 
 CHECKSUMS = "checksums.json"
 FORMAT = 2
@@ -75,18 +76,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _all_ranks_true(ok: bool, world) -> bool:
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor([1 if ok else 0], device=world.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def check_finite(engine, world, step: int) -> None:
     """Collective: refuse to checkpoint weights that are not finite on any rank."""
-    ok = all(bool(torch.isfinite(t).all()) for t in engine.trainable_shards())
-    if not _all_ranks_true(ok, world):
+    if not all_ranks_agree(all_finite(engine.trainable_shards())):
         raise UserError(
             f"the trainable weights are not finite after step {step}; no checkpoint written, the "
             "last good one is kept — lower train.lr or keep train.max_grad_norm on"

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from lfdist.errors import UserError
 from lfdist.train.checkpoint import rng_state, set_rng_state
+from lfdist.train.collective import all_finite, all_ranks_agree
 from lfdist.train.feed import StepFeeder
 
 
@@ -246,23 +247,12 @@ def _kept(last_saved: int | None) -> str:
 def _check_weights_finite(engine, world, step: int) -> None:
     """The final checkpoint follows the loop: refuse it if a trainable weight is not finite
     (cheap next to a step; every rank agrees, FSDP shards included)."""
-    ok = all(
-        bool(torch.isfinite(_local(p)).all()) for p in engine.model.parameters() if p.requires_grad
-    )
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=world.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        ok = bool(flag.item())
-    if not ok:
+    trainable = (p for p in engine.model.parameters() if p.requires_grad)
+    if not all_ranks_agree(all_finite(trainable)):
         raise UserError(
             f"a trainable weight is not finite after step {step}; the final checkpoint is not "
             "written — lower train.lr or check the data"
         )
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(t, "to_local", None)
-    return (to_local() if to_local is not None else t).detach()
 
 
 def _progress(total: int, start: int, world):

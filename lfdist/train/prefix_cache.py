@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lfdist.errors import UserError
+from lfdist.train.collective import all_ranks_agree
 
 DISK_MARGIN = 2**30  # free space a spill leaves on its disk
 
@@ -41,7 +42,7 @@ class _Cache:
     def select(self, indices: torch.Tensor) -> None:
         self.active = True
         self.indices = indices
-        self.replaying = _all_ranks(bool(self.filled[indices.cpu()].all()))
+        self.replaying = all_ranks_agree(bool(self.filled[indices.cpu()].all()))
         if self.replaying:
             self.hits += len(indices)
         else:
@@ -87,17 +88,6 @@ class _Last(_Skip):
         return out
 
 
-def _all_ranks(flag: bool) -> bool:
-    """True only if every rank says so: all ranks replay or record together (lockstep)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
 def _gather(hidden: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank keeps every rank's prefix outputs: the next epoch reshuffles examples
     across ranks, so a rank must be able to replay an example another rank computed."""
@@ -113,14 +103,6 @@ def _gather(hidden: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, 
     dist.all_gather(hs, hidden.contiguous())
     dist.all_gather(ix, indices.contiguous())
     return torch.cat(hs).cpu(), torch.cat(ix).cpu()
-
-
-def _comm_device() -> torch.device:
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
 
 
 def _available_bytes() -> int | None:

@@ -329,7 +329,6 @@ def test_bf16_adamw_step_bytes_equal_prediction_on_tiny_llama(precision):
     from lfdist.model.tiny import build_tiny
     from lfdist.precision import resolve
     from lfdist.probe.run import model_info
-
     from tests.helpers import make_plan
 
     model = build_tiny("llama", "lm").to(torch.bfloat16)

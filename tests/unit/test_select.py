@@ -422,7 +422,9 @@ def test_report_table_and_plot(tmp_path):
 
 def test_salf_lines_follow_the_plan_under_a_budget_and_name_an_unpriced_run():
     sized = {"skipped": "too short", "probe_flops": 4800.0, "flops_total": 0.0, "global_batch": 1}
-    sized.update(run_steps=20, run_flops_per_example=[4800, 4400, 4000, 3600, 3200, 2800, 2400, 2000])
+    sized.update(
+        run_steps=20, run_flops_per_example=[4800, 4400, 4000, 3600, 3200, 2800, 2400, 2000]
+    )
     probe = helpers.fake_probe(FALLING, pilot=sized)
     plan = select_plan(probe, "salf", budget={"blocks": 2})
     assert plan.scores["split"] == 4 and plan.boundary == 6  # the budget froze two more
