@@ -3,7 +3,7 @@
 Every number here is the cost model's prediction (lfdist.cost) on the model built from its
 architecture-only config on the meta device; nothing is measured. Plans: full fine-tuning
 and the top 50%, 25% and 10% of blocks (embeddings frozen, final norm and head trained, as
-lfdist's plans default). Engines: ZeRO-2, ZeRO-3, FSDP2; 8-512 GPUs; bf16; with and without
+lfdist's plans default). Engines: ZeRO-2, ZeRO-3, FSDP2; 8-512 GPUs; bf16-mixed (lfdist's default for bf16); with and without
 activation checkpointing of the trainable blocks. "Fewest GPUs" is the smallest world size
 (1, 2, 4, then whole 8-GPU nodes) whose per-rank prediction fits an 80 GB card.
 """
@@ -84,7 +84,7 @@ def _fewest(w: int | None) -> str:
 
 def markdown(table: list[dict[str, Any]]) -> str:
     lines = [
-        "**Predicted by the cost model (lfdist.cost), not measured.** Per-rank GiB for bf16 "
+        "**Predicted by the cost model (lfdist.cost), not measured.** Per-rank GiB for bf16-mixed "
         f"training, micro-batch {BATCH} x {SEQ_LEN} tokens per rank, AdamW; 'fewest GPUs' = "
         f"smallest world size (1, 2, 4, then multiples of 8) whose per-rank total fits "
         f"{GPU_GIB:g} GiB of an 80 GB card ('none': activations or replicated state alone "
@@ -157,7 +157,7 @@ def plot(table: list[dict[str, Any]], path: str) -> None:
             ax.set_ylabel("GiB per rank")
             ax.legend(fontsize=6, ncol=2)
     fig.suptitle(
-        f"Predicted per-rank memory, bf16, {BATCH} x {SEQ_LEN} tokens per rank; red: {GPU_GIB:g} GiB"
+        f"Predicted per-rank memory, bf16-mixed, {BATCH} x {SEQ_LEN} tokens per rank; red: {GPU_GIB:g} GiB"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -172,6 +172,7 @@ def run(out_dir: str) -> str:
         "source": "lfdist.cost (analytic cost model) on meta-device models; nothing measured",
         "settings": {
             "dtype": DTYPE,
+            "precision": "bf16-mixed (the default for bf16 models)",
             "seq_len": SEQ_LEN,
             "micro_batch_per_rank": BATCH,
             "world_sizes": list(WORLD_SIZES),
