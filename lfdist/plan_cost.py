@@ -94,7 +94,9 @@ def cost_table(p: dict[str, Any]) -> str:
         f"plan: {p['trainable_blocks']} of {p['n_blocks']} blocks train, "
         f"{p['params_trainable'] / 1e9:.3f}B trainable parameters "
         f"({100 * p['trainable_fraction']:.1f}%)",
-        f"{engine}, {p['world_size']} ranks, {p['dtype']}, batch {p['batch_size']} x "
+        f"{engine}, {p['world_size']} ranks, {p['dtype']} weights in {p['precision']} "
+        f"({p['bytes_per_trainable_param']:g} B per trainable parameter with its gradient and "
+        f"AdamW states, {p['bytes_per_frozen_param']:g} per frozen), batch {p['batch_size']} x "
         f"{p['seq_len']} tokens per rank, activation checkpointing "
         f"{'on' if p['activation_checkpointing'] else 'off'}",
         "per rank GiB: "
@@ -143,6 +145,13 @@ def add_cost_parser(plan_subparsers) -> None:
     c.add_argument("--seq-len", type=int, default=4096, help="tokens per example")
     c.add_argument("--batch-size", type=int, default=1, help="examples per rank per micro-step")
     c.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    c.add_argument(
+        "--precision",
+        choices=["auto", "bf16-mixed", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="train.precision (auto: bf16-mixed for bf16, fp32 masters and AdamW states for "
+        "trainable parameters only)",
+    )
     c.add_argument("--activation-checkpointing", action="store_true")
     c.add_argument("--lora-rank", type=int, default=None, help="default: the plan's, else 8")
     c.add_argument(
@@ -161,6 +170,7 @@ def run_cli(args) -> str:
         zero_stage=2 if args.zero_stage is None else args.zero_stage,
         world_size=args.world_size,
         dtype=args.dtype,
+        precision=args.precision,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         activation_checkpointing=args.activation_checkpointing,

@@ -382,3 +382,19 @@ def test_version_typo_hint_and_overrides_anywhere(capsys, plan_file, tmp_path):
     job = json.loads((tmp_path / "run" / "job.json").read_text())
     train = job["config"]["train"]
     assert (train["steps"], train["lr"], train["batch_size"]) == (2, 1e-3, 2)
+
+
+def test_two_ranks_on_an_empty_cache_write_the_tiny_model_once(tmp_path):
+    # Issue 18: on an empty LFDIST_CACHE rank 1 read the tiny model's folder while rank 0 was
+    # still writing it. The folder now appears whole (written aside, renamed under a lock).
+    plan = tmp_path / "plan.yaml"
+    save_plan(make_plan(build_tiny("llama", "lm"), ["frozen"] * 6 + ["full"] * 2), str(plan))
+    env = dict(os.environ, LFDIST_CACHE=str(tmp_path / "empty-cache"))
+    cmd = [sys.executable, "-m", "lfdist.cli", "train", "--model", "tiny:llama", "--data"]
+    cmd += ["synthetic:lm:32", "--plan", str(plan), "--engine", "fsdp2", "--nproc", "2"]
+    cmd += ["--steps", "2", "--out", str(tmp_path / "run"), "train.eval_before=false"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = sorted(os.listdir(tmp_path / "empty-cache" / "tiny"))
+    folders = [n for n in names if not n.endswith(".lock")]
+    assert len(folders) == 1 and folders[0].startswith("llama-lm-")  # no half-written copy left
