@@ -117,7 +117,8 @@ class ModelSource:
         from lfdist.model.materialize import locate
 
         if self.spec.startswith("tiny:"):
-            return  # written by us from the same config
+            self.weights_folder()  # written once here, before any rank starts to read it
+            return
         folder = resolve_folder(self.spec)
         if folder is None:
             return  # a hub id: the ranks download it; its headers are checked there
@@ -171,15 +172,34 @@ def tiny_folder(arch: str, task: str, num_labels: int, seed: int) -> str:
 
     name = f"{arch}-{task}-{num_labels}-seed{seed}-tf{transformers.__version__}"
     folder = os.path.join(cache_root(), "tiny", name)
-    done = os.path.join(folder, "config.json")
+    done = os.path.join(folder, "model.safetensors")  # written before the folder appears
     if os.path.isfile(done):
         return folder
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     with file_lock(folder + ".lock"):
         if not os.path.isfile(done):
+            import shutil
             import tempfile
 
+            # a folder without weights is what the rank-1 race of issue 18 left: replace it
+            shutil.rmtree(folder, ignore_errors=True)
             tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=os.path.dirname(folder))
-            build_tiny(arch, task, num_labels=num_labels, seed=seed).save_pretrained(tmp)
+            _save_tiny(build_tiny(arch, task, num_labels=num_labels, seed=seed), tmp)
             os.rename(tmp, folder)  # atomic: a reader never sees half a folder
     return folder
+
+
+def _save_tiny(model, folder: str) -> None:
+    """config.json and model.safetensors, written here whatever the process's rank: under
+    torch.distributed, transformers' save_pretrained writes the weights on rank 0 only, so a
+    rank 1 that took the lock first left a folder with a config and no weights (issue 18)."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(folder)
+    tensors, seen = {}, set()
+    for name, t in model.state_dict().items():
+        where = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if where not in seen:  # a tied weight is stored once, under its first name
+            seen.add(where)
+            tensors[name] = t.detach().contiguous()
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
