@@ -64,10 +64,12 @@ def check_inputs(cfg: RunConfig) -> None:
     """What the model's config alone can refuse, before any weight or data is loaded."""
     from lfdist.model.headers import read_index
     from lfdist.model.positions import check_seq_len
-    from lfdist.model.specs import resolve_folder
+    from lfdist.model.specs import check_spec, resolve_folder
 
-    check_seq_len(cfg.model.spec, cfg.data.seq_len)
     folder = None if cfg.model.spec.startswith("tiny:") else resolve_folder(cfg.model.spec)
+    if folder is None and not cfg.model.spec.startswith("tiny:"):
+        check_spec(cfg.model.spec)  # a mistyped local path is one line here, not a hub request
+    check_seq_len(cfg.model.spec, cfg.data.seq_len)
     if folder is not None:
         read_index(folder)  # empty, truncated or garbage safetensors: one line, not a traceback
 

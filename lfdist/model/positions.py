@@ -64,7 +64,9 @@ def model_config(spec: str) -> dict | None:
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
-    if ":" in spec or spec.startswith((".", "/", "~")):
+    from lfdist.model.specs import _looks_like_path
+
+    if ":" in spec or _looks_like_path(spec):
         return None
     try:
         import transformers

@@ -47,10 +47,15 @@ def _tokenizer(folder: str):
 
 
 def _looks_like_path(spec: str) -> bool:
+    """A spec a hub id cannot be: ./x, /x, ~/x, a/b/c, or org/name where `org` is a local folder
+    (`runs/nothere` with runs/ present is a mistyped path, not a hub repository: asking the hub
+    retried for 72 s before failing, issue 18)."""
+    first = spec.split("/", 1)[0]
     return (
         spec.startswith((".", "/", "~"))
         or os.sep in spec.strip("/").split("/", 2)[-1]
         or spec.count("/") > 1
+        or ("/" in spec and bool(first) and os.path.isdir(first))
     )
 
 

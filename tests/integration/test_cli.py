@@ -398,3 +398,19 @@ def test_two_ranks_on_an_empty_cache_write_the_tiny_model_once(tmp_path):
     names = sorted(os.listdir(tmp_path / "empty-cache" / "tiny"))
     folders = [n for n in names if not n.endswith(".lock")]
     assert len(folders) == 1 and folders[0].startswith("llama-lm-")  # no half-written copy left
+
+
+def test_mistyped_local_path_is_one_line_without_asking_the_hub(capsys, tmp_path, monkeypatch):
+    import socket
+    import time
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a spec whose first component is a local folder asked the network")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    t0 = time.perf_counter()
+    argv = ["eval", "--model", "runs/nothere", "--data", "synthetic:lm"]
+    assert_user_error(capsys, argv, "model path 'runs/nothere' does not exist", tmp_path)
+    assert time.perf_counter() - t0 < 10
