@@ -21,6 +21,7 @@ from lfdist.precision import resolve as resolve_precision
 
 TASKS = ("lm", "classify")
 ENGINES = ("ddp", "fsdp1", "fsdp2", "deepspeed", "single")
+TRACKERS = ("tensorboard", "wandb")  # train.report_to, besides out/metrics.jsonl
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -134,6 +135,8 @@ class TrainConfig:
     # torch.compile each block before the engine wraps it (torchtitan's recipe); ddp, fsdp1,
     # fsdp2, single. The first steps pay the compile (tens of seconds).
     compile: bool = False
+    # trackers besides out/metrics.jsonl (always): none, tensorboard, wandb, or a comma list
+    report_to: str = "none"
     eval_before: bool = True  # held-out quality of the base model before training
     save_final: bool = True  # write a checkpoint after the last step
 
@@ -154,6 +157,7 @@ class TrainConfig:
                 )
         for name in ("warmup_steps", "save_every", "log_every", "weight_decay", "max_grad_norm"):
             _not_negative(f"train.{name}", getattr(self, name))
+        parse_report_to(self.report_to)
         if self.compile and self.engine == "deepspeed":
             raise UserError(
                 "train.compile is for ddp, fsdp1, fsdp2 and single; DeepSpeed compiles through "
@@ -177,6 +181,18 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def parse_report_to(value: str) -> tuple[str, ...]:
+    """train.report_to: 'none', or a comma list of tensorboard and wandb."""
+    names = tuple(n.strip() for n in value.split(",") if n.strip() and n.strip() != "none")
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise UserError(
+            f"train.report_to={value!r}: {unknown[0]!r} is not a tracker; use none, tensorboard, "
+            "wandb or a comma list of them"
+        )
+    return names
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:

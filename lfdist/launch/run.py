@@ -42,6 +42,9 @@ def validate(
     checkpoint = latest_checkpoint(os.path.join(out, "checkpoints"))
     check_run_folder(out, resume, overwrite, checkpoint is not None)
     check_engine_config(cfg, world_size)
+    from lfdist.train.tracking import check_trackers
+
+    check_trackers(cfg.train.report_to)
     if cfg.train.cache_frozen_prefix and cfg.train.cache_spill_dir is not None:
         from lfdist.train.prefix_cache import check_spill_dir
 

@@ -29,6 +29,7 @@ from lfdist.train.measure import BackwardTracer, peak_memory_bytes
 from lfdist.train.prepare import prepare
 from lfdist.train.redraw import LisaSchedule
 from lfdist.train.resume import check_resume
+from lfdist.train.tracking import Tracker
 
 
 def _gather(obj) -> list:
@@ -118,6 +119,7 @@ def run_training(job: Job, world) -> None:
         else None
     )
     last = min(tc.steps, job.debug.stop_after or tc.steps)  # a simulated preemption
+    tracker = Tracker(out, tc.report_to, cfg.to_dict(), world.is_main, resumed=start > 0)
     result = train_loop(
         engine,
         feeder,
@@ -129,7 +131,9 @@ def run_training(job: Job, world) -> None:
         before_micro=cache.select if cache else None,
         stop=_step_boundary(job, world),
         redraw=redraw,
+        tracker=tracker,
     )
+    tracker.close()
     tracer.remove()
     done = start + len(result["losses"])
     stopped = done < last  # the loop ends early only where every rank agreed to stop

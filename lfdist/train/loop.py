@@ -45,6 +45,7 @@ class _Health:
     values: torch.Tensor
     norm: torch.Tensor | None
     rng: dict  # the RNG from before this step's forward: what a stop here saves
+    lrs: dict | None = None  # the learning rate of each treatment group this step used
 
     def read(self, world_size: int) -> tuple[float, bool, bool, float | None]:
         loss_sum, bad, stop = self.values.tolist()  # waits for this step only
@@ -74,6 +75,7 @@ def train_loop(
     before_micro: Callable | None = None,
     redraw=None,
     stop: Callable[[int], bool] | None = None,
+    tracker=None,
 ) -> dict:
     """Runs steps start_step..cfg.steps-1. Returns per-step losses, times and first-step counts.
 
@@ -83,8 +85,10 @@ def train_loop(
     redraw: an object with `at(engine, step)` that changes the trainable set where a schedule
     says (lfdist.train.redraw.LisaSchedule); `trained` in the result lists, per step, the blocks
     it trained.
+    tracker: a lfdist.train.tracking.Tracker that gets each logged step's record.
     """
     run = _Run(engine, cfg, world, start_step, save, log)
+    run.tracker = tracker
     engine.model.train()
     defer = bool(getattr(engine, "skips_bad_steps_on_device", False))
     scale = 1.0 / cfg.grad_accum
@@ -95,12 +99,14 @@ def train_loop(
             run.trained[step] = redraw.at(engine, step)
         rng = rng_state()
         micro_losses = []
-        for idx, batch in zip(feeder.micro_indices(step), feeder.micro_batches(step, world.device)):
+        batches = feeder.micro_batches(step, world.device)
+        for idx, batch in zip(feeder.micro_indices(step), batches):
             if before_micro is not None:
                 before_micro(idx)  # e.g. tell the prefix cache which examples come next
             micro_losses.append(engine.micro_step(batch, scale))
         if step == start_step:
             run.first_step_counts(tracer)
+            run.tokens_per_step = sum(b["input_ids"].numel() for b in batches) * world.world_size
         health = _health(step, micro_losses, asked, world.device, rng)
         if run.settle_previous():  # read with this step's work queued behind it
             run.drop(health)
@@ -115,6 +121,7 @@ def train_loop(
                 break
             if pending:
                 run.save_with_rng(step, rng)
+        health.lrs = {g.get("treatment", "full"): g["lr"] for g in engine.optimizer.param_groups}
         health.norm = engine.optimizer_step(skip=health.values[1] > 0 if deferred else None)
         if step == start_step:
             run.counts["after_step"] = engine.local_counts()
@@ -144,6 +151,8 @@ class _Run:
         self._starts: list[float] = []
         self._save_s: dict[int, float] = {}
         self._progress = _progress(cfg.steps, start_step, world)
+        self.tracker = None
+        self.tokens_per_step = 0
 
     def started(self, step: int) -> None:
         self._starts.append(time.perf_counter())
@@ -188,7 +197,7 @@ class _Run:
                 f"the data; {_kept(self.last_saved)}"
             )
         self.done = h.step + 1
-        self._logged(h.step)
+        self._logged(h.step, norm, h.lrs)
 
     def drop(self, h: _Health) -> None:
         """A stop agreed after step h's backward: its gradients go, the RNG is the one from
@@ -209,13 +218,33 @@ class _Run:
         self.last_saved = step
         self._save_s[step] = time.perf_counter() - t  # not part of the step's time
 
-    def _logged(self, step: int) -> None:
+    def _logged(self, step: int, norm: float | None, lrs: dict) -> None:
         loss = self.losses[step]
+        every = self.cfg.log_every
         if self._progress is not None:
             self._progress.update(1)
             self._progress.set_postfix(loss=f"{loss:.4f}")
-        elif self.world.is_main and self.cfg.log_every and (step + 1) % self.cfg.log_every == 0:
+        elif self.world.is_main and every and (step + 1) % every == 0:
             self.log(f"step {step + 1}/{self.cfg.steps} loss {loss:.4f}")
+        if self.tracker is not None and self.world.is_main and (step + 1) % max(1, every) == 0:
+            self.tracker.log(step + 1, self._record(step, loss, norm, lrs))
+
+    def _record(self, step: int, loss: float, norm: float | None, lrs: dict) -> dict:
+        """What a tracker gets for one step (read on the host only at the log interval)."""
+        from lfdist.train.measure import peak_memory_bytes
+
+        j = step - min(self.losses)
+        end = self._starts[j + 1] if j + 1 < len(self._starts) else time.perf_counter()
+        seconds = end - self._starts[j] - self._save_s.get(step, 0.0)
+        peak = next(iter(peak_memory_bytes(self.world.device).values()))
+        return {
+            "loss": loss,
+            "lr": lrs,  # what this step's update used
+            "grad_norm": norm,
+            "step_time_s": seconds,
+            "tokens_per_s": self.tokens_per_step / seconds if seconds > 0 else None,
+            "peak_memory_gib": peak / 2**30,
+        }
 
     def finish(self) -> None:
         if self.previous is not None:
