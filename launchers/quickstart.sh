@@ -12,4 +12,4 @@ export TORCH_EXTENSIONS_DIR="$PWD/.torch_extensions"
 out="runs/quickstart-$(date +%Y%m%d-%H%M%S)"
 lfdist run configs/quickstart.yaml out="$out" "$@" --compare-full
 lfdist plan show "$out/plan.yaml" --probe "$out/probe.json" --png "$out/plan.png"
-echo "everything is under $out (plan.yaml, probe.json, plan.png, train/metrics.json, summary.json)"
+echo "everything is under $out (plan.yaml, plan-all.yaml, probe.json, plan.png, train/metrics.json, train/metrics.jsonl, summary.json)"

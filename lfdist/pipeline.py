@@ -201,7 +201,11 @@ def evaluate_model(cfg: RunConfig) -> dict:
 
     check_inputs(cfg)
     prepared = prepare(cfg)
-    return evaluate(prepared.loaded.model, prepared.heldout, cfg.model.task, cfg.train.batch_size)
+    scores = evaluate(
+        prepared.loaded.model, prepared.heldout, cfg.model.task, cfg.train.batch_size
+    )
+    # what was scored, so the JSON says it on its own
+    return {"model": cfg.model.spec, "data": cfg.data.eval_spec or cfg.data.spec, **scores}
 
 
 def run(
@@ -250,6 +254,8 @@ def _run(cfg: RunConfig, compare_full: bool, resume: bool, overwrite: bool = Fal
             plan_path,
             overwrite=True,
         )
+    if compare_full:
+        log.info("training the plan (%s), then full fine-tuning to compare", plan_path)
     result = {
         "plan": plan_path,
         "train": train(
@@ -278,6 +284,9 @@ def train_full_reference(
     mine = load_plan(os.path.join(out, "plan.yaml"))
     if (mine.treatments, mine.modules) == (full.treatments, full.modules):
         return None
+    log.info(
+        "full fine-tuning for comparison (%s): every block, same engine, steps and data", full_plan
+    )
     return train(cfg, full_plan, os.path.join(out, "train-all"), overwrite=overwrite)
 
 

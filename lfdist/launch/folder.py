@@ -19,13 +19,25 @@ OURS = (
     "job.json.tmp",
     "error.txt",
     "metrics.json",
+    "metrics.jsonl",
+    "tensorboard",
+    "wandb",
     "checkpoints",
     "logs",
     ".lock",
     "ray",
 )
 # What --overwrite removes: the earlier run's results, never the user's files.
-RESULTS = ("error.txt", "metrics.json", "checkpoints", "logs", "ray")
+RESULTS = (
+    "error.txt",
+    "metrics.json",
+    "metrics.jsonl",
+    "tensorboard",
+    "wandb",
+    "checkpoints",
+    "logs",
+    "ray",
+)
 
 
 def check_run_folder(out: str, resume: bool, overwrite: bool, has_checkpoint: bool) -> None:

@@ -328,6 +328,7 @@ def test_end_to_end_probe_select_train_export(tmp_path, capsys):
     capsys.readouterr()
     assert run_cli("eval", "--model", hf, *data) == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["model"] == hf and result["data"] == data[1]  # it says what it scored
     assert result["loss"] == pytest.approx(
         metrics["eval"]["loss"], rel=1e-5
     )  # same model, same held-out set
