@@ -201,9 +201,7 @@ def evaluate_model(cfg: RunConfig) -> dict:
 
     check_inputs(cfg)
     prepared = prepare(cfg)
-    scores = evaluate(
-        prepared.loaded.model, prepared.heldout, cfg.model.task, cfg.train.batch_size
-    )
+    scores = evaluate(prepared.loaded.model, prepared.heldout, cfg.model.task, cfg.train.batch_size)
     # what was scored, so the JSON says it on its own
     return {"model": cfg.model.spec, "data": cfg.data.eval_spec or cfg.data.spec, **scores}
 
