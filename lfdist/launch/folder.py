@@ -28,16 +28,7 @@ OURS = (
     "ray",
 )
 # What --overwrite removes: the earlier run's results, never the user's files.
-RESULTS = (
-    "error.txt",
-    "metrics.json",
-    "metrics.jsonl",
-    "tensorboard",
-    "wandb",
-    "checkpoints",
-    "logs",
-    "ray",
-)
+RESULTS = tuple(n for n in OURS if n not in ("job.json", "job.json.tmp", ".lock"))
 
 
 def check_run_folder(out: str, resume: bool, overwrite: bool, has_checkpoint: bool) -> None:
