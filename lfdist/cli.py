@@ -37,11 +37,19 @@ def _did_you_mean(parser: argparse.ArgumentParser) -> str:
     return ""
 
 
-def _overrides_last(argv: list[str]) -> list[str]:
+def _parse(argv: list[str]) -> argparse.Namespace:
     """Dotted overrides may sit anywhere among the flags (as torchrun and HF scripts allow):
-    they move to the end, where argparse reads its positionals in one piece."""
+    they are taken out, the rest is parsed, and they join the command's `overrides` in order."""
     overrides = [a for a in argv if _OVERRIDE.match(a)]
-    return [a for a in argv if not _OVERRIDE.match(a)] + overrides
+    args = build_parser().parse_args([a for a in argv if not _OVERRIDE.match(a)])
+    if overrides:
+        if not hasattr(args, "overrides"):
+            raise UserError(
+                f"{args.command} takes no config overrides ({overrides[0]}); "
+                f"see `lfdist {args.command} --help`"
+            )
+        args.overrides = [*args.overrides, *overrides]
+    return args
 
 
 def _common_model_data(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -412,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
         _ARGV[:] = argv
-        args = build_parser().parse_args(_overrides_last(argv))
+        args = _parse(argv)
         code = dispatch(args)
     except UserError as e:
         print(f"lfdist: error: {e}", file=sys.stderr)

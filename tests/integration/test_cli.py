@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from lfdist.cli import main
+from lfdist.errors import UserError
 from lfdist.model.tiny import build_tiny
 from lfdist.plan import save_plan
 from tests.helpers import make_plan
@@ -415,3 +416,14 @@ def test_mistyped_local_path_is_one_line_without_asking_the_hub(capsys, tmp_path
     argv = ["eval", "--model", "runs/nothere", "--data", "synthetic:lm"]
     assert_user_error(capsys, argv, "model path 'runs/nothere' does not exist", tmp_path)
     assert time.perf_counter() - t0 < 10
+
+
+def test_overrides_join_the_command_wherever_they_sit():
+    from lfdist.cli import _parse
+
+    # the quick start's own line: a top-level override between the config and a flag
+    args = _parse(["run", "configs/quickstart.yaml", "out=runs/q", "--compare-full", "train.lr=1"])
+    assert args.config == "configs/quickstart.yaml" and args.compare_full
+    assert args.overrides == ["out=runs/q", "train.lr=1"]
+    with pytest.raises(UserError, match="export takes no config overrides"):
+        _parse(["export", "--checkpoint", "a", "--out", "b", "train.lr=1"])
