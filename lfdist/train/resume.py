@@ -37,6 +37,9 @@ MAY_CHANGE = (
     "train.cache_frozen_prefix",
     "train.cache_max_gib",
     "train.zero3_replicate_frozen",
+    "train.report_to",
+    "train.compile",
+    "train.cpu_lean_malloc",
 )
 
 
@@ -111,6 +114,8 @@ def check_settings(state: dict, config: dict) -> list[str]:
     if not isinstance(saved, dict):
         return []  # written before checkpoints recorded their settings
     old, new = _flat(saved), _flat(config)
+    if "train.precision" not in old:  # before train.precision, bf16 models trained pure bf16
+        old["train.precision"] = "bf16" if old.get("model.dtype") == "bfloat16" else "auto"
     applied = []
     batch = ("train.nproc", "train.batch_size", "train.grad_accum")
     reshaped = _global_batch(old) == _global_batch(new)

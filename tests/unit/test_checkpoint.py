@@ -302,3 +302,23 @@ def test_deepspeed_files_load_weights_only(tmp_path, monkeypatch):
         restore()
     assert not os.path.exists(tmp_path / PWNED)
     assert "load" not in vars(engine.checkpoint_engine)  # DeepSpeed's own method is back
+
+
+def test_resume_of_a_run_from_before_train_precision():
+    from lfdist.config import config_from_dict
+    from lfdist.train.resume import check_settings
+
+    old = config_from_dict({"model": {"dtype": "bfloat16"}}).to_dict()
+    for key in ("precision", "compile", "report_to", "cpu_lean_malloc"):
+        del old["train"][key]  # a checkpoint written before these settings existed
+    state = {"step": 2, "config": old}
+    now = config_from_dict({"model": {"dtype": "bfloat16"}, "train": {"report_to": "none"}})
+    # that run trained in pure bf16: resuming it in bf16-mixed would change what it computes
+    with pytest.raises(UserError, match='resume with train.precision="bf16"'):
+        check_settings(state, now.to_dict())
+    same = config_from_dict({"model": {"dtype": "bfloat16"}, "train": {"precision": "bf16"}})
+    assert check_settings(state, same.to_dict()) == [
+        "train.compile: None -> False",
+        "train.cpu_lean_malloc: None -> False",
+        "train.report_to: None -> 'none'",
+    ]
