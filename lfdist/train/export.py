@@ -74,6 +74,7 @@ def export(checkpoint: str, out: str) -> str:
         ) from None
     try:
         _write_folder(tmp, folder, state, model, plan, trained, source, tokenizer)
+        _usual_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no half-written export left behind
         raise
@@ -81,6 +82,18 @@ def export(checkpoint: str, out: str) -> str:
         os.rmdir(out)
     os.replace(tmp, out)
     return out
+
+
+def _usual_modes(folder: str) -> None:
+    """Every exported file with the mode a plain open() gives (0666 less the umask): safetensors
+    writes its files through a private temporary (0600), so the weights were unreadable to the
+    group and others that can read the rest of the export (issue 18)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~umask)
 
 
 def _write_folder(tmp, folder, state, model, plan, trained, source, tokenizer) -> None:

@@ -44,6 +44,9 @@ def test_export_overlays_the_trained_tensors_on_the_base_bytes(run, tmp_path):
 
     tmp, trained = run
     hf = export(str(tmp / "run"), str(tmp_path / "hf"))
+    # the weights with the same mode as the rest of the export (safetensors wrote them 0600)
+    modes = {n: os.stat(os.path.join(hf, n)).st_mode & 0o777 for n in os.listdir(hf)}
+    assert len(set(modes.values())) == 1 and modes["config.json"] & 0o044, modes
     assert sorted(os.listdir(hf)) == [
         "config.json",
         "generation_config.json",
