@@ -92,18 +92,26 @@ def make_text_data(
             f"{where} has no labels, but task 'classify' needs them; give labelled data "
             "(a label column, or <folder>/<label>/*.txt) or use task 'lm'"
         )
-    ids, names = _class_ids([labels[i] for i in keep], where, label_names)
+    ids, names, mapped = _class_ids([labels[i] for i in keep], where, label_names)
     if len(set(ids)) < 2:
         raise UserError(
             f"{where} has a single class ({names[ids[0]]!r}); classification needs "
             "at least 2 classes: check the label column"
         )
+    if mapped and (where, names) not in _SAID:  # once per data, however often it is read
+        _SAID.add((where, names))
+        log.info("%s", mapped)
     return TextData(texts, ids, names, fingerprint(texts, ids, names))
+
+
+_SAID: set = set()  # label mappings already reported in this process
 
 
 def _class_ids(
     raw: list, where: str, names: Sequence[str] | None
-) -> tuple[tuple[int, ...], tuple[str, ...]]:
+) -> tuple[tuple[int, ...], tuple[str, ...], str | None]:
+    """Class ids, class names, and the line that says how names were mapped (None: ids as
+    given)."""
     for i, value in enumerate(raw):
         if value is None or (isinstance(value, str) and not value.strip()):
             raise UserError(f"{where}: example {i} has no label; give every example a label")
@@ -121,24 +129,20 @@ def _class_ids(
                 f"{where}: label {bad[0]!r} is not a class id of {list(names)}; "
                 "drop unlabelled examples (label -1) or use a labelled split"
             )
-        return tuple(raw), tuple(names)
+        return tuple(raw), tuple(names), None
     # CSV cells are strings: "0"/"1" are class ids.
     raw = [int(v) if isinstance(v, str) and _INT.fullmatch(v.strip()) else v for v in raw]
     ints = all(isinstance(v, int) and not isinstance(v, bool) for v in raw)
     if ints and min(raw) >= 0 and max(raw) < 2 * len(set(raw)):
         # Dense integer class ids keep their meaning: class k stays id k.
-        return tuple(raw), tuple(str(k) for k in range(max(raw) + 1))
+        return tuple(raw), tuple(str(k) for k in range(max(raw) + 1)), None
     # Other values (strings, sparse ints like years) are names, in sorted order.
     names = [str(v) for v in sorted(set(raw))] if ints else sorted({str(v) for v in raw})
     index = {name: k for k, name in enumerate(names)}
     shown = ", ".join(f"{n!r}={k}" for k, n in enumerate(names[:8]))
-    log.info(
-        "%s: labels are class names; mapped to ids in sorted order: %s%s",
-        where,
-        shown,
-        f", ... ({len(names)} classes)" if len(names) > 8 else "",
-    )
-    return tuple(index[str(v)] for v in raw), tuple(names)
+    more = f", ... ({len(names)} classes)" if len(names) > 8 else ""
+    mapped = f"{where}: labels are class names; mapped to ids in sorted order: {shown}{more}"
+    return tuple(index[str(v)] for v in raw), tuple(names), mapped
 
 
 def load_text_data(

@@ -182,11 +182,20 @@ def test_string_labels_are_mapped_and_said(tmp_path, caplog):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with caplog.at_level(logging.INFO, logger="lfdist"):
         data = load_text_data(str(path), "classify")
+        load_text_data(str(path), "classify")  # read again (a run reads its data twice): said once
     assert data.labels == (1, 0) and data.label_names == ("arts", "sports")
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("lfdist")]
     assert lines == [
         f"{path}: labels are class names; mapped to ids in sorted order: 'arts'=0, 'sports'=1"
     ]
+    # one class: the error alone, no mapping line before it
+    caplog.clear()
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps({"text": t, "label": "arts"}) + "\n" for t in "ab"))
+    with caplog.at_level(logging.INFO, logger="lfdist"):
+        with pytest.raises(UserError, match="single class"):
+            load_text_data(str(one), "classify")
+    assert [r for r in caplog.records if r.name.startswith("lfdist")] == []
 
 
 @pytest.mark.parametrize("label", [{"a": 1}, [1, 2]])
