@@ -30,6 +30,11 @@ PRECISIONS = {
 }
 
 
+def data_spec(steps: int, batch: int) -> str:
+    """The synthetic data every row of the benchmark reads (plain loop and lfdist alike)."""
+    return f"synthetic:lm:{max(64, 2 * steps * batch)}"
+
+
 def batches(folder: str, dtype: str, batch: int, seq: int, steps: int):
     """lfdist's own training batches for this model and data spec (what `lfdist train` reads)."""
     from lfdist.config import config_from_dict
@@ -39,7 +44,7 @@ def batches(folder: str, dtype: str, batch: int, seq: int, steps: int):
     cfg = config_from_dict(
         {
             "model": {"spec": folder, "dtype": dtype},
-            "data": {"spec": f"synthetic:lm:{max(64, 2 * steps * batch)}", "seq_len": seq},
+            "data": {"spec": data_spec(steps, batch), "seq_len": seq},
         }
     )
     return StepFeeder(prepare(cfg).train, batch, 1, 1, 0, seed=0)

@@ -99,12 +99,14 @@ def write_plans(folder: str, dtype: str, out: str) -> dict[str, str]:
 
 
 def lfdist_row(folder, dtype, plan, engine, mode, work) -> dict:
+    from benchmarks.speed.plain import data_spec
+
     _, _, batch, seq, steps, _ = MODES[mode]
     out = os.path.join(work, f"{engine}-{os.path.basename(plan)[:-5]}")
     kind = ["--engine", "deepspeed", "--zero-stage", ENGINES[engine][0]] if engine[:4] == "zero" else ["--engine", engine]  # fmt: skip
     cmd = [
         sys.executable, "-m", "lfdist.cli", "train", "--model", folder, "--data",
-        f"synthetic:lm:{max(64, 2 * steps * batch)}", "--plan", plan, *kind, "--nproc", "1",
+        data_spec(steps, batch), "--plan", plan, *kind, "--nproc", "1",
         "--steps", str(steps), "--out", out, "--overwrite", f"data.seq_len={seq}",
         f"model.dtype={dtype}", f"train.batch_size={batch}", "train.eval_before=false",
         "train.save_final=false", "train.log_every=0",

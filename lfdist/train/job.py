@@ -164,7 +164,8 @@ def run_training(job: Job, world) -> None:
             "zero_stage": tc.zero_stage if tc.engine == "deepspeed" else None,
             "world_size": world.world_size,
             "device": str(world.device),
-            "precision": _precision_record(engine.precision),
+            # the dtypes the run held (bytes per parameter: predicted_run)
+            "precision": dataclasses.asdict(engine.precision),
             # the cost model for this run as it started (engine, world, precision, batch),
             # next to the measured peak in per_rank[].memory
             "predicted_run": _predicted_run(cfg, tc, plan, prepared.source, world),
@@ -199,16 +200,6 @@ def run_training(job: Job, world) -> None:
             "stopped": {"step": done, "signal": _stop_signal(job.out)} if stopped else None,
         }
         _merge_metrics(os.path.join(out, "metrics.json"), metrics)
-
-
-def _precision_record(precision) -> dict:
-    """The dtypes the run held (bytes per trainable and frozen parameter: predicted_run)."""
-    return {
-        "name": precision.name,
-        "compute": precision.compute,
-        "trainable": precision.trainable,
-        "frozen": precision.frozen,
-    }
 
 
 def _predicted_run(cfg, tc, plan, source, world) -> dict:

@@ -47,10 +47,9 @@ class _Health:
     rng: dict  # the RNG from before this step's forward: what a stop here saves
     lrs: dict | None = None  # the learning rate of each treatment group this step used
 
-    def read(self, world_size: int) -> tuple[float, bool, bool, float | None]:
+    def read(self, world_size: int) -> tuple[float, bool, bool]:
         loss_sum, bad, stop = self.values.tolist()  # waits for this step only
-        norm = None if self.norm is None else float(self.norm)
-        return loss_sum / world_size, bad > 0, stop > 0, norm
+        return loss_sum / world_size, bad > 0, stop > 0
 
 
 def _health(step: int, losses: list, asked: bool, device, rng: dict) -> _Health:
@@ -87,13 +86,12 @@ def train_loop(
     it trained.
     tracker: a lfdist.train.tracking.Tracker that gets each logged step's record.
     """
-    run = _Run(engine, cfg, world, start_step, save, log)
-    run.tracker = tracker
+    run = _Run(engine, cfg, world, start_step, save, log, tracker)
     engine.model.train()
     defer = bool(getattr(engine, "skips_bad_steps_on_device", False))
     scale = 1.0 / cfg.grad_accum
     for step in range(start_step, cfg.steps):
-        run.started(step)
+        run.started()
         asked = bool(stop(step)) if stop is not None else False
         if redraw is not None:
             run.trained[step] = redraw.at(engine, step)
@@ -140,7 +138,7 @@ def train_loop(
 class _Run:
     """What the loop keeps between steps: the step still to be read, losses, times, logging."""
 
-    def __init__(self, engine, cfg, world, start_step, save, log):
+    def __init__(self, engine, cfg, world, start_step, save, log, tracker=None):
         self.engine, self.cfg, self.world, self.save, self.log = engine, cfg, world, save, log
         self.losses: dict[int, float] = {}
         self.counts: dict = {}
@@ -151,10 +149,10 @@ class _Run:
         self._starts: list[float] = []
         self._save_s: dict[int, float] = {}
         self._progress = _progress(cfg.steps, start_step, world)
-        self.tracker = None
-        self.tokens_per_step = 0
+        self.tracker = tracker
+        self.tokens_per_step = 0  # global tokens per step, set at the first step
 
-    def started(self, step: int) -> None:
+    def started(self) -> None:
         self._starts.append(time.perf_counter())
 
     def first_step_counts(self, tracer) -> None:
@@ -176,7 +174,7 @@ class _Run:
         """Checks one step's loss (raising on a non-finite one) and records it; True when a
         rank asked to stop. `before_update`: read before the step's optimizer step, so a stop
         there drops the step instead of recording it."""
-        loss, bad, stop, _ = h.read(self.world.world_size)
+        loss, bad, stop = h.read(self.world.world_size)
         if bad or not math.isfinite(loss):
             raise UserError(
                 f"loss became {loss} at step {h.step}, before its optimizer step; "
@@ -233,9 +231,7 @@ class _Run:
         """What a tracker gets for one step (read on the host only at the log interval)."""
         from lfdist.train.measure import peak_memory_bytes
 
-        j = step - min(self.losses)
-        end = self._starts[j + 1] if j + 1 < len(self._starts) else time.perf_counter()
-        seconds = end - self._starts[j] - self._save_s.get(step, 0.0)
+        seconds = self._seconds(step)
         peak = next(iter(peak_memory_bytes(self.world.device).values()))
         return {
             "loss": loss,
@@ -256,14 +252,15 @@ class _Run:
             self._progress.close()
 
     def times(self) -> list[float]:
-        """Each recorded step's time: from its start to the next step's start (the device is at
-        most one step behind the host), less any checkpoint written during it."""
-        first = min(self.losses, default=0)
-        out = []
-        for step in sorted(self.losses):
-            j = step - first
-            out.append(self._starts[j + 1] - self._starts[j] - self._save_s.get(step, 0.0))
-        return out
+        return [self._seconds(step) for step in sorted(self.losses)]
+
+    def _seconds(self, step: int) -> float:
+        """A recorded step's time: from its start to the next step's start (the device is at
+        most one step behind the host; now, for a step whose successor has not started), less
+        any checkpoint written during it."""
+        j = step - min(self.losses)
+        end = self._starts[j + 1] if j + 1 < len(self._starts) else time.perf_counter()
+        return end - self._starts[j] - self._save_s.get(step, 0.0)
 
 
 def _kept(last_saved: int | None) -> str:

@@ -75,6 +75,6 @@ def _flatten(record: dict, prefix: str = "") -> dict[str, float]:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(_flatten(value, name + "/"))
-        elif isinstance(value, int | float) and value is not None:
+        elif isinstance(value, int | float):
             out[name] = float(value)
     return out
