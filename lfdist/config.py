@@ -73,6 +73,9 @@ class ProbeConfig:
     pilot_budget: float = 0.05  # probe + pilots at most this share of the run's cost
     pilot_steps: int = 0  # the longer pilot's steps, overriding the budget (0: sized by it)
     pilot_depths: str = "auto"  # "auto" (1, 2, 4, ... L) or a comma list such as "1,2,4,8"
+    # salf's pilots: "grid" (every depth 1, 2, 4, ..., L at two lengths: estimator pilot) or
+    # "halving" (candidate splits from the trace, the better half continuing at twice the steps)
+    pilot_kind: str = "grid"
     critical_steps: int = 0  # critical: steps of the all-block pilot fine-tune (0: none)
 
     def __post_init__(self):
@@ -80,6 +83,7 @@ class ProbeConfig:
         _positive("probe.batch_size", self.batch_size)
         _positive("probe.workers", self.workers)
         _choice("probe.orchestrator", self.orchestrator, ("local", "ray"))
+        _choice("probe.pilot_kind", self.pilot_kind, ("grid", "halving"))
         _not_negative("probe.pilot_steps", self.pilot_steps)
         if not 0 < self.pilot_budget < 1:
             raise UserError(

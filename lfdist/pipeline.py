@@ -115,8 +115,12 @@ def probe(cfg: RunConfig, out: str, overwrite: bool = False, progress: bool = Tr
 
         seq_len = int(result.data_info["seq_len"])
         n = int(result.data_info.get("n_samples") or 0)
+        halving = result.curves.get("halving")
+        why = {}
+        if halving is not None:
+            why["skipped"] = halving.get("skipped") or "the halving estimator ran instead"
         result.curves["pilot"] = probe_only(
-            result.model_info, cfg.train, seq_len, n, cfg.probe.pilot_budget
+            result.model_info, cfg.train, seq_len, n, cfg.probe.pilot_budget, **why
         )
     result.save(out)
     return result
@@ -129,7 +133,9 @@ def _pilots(cfg: RunConfig, result, prepared) -> None:
 
     pc, tc = cfg.probe, cfg.train
     model, data, task = prepared.loaded.model, prepared.train, cfg.model.task
-    if pc.pilots or pc.pilot_steps:
+    if (pc.pilots or pc.pilot_steps) and pc.pilot_kind == "halving":
+        attach(result, "halving", _halving(cfg, result, prepared))
+    elif pc.pilots or pc.pilot_steps:
         sizing = dict(
             depths=pc.pilot_depths,
             steps=pc.pilot_steps or None,
@@ -145,6 +151,36 @@ def _pilots(cfg: RunConfig, result, prepared) -> None:
         attach(result, "pilot", record)
     if pc.critical_steps:
         attach(result, "critical", run_critical(model, data, task, tc, steps=pc.critical_steps))
+
+
+def _halving(cfg: RunConfig, result, prepared) -> dict:
+    """salf's halving rounds: candidates from the probe's trace, salf's rule for who continues."""
+    from functools import partial
+
+    from lfdist.probe.halving import run_halving
+    from lfdist.select.salf import TOLERANCE, decide, trace_gain
+    from lfdist.select.salf_halving import candidates, survivors
+
+    pc, tc, task = cfg.probe, cfg.train, cfg.model.task
+    L = int(result.model_info["n_blocks"])
+    constant = [i for i in result.curves.get("constant_spaces", []) if i < L]
+    gain, _ = trace_gain(list(result.deviation), constant)
+    trace_pick = decide("target", gain, [1.0] * L, [True] * L, 0.02)  # salf's trace default
+    ks = candidates(gain, trace_pick)
+    rule = partial(survivors, task, run_steps=tc.steps, tolerance=TOLERANCE[task])
+    sizing = dict(
+        ks=ks,
+        keep={0, min(trace_pick, max(0, L - 2))},
+        survivors=rule,
+        budget=pc.pilot_budget,
+        steps=pc.pilot_steps or None,
+        probe_examples=int(result.data_info.get("n_samples") or 0),
+    )
+    if pc.orchestrator == "ray":  # one Ray task per candidate and round
+        from lfdist.orchestrate.pilot import ray_halving
+
+        return ray_halving(cfg, prepared.train, **sizing)
+    return run_halving(prepared.loaded.model, prepared.train, task, tc, **sizing)
 
 
 def select(

@@ -58,6 +58,7 @@ def plan_table(plan, probe=None) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    lines += _legend(extra, has_dev, plan.strategy)
     groups = ", ".join(f"{g} {t}" for g, t in plan.modules.items() if g != "head")
     lines.append(f"modules: {groups}; {head_treatment(plan.modules)}")
     lines.append(_totals(plan))
@@ -66,6 +67,25 @@ def plan_table(plan, probe=None) -> str:
 
         lines += explain(plan.scores, plan.boundary, plan.budget)
     return "\n".join(lines)
+
+
+def _legend(extra: list[str], has_dev: bool, strategy: str) -> list[str]:
+    """What the score columns mean, once, in words (the table's only key)."""
+    words = []
+    if "gain" in extra:
+        words.append(
+            "gain = the share of the probe's loss fall (embeddings to output) that this block and "
+            "every block above it carry; 1 at the bottom"
+        )
+    if "gradnorm" in extra:
+        words.append("gradnorm = the block's gradient norm on the calibration data")
+    if has_dev:
+        words.append(
+            "d_out = the loss read out of the block's output (the logit lens for language models, "
+            "nearest class centroid for classifiers): lower is closer to the answer"
+        )
+    words.append(f"score = what {strategy} ranked the blocks by")
+    return ["columns: " + "; ".join(words)]
 
 
 def _totals(plan) -> str:

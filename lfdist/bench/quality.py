@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from lfdist.bench.oracle import Oracle, metric_of, plan_key, prefix
 from lfdist.bench.quality_scores import (
@@ -52,6 +52,9 @@ class TaskSpec:
     # (0: not scored). The runs here are too short for pilots inside 5%; this shows what the
     # estimator would pick, with its cost fraction printed as it is.
     pilot_steps: int = 0
+    # score (b), every strategy at equal trainable blocks; off for the long runs, where each
+    # extra plan costs as much as a split of the sweep
+    at_budget: bool = True
     extra: dict = field(default_factory=dict)
 
 
@@ -88,6 +91,27 @@ TASKS = [
         critical_steps=4,
         warmup=6,
         pilot_steps=8,
+    ),
+]
+# The same tasks at the run lengths users have (issue 17): `--only minilm-bbc-1000` etc., into
+# their own folder (benchmarks/selection_quality/long). Warm-up stays 10% of the run.
+LONG_TASKS = [
+    replace(
+        TASKS[0],
+        name="minilm-bbc-1000",
+        steps=1000,
+        warmup=100,
+        pilot_steps=0,
+        at_budget=False,
+    ),
+    replace(
+        TASKS[1],
+        name="smollm2-docs-300",
+        steps=300,
+        warmup=30,
+        ks=[0, 1, 2, 4, 8, 15],
+        pilot_steps=0,
+        at_budget=False,
     ),
 ]
 TINY_TASKS = [
@@ -210,11 +234,12 @@ def run_task(spec: TaskSpec, out: str, reuse: str | None = None) -> dict:
             except UserError as e:
                 errors[s] = str(e)
     pilot = _pilot_pick(spec, cfg, out) if spec.pilot_steps else None
+    estimators = _estimators(cfg, out, spec.name, probe)
     salf_k = plans["salf"]["default"].boundary if "salf" in plans else None
     oracle_k = k_tol(spec.task, oracle.splits(seeds))
     budget_k = next(k for k in (salf_k, oracle_k, L // 2) if k)  # 0 would make every plan equal
     n_budget = L - budget_k
-    for s in list(plans):
+    for s in list(plans) if spec.at_budget else []:
         try:
             plans[s]["budget"] = _at_budget(probe, s, plans[s]["default"], n_budget)
         except UserError as e:
@@ -227,8 +252,12 @@ def run_task(spec: TaskSpec, out: str, reuse: str | None = None) -> dict:
             oracle.train(model, plan_for(model, prefix(L, k)), prepared, cfg.train, seeds)
     if pilot is not None:
         oracle.train(model, plan_for(model, prefix(L, pilot["k"])), prepared, cfg.train, seeds)
+    for e in estimators.values():
+        if "k" in e:
+            oracle.train(model, plan_for(model, prefix(L, e["k"])), prepared, cfg.train, seeds)
     for p in plans.values():
-        oracle.train(model, p["budget"], prepared, cfg.train, seeds)
+        if "budget" in p:
+            oracle.train(model, p["budget"], prepared, cfg.train, seeds)
     splits = oracle.splits(seeds)
     oracle_k = k_tol(spec.task, splits)
     oracle.save()
@@ -242,6 +271,7 @@ def run_task(spec: TaskSpec, out: str, reuse: str | None = None) -> dict:
         oracle_k,
         n_budget,
         pilot,
+        estimators,
         {
             "sweep_s": sweep_s,
             "probe_wall_s": probe_wall,
@@ -250,6 +280,54 @@ def run_task(spec: TaskSpec, out: str, reuse: str | None = None) -> dict:
             "trained_s": sum(r["wall_s"] for runs in oracle.runs.values() for r in runs.values()),
         },
     )
+
+
+def _estimators(cfg, out: str, name: str, probe) -> dict:
+    """salf's three estimators, each inside the pilot budget as a user's run would have them:
+    trace and the grid pilots from the main probe (pilots sized to the budget, skipped when
+    they do not fit), halving from a probe of its own (probe.pilot_kind=halving)."""
+    from dataclasses import replace
+
+    from lfdist import pipeline
+    from lfdist.select import select_plan
+
+    pc = replace(cfg.probe, gradnorm=False, critical_steps=0, pilot_kind="halving")
+    _log(f"{name}: salf's halving estimator, inside the {pc.pilot_budget:.0%} budget")
+    t0 = time.perf_counter()
+    halving = pipeline.probe(
+        replace(cfg, probe=pc),
+        os.path.join(out, f"probe-halving-{name}.json"),
+        overwrite=True,
+        progress=False,
+    )
+    wall = time.perf_counter() - t0
+    out_: dict = {}
+    for estimator, source, key in (
+        ("trace", probe, None),
+        ("pilot", probe, "pilot_s"),
+        ("halving", halving, "halving_s"),
+    ):
+        try:
+            plan = select_plan(source, "salf", options={"estimator": estimator})
+        except UserError as e:  # the probe's own reason where it skipped them
+            record = source.curves.get(estimator if estimator == "halving" else "pilot") or {}
+            out_[estimator] = {"skipped": record.get("skipped") or str(e)}
+            continue
+        t = source.timings
+        sc = plan.scores
+        out_[estimator] = {
+            "k": plan.boundary,
+            "plan_cost_fraction": sc.get("cost_fraction"),
+            "pilot_plan": "forward probe only" if estimator == "trace" else sc.get("pilot_plan"),
+            "probe_forward_s": t.get("forward_s", 0.0),
+            "pilots_s": t.get(key, 0.0) if key else 0.0,
+            "seconds": float(t.get("forward_s", 0.0)) + float(t.get(key, 0.0) if key else 0.0),
+        }
+        if estimator == "halving":
+            out_[estimator].update(halving=sc["halving"], probe_wall_s=wall)
+        if estimator == "pilot":
+            out_[estimator]["predicted"] = sc.get("predicted")
+    return out_
 
 
 def _pilot_pick(spec: TaskSpec, cfg, out: str) -> dict:
@@ -333,7 +411,9 @@ def _salf_cost(probe, spec: TaskSpec, splits: dict, k: int | None) -> dict:
     }
 
 
-def _score(spec, probe, plans, errors, oracle, splits, oracle_k, n_budget, pilot, wall) -> dict:
+def _score(
+    spec, probe, plans, errors, oracle, splits, oracle_k, n_budget, pilot, estimators, wall
+) -> dict:
     task, seeds, L = spec.task, spec.seeds, oracle.n_blocks
     for k, summary in splits.items():
         summary["flops"] = _flops(probe, spec, prefix(L, k))
@@ -343,6 +423,11 @@ def _score(spec, probe, plans, errors, oracle, splits, oracle_k, n_budget, pilot
     }
     if pilot is not None:
         picks["salf (pilot, over budget)"] = pilot["k"]
+    for name, e in estimators.items():
+        if "k" in e:
+            picks[f"salf: {name} (in budget)"] = e["k"]
+            run_s = spec.steps * splits[e["k"]]["step_s"] if e["k"] in splits else None
+            e["wall_fraction"] = e["seconds"] / run_s if run_s else None
     for s, k in picks.items():
         if k is not None:
             cheapest[s] = cheapest_score(task, splits, k, oracle_k)
@@ -352,6 +437,8 @@ def _score(spec, probe, plans, errors, oracle, splits, oracle_k, n_budget, pilot
     best_k = best_within(task, splits, L, n_budget)
     at_budget = {}
     for s, p in plans.items():
+        if "budget" not in p:
+            continue
         plan = p["budget"]
         summary = oracle.summary(plan_key(plan.treatments, plan.strategy, plan.options), seeds)
         at_budget[s] = {
@@ -387,6 +474,7 @@ def _score(spec, probe, plans, errors, oracle, splits, oracle_k, n_budget, pilot
             "cost": _salf_cost(probe, spec, splits, salf.boundary if salf else None),
         },
         "salf_pilot": pilot,
+        "estimators": estimators,
         "errors": errors,
         "wall": wall,
     }
@@ -398,7 +486,8 @@ def run(
     from lfdist.bench.quality_report import markdown, plot
     from lfdist.bench.record import write_result
 
-    tasks = [t for t in (TINY_TASKS if tiny else TASKS) if not only or t.name in only]
+    known = TINY_TASKS if tiny else TASKS + LONG_TASKS
+    tasks = [t for t in known if (t.name in only if only else t in TASKS or tiny)]
     if reuse:
         missing = [
             t.name

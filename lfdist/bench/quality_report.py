@@ -132,9 +132,51 @@ def _task_md(r: dict) -> list[str]:
                 f" (interval {p['pick_interval'][0]:.4g}-{p['pick_interval'][1]:.4g}), full "
                 f"{p['full']:.4g}."
             )
+    lines += _estimators_md(r)
     for s, e in r["errors"].items():
         lines.append(f"- {s} not scored: {e}")
     return lines + [""]
+
+
+def _estimators_md(r: dict) -> list[str]:
+    """salf's estimators inside their budget: pick, cost (FLOPs and wall) and verdict."""
+    est = r.get("estimators")
+    if not est:
+        return []
+    lines = [
+        "",
+        f"### salf's estimators inside the 5% budget (oracle k_tol = {r['k_tol']})",
+        "",
+        "| estimator | pick k | verdict | cost, FLOPs of the run | cost, wall time of the run "
+        "| what ran |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, e in est.items():
+        if "k" not in e:
+            lines.append(f"| {name} | - | not run | - | - | {e['skipped']} |")
+            continue
+        c = r["cheapest"].get(f"salf: {name} (in budget)", {})
+        flops = "n/a" if e["plan_cost_fraction"] is None else f"{e['plan_cost_fraction']:.1%}"
+        wall = "n/a" if e.get("wall_fraction") is None else f"{e['wall_fraction']:.1%}"
+        lines.append(
+            f"| {name} | {e['k']} | {c.get('verdict', '-')} | {flops} | {wall} "
+            f"| {e['pilot_plan']} |"
+        )
+    h = est.get("halving", {}).get("halving")
+    if h:
+        lm = r["task"]["task"] == "lm"
+        unit, scale = ("% perplexity", 100.0) if lm else (" accuracy points", 1.0)
+        lines += [
+            "",
+            "Halving rounds (held-out error per candidate k; k = 0 trains every block):",
+            "",
+        ]
+        for rd in h["rounds"]:
+            shown = ", ".join(f"k={k}: {e:.4f}" for k, e in zip(rd["candidates"], rd["errors"]))
+            lines.append(f"- {rd['steps']} steps: {shown} ({rd['seconds']:.1f} s)")
+        gaps = ", ".join(f"k={k}: {scale * g:+.2f}{unit}" for k, g in h["in_metric"].items())
+        lines.append(f"- read at the run's {h['run_steps']} steps, gap to k = 0: {gaps}")
+    return lines
 
 
 def markdown(result: dict) -> str:

@@ -81,3 +81,60 @@ def ray_pilots(
     results[0]["seconds"] += base_s  # as run_pilots books its one baseline pass
     stderr_log(f"pilots: {len(results)} depths done")
     return assemble_pilots(results, plan, task, base, extra)
+
+
+def ray_halving(
+    cfg: RunConfig,
+    data: dict,
+    *,
+    ks: list[int],
+    keep: set[int],
+    survivors,
+    budget: float,
+    steps: int | None = None,
+    probe_examples: int = 0,
+    heldout_samples: int | None = None,
+) -> dict:
+    """`lfdist.probe.halving.run_halving` with one Ray task per candidate in every round (as
+    many at once as there are workers), each on its own replica; the same record."""
+    import ray
+
+    from lfdist.orchestrate.cluster import ray_session, threads_per_actor
+    from lfdist.probe.halving import run_rounds, size_halving
+    from lfdist.probe.pilot import HELDOUT_SAMPLES, global_batch, stderr_log
+    from lfdist.probe.run import model_info
+    from lfdist.train.evaluate import evaluate
+
+    tc, task = cfg.train, cfg.model.task
+    m = model_spec(cfg)
+    base_model = load_replica(m, "cpu")
+    info = model_info(base_model, task)
+    sizing = (budget, steps, heldout_samples or HELDOUT_SAMPLES, probe_examples)
+    plan, train, heldout = size_halving(info, data, task, tc, ks, keep, *sizing)
+    if plan.get("skipped"):
+        stderr_log(f"halving: skipped, {plan['skipped']}")
+        return {**plan, "rounds": [], "seconds": [0.0]}
+    stderr_log(f"halving (Ray, one task per candidate): {plan['budget_note']}")
+    t0 = time.perf_counter()
+    base = evaluate(base_model, heldout, task, global_batch(tc))
+    base_s = time.perf_counter() - t0
+    del base_model
+    L = info["n_blocks"]
+    cpus = max(os.cpu_count() or 1, len(plan["candidates"]))
+    with ray_session(cfg.probe.ray_address, num_cpus=cpus) as res:
+        threads = threads_per_actor(res, len(plan["candidates"]))
+        gpu = {"num_gpus": 1} if res.gpus >= 1 else {}
+        task_fn = ray.remote(
+            num_cpus=threads, max_retries=MAX_ATTEMPTS - 1, scheduling_strategy="SPREAD", **gpu
+        )(_pilot_task)
+        train_ref, held_ref = ray.put(train), ray.put(heldout)
+
+        def train_round(cands: list[int], n_steps: int) -> list[dict]:
+            refs = [
+                task_fn.remote(m, train_ref, held_ref, tc, L - k, [n_steps], threads) for k in cands
+            ]
+            return ray.get(refs)  # in the order of cands
+
+        record = run_rounds(plan, task, tc, train_round, survivors, base, stderr_log)
+    record["seconds"][0] += base_s
+    return record

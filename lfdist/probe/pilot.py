@@ -287,8 +287,9 @@ def run_critical(
 
 
 def attach(result: ProbeResult, key: str, record: dict) -> ProbeResult:
-    """Store a pilot record (`pilot` or `critical`) in the probe result, with its seconds."""
-    if key not in ("pilot", "critical"):
+    """Store a pilot record (`pilot`, `halving` or `critical`) in the probe result, with its
+    seconds."""
+    if key not in ("pilot", "critical", "halving"):
         raise ValueError(f"unknown pilot record {key!r}")
     result.curves[key] = record
     secs = record["seconds"]

@@ -56,10 +56,17 @@ def _run_and_probe(info: dict, tc, seq_len: int, probe_examples: int):
     return flops, gb, run, probe_examples * flops["probe"]
 
 
-def _most_crowded(depths: list[int]) -> int:
-    """The interior depth whose neighbours are closest on a log scale: dropping it leaves the
-    others spread from 1 to L (1, 2, 4, 8, 16, 30 -> 1, 2, 4, 8, 30 -> 1, 4, 8, 30 -> 1, 4, 30)."""
-    return min(range(1, len(depths) - 1), key=lambda i: depths[i + 1] / depths[i - 1])
+def most_crowded(depths: list[int], keep=()) -> int | None:
+    """The index of the interior depth (sorted either way, its value not in `keep`) whose
+    neighbours are closest on a log scale: dropping it leaves the others spread from 1 to L
+    (1, 2, 4, 8, 16, 30 -> 1, 2, 4, 8, 30 -> 1, 4, 8, 30 -> 1, 4, 30). None: all kept."""
+    interior = [i for i in range(1, len(depths) - 1) if depths[i] not in keep]
+    if not interior:
+        return None
+    return min(
+        interior,
+        key=lambda i: max(depths[i - 1], depths[i + 1]) / min(depths[i - 1], depths[i + 1]),
+    )
 
 
 def plan_pilots(
@@ -97,7 +104,7 @@ def plan_pilots(
     depths, held = list(depths), min(n_heldout, max(1, n_examples // 4))
     if steps is None:
         while longest(depths, held) < MIN_STEPS and len(depths) > 3:
-            depths.pop(_most_crowded(depths))
+            depths.pop(most_crowded(depths))
         while longest(depths, held) < MIN_STEPS and held // 2 >= MIN_HELDOUT:
             held //= 2
         s2 = min(longest(depths, held), tc.steps)
@@ -142,11 +149,18 @@ def plan_pilots(
     return {**plan, "budget_note": note}
 
 
-def probe_only(info: dict, tc, seq_len: int, probe_examples: int, budget: float = PILOT_BUDGET):
-    """The cost record of a probe that ran no pilots (probe.pilots off), so that salf's plan
-    still reports the probe's share of the run it plans."""
+def probe_only(
+    info: dict,
+    tc,
+    seq_len: int,
+    probe_examples: int,
+    budget: float = PILOT_BUDGET,
+    skipped: str = "probe.pilots is off",
+):
+    """The cost record of a probe that ran no grid pilots (probe.pilots off, or halving ran or
+    did not fit: `skipped` says which), so that salf's plan still reports the probe's share of
+    the run it plans."""
     flops, gb, run, probe = _run_and_probe(info, tc, seq_len, probe_examples)
-    skipped = "probe.pilots is off"
     return {
         "depths": [],
         "lengths": [],
@@ -162,3 +176,102 @@ def probe_only(info: dict, tc, seq_len: int, probe_examples: int, budget: float 
         "budget_note": f"no pilots: {skipped}",
         "seconds": [0.0],
     }
+
+
+def halving_counts(m: int) -> list[int]:
+    """Candidates per halving round: all m, then the reference plus the better half of the
+    others, and so on down to the reference and one (5 -> 3 -> 2; 6 -> 4 -> 3 -> 2)."""
+    counts = [m]
+    while counts[-1] > 2:
+        counts.append(1 + -(-(counts[-1] - 1) // 2))
+    return counts
+
+
+def plan_halving(
+    info: dict,
+    tc,
+    seq_len: int,
+    n_examples: int,
+    n_heldout: int,
+    probe_examples: int,
+    ks: list[int],
+    keep: set[int],
+    budget: float = PILOT_BUDGET,
+    steps: int | None = None,
+) -> dict:
+    """The halving estimator's rounds inside `budget` of the run (as `plan_pilots`): candidate
+    splits `ks` (k = 0 first), round r trains the survivors for s * 2^r steps, each from the
+    pre-trained weights. Priced as if the deepest candidates survived every round, so what runs
+    never costs more than planned. Before the first round gets shorter than MIN_STEPS // 2,
+    candidates not in `keep` are dropped (the most crowded first), then the held-out set
+    halves down to MIN_HELDOUT. `steps`: an explicit first-round length (not sized)."""
+    L = info["n_blocks"]
+    flops, gb, run, probe = _run_and_probe(info, tc, seq_len, probe_examples)
+    allowed = budget * run
+
+    def cost(cands: list[int], s0: int, held: int) -> float:
+        counts = halving_counts(len(cands))
+        dearest = sorted((flops["train"][k] for k in cands), reverse=True)
+        train = sum(s0 * 2**r * gb * sum(dearest[:m]) for r, m in enumerate(counts))
+        return train + (sum(counts) + 1) * held * flops["forward"]  # + the base model's pass
+
+    def longest(cands: list[int], held: int) -> int:
+        per_step = cost(cands, 1, held) - cost(cands, 0, held)
+        return int((allowed - probe - cost(cands, 0, held)) // per_step)
+
+    ks, held = sorted(ks), min(n_heldout, max(1, n_examples // 4))
+    first = MIN_STEPS // 2
+    if steps is None:
+        while longest(ks, held) < first and len(ks) > 2:
+            i = most_crowded([L - k for k in ks], {L - k for k in keep})
+            if i is None:
+                break
+            ks.pop(i)
+        while longest(ks, held) < first and held // 2 >= MIN_HELDOUT:
+            held //= 2
+        rounds = len(halving_counts(len(ks)))
+        s0 = min(longest(ks, held), max(1, tc.steps // 2 ** (rounds - 1)))
+    else:
+        s0 = steps
+    if len(ks) < 2:
+        skipped = "the trace leaves no candidate split to compare with full fine-tuning"
+    elif gb > n_examples - held:
+        skipped = (
+            f"one global batch ({gb}) needs more than the {n_examples - held} calibration "
+            "examples left for training"
+        )
+    elif s0 < first:
+        skipped = (
+            f"the {budget:.0%} budget of a {tc.steps}-step run allows a first halving round of "
+            f"{max(s0, 0)} steps, fewer than {first}"
+        )
+    else:
+        skipped = None
+    counts = halving_counts(len(ks))
+    lengths = [] if skipped else [s0 * 2**r for r in range(len(counts))]
+    spent = cost(ks, s0, held) if lengths else 0.0
+    plan = {
+        "candidates": ks,
+        "counts": counts,
+        "lengths": lengths,
+        "heldout_examples": held,
+        "budget": budget,
+        "probe_flops": probe,
+        "flops_planned": spent,
+        "run_flops_per_example": flops["train"],
+        "global_batch": gb,
+        "planned_fraction": (probe + spent) / run,
+    }
+    if skipped:
+        return {**plan, "skipped": skipped, "budget_note": f"no halving: {skipped}"}
+    why = (
+        f"the {budget:.0%} budget of a {tc.steps}-step run allowed"
+        if steps is None
+        else f"probe.pilot_steps={steps} (not sized to the budget) gave"
+    )
+    note = (
+        f"{why} halving rounds of {', '.join(map(str, lengths))} steps over frozen splits "
+        f"k = {', '.join(map(str, ks))} ({' -> '.join(map(str, counts))} candidates), scored on "
+        f"{held} held-out examples"
+    )
+    return {**plan, "budget_note": note}

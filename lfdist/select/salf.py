@@ -29,8 +29,9 @@ from lfdist.registry import register_strategy
 from lfdist.select.base import Choice, Context, frozen_prefix
 from lfdist.select.budget import infeasible
 from lfdist.select.salf_fit import Z, predict_quality
+from lfdist.select.salf_halving import gap_within, pick
 
-ESTIMATORS = ("trace", "pilot")
+ESTIMATORS = ("trace", "pilot", "halving")
 DECISIONS = ("target", "budget", "ratio")
 
 
@@ -84,9 +85,7 @@ def to_metric(task: str, error: float) -> float:
 def within(task: str, error: float, full: float, tolerance: float) -> bool:
     """Whether `error` is within the tolerance of full fine-tuning's, in the user's metric:
     perplexity at most (1 + tolerance) times full's, or accuracy at most `tolerance` points below."""
-    if task == "lm":
-        return error - full <= math.log1p(tolerance) + 1e-12
-    return (error - full) * 100.0 <= tolerance + 1e-9
+    return gap_within(task, error - full, tolerance)
 
 
 def interval(task: str, error: float, se: float) -> list[float]:
@@ -115,11 +114,15 @@ def _pilot_scores(ctx: Context, run_steps: int | None) -> tuple[list[float], dic
     return errors, {**pred, "measured": pilot["errors"], "metric": pilot.get("metric")}
 
 
-def _cost_fraction(ctx: Context, k: int, run_steps: int | None) -> dict:
-    """Probe + pilot FLOPs as a fraction of the run that trains blocks k.. (SPEC 2.1: < 5%)."""
-    pilot = ctx.probe.curves["pilot"]
+def _cost_fraction(
+    ctx: Context, k: int, run_steps: int | None, record: str = "pilot", pilots: bool = True
+) -> dict:
+    """Probe + pilot (or halving) FLOPs as a fraction of the run that trains blocks k..
+    (SPEC 2.1: < 5%); the probe's alone when `pilots` is False (the trace used none)."""
+    pilot = ctx.probe.curves[record]
     steps = run_steps or pilot.get("run_steps")
-    spent = float(pilot.get("flops_total") or 0.0) + float(pilot.get("probe_flops") or 0.0)
+    spent = float(pilot.get("probe_flops") or 0.0)
+    spent += float(pilot.get("flops_total") or 0.0) if pilots else 0.0
     out = {
         "run_steps": steps,
         "run_steps_given": bool(run_steps),  # else the train.steps the probe was sized for
@@ -136,6 +139,34 @@ def _cost_fraction(ctx: Context, k: int, run_steps: int | None) -> dict:
     return out
 
 
+def _halving_scores(ctx: Context, run_steps: int | None, tolerance: float) -> tuple[int, dict]:
+    """(the pick, the record for plan.scores) from the probe's halving rounds."""
+    record = ctx.probe.curves["halving"]
+    task = ctx.probe.task
+    steps = run_steps or record.get("run_steps") or record["lengths"][-1]
+    k, gaps = pick(task, record["rounds"], steps, tolerance)
+    return k, {
+        "metric": _metric(task),
+        "tolerance": tolerance,
+        "halving": {
+            "candidates": record["candidates"],
+            "rounds": [
+                {key: r[key] for key in ("steps", "candidates", "errors", "seconds", "flops")}
+                for r in record["rounds"]
+            ],
+            "end_gaps": {str(c): g for c, g in sorted(gaps.items())},
+            "in_metric": {str(c): _gap_in_metric(task, g) for c, g in sorted(gaps.items())},
+            "run_steps": steps,
+        },
+        "pilot_plan": record.get("budget_note"),
+    }
+
+
+def _gap_in_metric(task: str, gap: float) -> float:
+    """An error gap as the user reads it: relative perplexity (0.01 = 1%) or accuracy points."""
+    return math.expm1(min(gap, 50.0)) if task == "lm" else 100.0 * gap
+
+
 def _number(name: str, value, ok) -> None:
     if value is not None and (
         isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value)
@@ -146,8 +177,9 @@ def _number(name: str, value, ok) -> None:
 def _check_options(ctx: Context, estimator, decision, epsilon, tolerance, run_steps) -> str:
     pilot = ctx.probe.curves.get("pilot")
     has_pilot = bool(pilot) and "errors" in pilot
+    halving = ctx.probe.curves.get("halving") or {}
     if estimator is None:
-        estimator = "pilot" if has_pilot else "trace"
+        estimator = "pilot" if has_pilot else "halving" if halving.get("rounds") else "trace"
     if estimator not in ESTIMATORS:
         raise UserError(
             f"salf estimator={estimator!r} is unknown; use one of {', '.join(ESTIMATORS)}"
@@ -158,8 +190,20 @@ def _check_options(ctx: Context, estimator, decision, epsilon, tolerance, run_st
             f"salf estimator=pilot needs pilot fine-tunes ({why}); rerun `lfdist probe` with "
             "probe.pilots=true (or a larger probe.pilot_budget), or use estimator=trace"
         )
+    if estimator == "halving" and not halving.get("rounds"):
+        why = halving.get("skipped") or "the probe did not run them"
+        raise UserError(
+            f"salf estimator=halving needs halving rounds ({why}); rerun `lfdist probe` with "
+            "probe.pilots=true probe.pilot_kind=halving (or a larger probe.pilot_budget), or use "
+            "estimator=trace"
+        )
     if decision not in DECISIONS:
         raise UserError(f"salf decision={decision!r} is unknown; use one of {', '.join(DECISIONS)}")
+    if estimator == "halving" and decision != "target":
+        raise UserError(
+            f"salf decision={decision} needs a quality estimate for every split; halving measures "
+            "only its candidates: use estimator=trace or pilot, or decision=target"
+        )
 
     def fraction(v):
         """a number in [0, 1)"""
@@ -209,7 +253,11 @@ def salf(
         raise infeasible(ctx, plans[-1])
     constant = [i for i in ctx.probe.curves.get("constant_spaces", []) if i < L]
     gain, fallback = trace_gain(d, constant)
-    if estimator == "pilot":
+    if estimator == "halving":
+        tolerance = TOLERANCE[task] if tolerance is None else float(tolerance)
+        k, record = _halving_scores(ctx, run_steps, tolerance)
+        scores.update(record, **_cost_fraction(ctx, k, run_steps, "halving"))
+    elif estimator == "pilot":
         tolerance = TOLERANCE[task] if tolerance is None else float(tolerance)
         errors, fit = _pilot_scores(ctx, run_steps)
         base = ctx.probe.curves["pilot"].get("base_error")
@@ -238,7 +286,7 @@ def salf(
         if record.get("skipped"):
             scores["pilot_skipped"] = record["skipped"]
         if "probe_flops" in record:  # the probe's own cost, as sized for the pilots
-            scores.update(_cost_fraction(ctx, k, run_steps))
+            scores.update(_cost_fraction(ctx, k, run_steps, pilots=False))
     gap = chord_gap(d)
     scores.update(
         gain=gain,
@@ -252,7 +300,7 @@ def salf(
     if constant:
         scores["constant_spaces"] = constant
     options = {"estimator": estimator}
-    if estimator == "pilot":
+    if estimator in ("pilot", "halving"):
         options["tolerance"] = tolerance
     return Choice(
         plans[k],
@@ -296,24 +344,62 @@ def explain(scores: dict, frozen: int | None = None, budget: dict | None = None)
     return lines
 
 
-def _explain(scores: dict) -> list[str]:
-    k = scores.get("split")
-    if scores.get("estimator") == "pilot":
-        p, metric = scores["predicted"], scores["predicted"]["metric"]
-        fmt = (lambda v: f"{v:.2f}") if metric == "perplexity" else (lambda v: f"{v:.1%}")
-        tol = scores["tolerance"]
-        tol_text = f"{tol:.1%}" if metric == "perplexity" else f"{tol:g} accuracy point(s)"
-        lo, hi = p["pick_interval"]
-        return [
-            f"salf (pilot): freezes {k} blocks; predicted end-of-run {metric} {fmt(p['pick'])} "
-            f"(interval {fmt(lo)}..{fmt(hi)}) vs full fine-tuning {fmt(p['full'])}, "
-            f"tolerance {tol_text}",
-            f"salf pilots: {scores.get('pilot_plan')}",
-        ] + _cost_line(scores, "probe + pilot")
-    lines = [
-        f"salf (trace, forward only): freezes {k} blocks, keeping the share "
-        f"{scores['gain'][k]:.3f} of the trace's fall"
-    ]
+def _tol_text(metric: str, tol: float) -> str:
+    return f"{tol:.1%}" if metric == "perplexity" else f"{tol:g} accuracy point(s)"
+
+
+def _gap_text(metric: str, gap: float) -> str:
+    """A gap in the user's metric (`_gap_in_metric`), in words."""
+    return f"+{gap:.1%} perplexity" if metric == "perplexity" else f"-{gap:.1f} accuracy points"
+
+
+def _blocks(k: int) -> str:
+    return "block 0" if k == 1 else f"blocks 0-{k - 1}"
+
+
+def _explain_halving(scores: dict) -> list[str]:
+    k, h, metric = scores.get("split"), scores["halving"], scores["metric"]
+    tol = _tol_text(metric, scores["tolerance"])
+    gaps = {int(c): g for c, g in h["in_metric"].items()}
+    if k:
+        head = (
+            f"salf (halving): freezes {_blocks(k)}; its pilots predict that after the run's "
+            f"{h['run_steps']} steps training the rest ends {_gap_text(metric, gaps[k])} from "
+            f"full fine-tuning, inside the tolerance ({tol})"
+        )
+    else:
+        shown = ", ".join(f"freezing {c}: {_gap_text(metric, g)}" for c, g in gaps.items())
+        head = (
+            f"salf (halving): trains every block; no split its pilots kept to the end stayed "
+            f"inside the tolerance ({tol}) of full fine-tuning after {h['run_steps']} steps "
+            f"({shown})"
+        )
+    rounds = " -> ".join(
+        f"{r['steps']} steps on k = {','.join(map(str, r['candidates']))}" for r in h["rounds"]
+    )
+    return [
+        head,
+        f"salf halving: {scores.get('pilot_plan')}",
+        f"salf halving rounds (k = frozen blocks, 0 = full fine-tuning): {rounds}",
+    ] + _cost_line(scores, "probe + halving")
+
+
+def _explain_trace(scores: dict) -> list[str]:
+    k, gain = scores.get("split"), scores["gain"]
+    if k:
+        head = (
+            f"salf (trace, forward only): freezes {_blocks(k)}: reading your data's loss out of "
+            f"every layer, {1 - gain[k]:.0%} of its fall from the embeddings to the output "
+            "happens in those blocks, so they add little"
+        )
+    else:
+        below = 1 - gain[1] if len(gain) > 1 else 0.0
+        head = (
+            "salf (trace, forward only): trains every block: reading your data's loss out of "
+            f"every layer, block 0 alone carries {below:.0%} of its fall from the embeddings to "
+            "the output"
+        )
+    lines = [head]
     if scores.get("constant_spaces"):
         spaces = ", ".join(f"h_{i}" for i in scores["constant_spaces"])
         lines.append(
@@ -321,5 +407,24 @@ def _explain(scores: dict) -> list[str]:
             "the [CLS] embedding), so it carries no deviation and is left out of the trace"
         )
     if scores.get("pilot_skipped"):
-        lines.append(f"salf pilots skipped: {scores['pilot_skipped']}")
+        lines.append(
+            f"salf used its forward-only trace: no pilot fine-tunes fit ({scores['pilot_skipped']})"
+        )
     return lines + _cost_line(scores, "probe")
+
+
+def _explain(scores: dict) -> list[str]:
+    k = scores.get("split")
+    if scores.get("estimator") == "halving":
+        return _explain_halving(scores)
+    if scores.get("estimator") == "pilot":
+        p, metric = scores["predicted"], scores["predicted"]["metric"]
+        fmt = (lambda v: f"{v:.2f}") if metric == "perplexity" else (lambda v: f"{v:.1%}")
+        lo, hi = p["pick_interval"]
+        return [
+            f"salf (pilot): freezes {k} blocks; predicted end-of-run {metric} {fmt(p['pick'])} "
+            f"(interval {fmt(lo)}..{fmt(hi)}) vs full fine-tuning {fmt(p['full'])}, "
+            f"tolerance {_tol_text(metric, scores['tolerance'])}",
+            f"salf pilots: {scores.get('pilot_plan')}",
+        ] + _cost_line(scores, "probe + pilot")
+    return _explain_trace(scores)

@@ -264,3 +264,26 @@ def test_gradnorm_and_stream_are_refused_together():
 
     with pytest.raises(UserError, match="stream_layers"):
         ray_probe(_cfg("llama", stream_layers=True, gradnorm=True), progress=False)
+
+
+def test_parallel_halving_equals_serial_halving(cluster):
+    """salf's halving rounds as Ray tasks (one per candidate) give the serial rounds' numbers,
+    survivors included."""
+    from functools import partial
+
+    from lfdist.orchestrate.pilot import ray_halving
+    from lfdist.probe.halving import run_halving
+    from lfdist.select.salf_halving import survivors
+
+    cfg = _cfg("llama", ray_address=cluster.address)
+    p = prepare(cfg)
+    data = {k: v[:24] for k, v in p.train.items()}
+    rule = partial(survivors, "lm", run_steps=cfg.train.steps, tolerance=0.01)
+    sizing = dict(ks=[0, 2, 4, 6], keep={0}, survivors=rule, budget=0.05, steps=2)
+    got = ray_halving(cfg, data, heldout_samples=4, **sizing)
+    ref = run_halving(p.loaded.model, data, "lm", cfg.train, heldout_samples=4, **sizing)
+    assert [r["candidates"] for r in got["rounds"]] == [r["candidates"] for r in ref["rounds"]]
+    assert [r["steps"] for r in got["rounds"]] == [2, 4, 8]
+    for a, b in zip(got["rounds"], ref["rounds"]):
+        assert a["errors"] == pytest.approx(b["errors"], rel=1e-6)
+    assert got["flops_total"] == ref["flops_total"]

@@ -48,6 +48,14 @@ def test_tiny_bench_quality_then_reuse(tmp_path, monkeypatch):
     assert sp["lengths"] == [2, 4] and sp["depths"] == [1, 2, 4, 8]
     assert str(sp["k"]) in bert["oracle"] and bert["cheapest"]["salf (pilot, over budget)"]
     assert llama["salf_pilot"] is None
+    # salf's estimators inside the 5% budget: on 8-step runs only the trace fits, and the
+    # others say why they did not run
+    for r in result["tasks"]:
+        est = r["estimators"]
+        assert est["trace"]["k"] == r["salf"]["k"] and est["trace"]["pilots_s"] == 0.0
+        assert "salf: trace (in budget)" in r["cheapest"]
+        assert "fewer than 4" in est["pilot"]["skipped"]
+        assert "first halving round of 0 steps" in est["halving"]["skipped"]
     with open(os.path.join(out, "oracle-tiny-llama.json")) as f:
         oracle = json.load(f)
     assert oracle["settings"]["seeds"] == [0, 1] and oracle["n_blocks"] == 8

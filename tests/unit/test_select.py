@@ -409,10 +409,16 @@ def test_report_table_and_plot(tmp_path):
         "score",
     ]
     assert lines[2].split()[:4] == ["0", "layers.0", "frozen", "100"]
+    legend = lines[2 + L]  # under the rows, once: every score column in words
+    assert legend.startswith("columns: gain = the share of the probe's loss fall")
+    assert "gradnorm = " in legend and "d_out = the loss read out" in legend
+    assert legend.endswith("score = what salf ranked the blocks by")
     assert lines[-2].startswith("strategy salf: 4/8 blocks train, backward stops at block 4")
     assert "saves" in lines[-2]
     assert lines[-1] == (
-        "salf (trace, forward only): freezes 4 blocks, keeping the share 1.000 of the trace's fall"
+        "salf (trace, forward only): freezes blocks 0-3: reading your data's loss out of every "
+        "layer, 0% of its fall from the embeddings to the output happens in those blocks, so "
+        "they add little"
     )
     assert "params" in plan_table(select_plan(probe, "top"))  # works without the probe too
     png = plot_plan(plan, str(tmp_path / "plan.png"), probe)
