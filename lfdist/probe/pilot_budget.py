@@ -180,11 +180,12 @@ def probe_only(
 
 def halving_counts(m: int) -> list[int]:
     """Candidates per halving round: all m, then the reference plus the better half of the
-    others, and so on down to the reference and one (5 -> 3 -> 2; 6 -> 4 -> 3 -> 2)."""
+    others, and so on down to the reference and one (5 -> 3 -> 2; 6 -> 4 -> 3 -> 2). At least
+    two rounds, so that every gap the pick reads has a trend along steps (2 -> 2)."""
     counts = [m]
     while counts[-1] > 2:
         counts.append(1 + -(-(counts[-1] - 1) // 2))
-    return counts
+    return counts if len(counts) > 1 else counts * 2
 
 
 def plan_halving(

@@ -160,7 +160,8 @@ def test_pilots_and_critical_in_probe_json(tmp_path, data):
     assert result.timings["pilot_s"] == pytest.approx(sum(record["seconds"]))
     loaded = load_probe(result.save(str(tmp_path)))
     assert loaded.curves["pilot"] == record and loaded.curves["critical"] == crit
-    plan = select_plan(loaded, "salf")
+    assert select_plan(loaded, "salf").scores["estimator"] == "trace"  # pilots < 10% of the run
+    plan = select_plan(loaded, "salf", options={"estimator": "pilot"})
     assert (
         plan.scores["estimator"] == "pilot"
         and plan.scores["pilot"]["measured"] == (record["errors"])

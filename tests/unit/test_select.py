@@ -254,9 +254,25 @@ def pilot_record(errors, depths=(1, 2, 4, 8), lengths=(10,), run_steps=10, **ext
 
 
 def salf_pilot(record, budget=None, **options):
+    options.setdefault("estimator", "pilot")  # asked for: the default also weighs their length
     plan = select_plan(helpers.fake_probe(pilot=record), "salf", budget, options)
     assert plan.trainable_blocks == list(range(plan.boundary, L))
     return plan
+
+
+def test_salf_reads_pilots_by_default_only_when_long_enough():
+    from lfdist.select.salf import default_estimator
+
+    errors = [[0.3, 0.2, 0.1, 0.1], [0.2, 0.1, 0.1, 0.1]]
+    long_enough = pilot_record(errors, lengths=(8, 16), run_steps=160)
+    assert default_estimator({"pilot": long_enough}, None) == ("pilot", None)
+    short = pilot_record(errors, lengths=(5, 10), run_steps=160)
+    name, why = default_estimator({"pilot": short}, None)
+    assert name == "trace" and "the longest was 10 of the run's 160 steps (6.2%" in why
+    assert default_estimator({"pilot": short}, 100)[0] == "pilot"  # a shorter run, priced
+    plan = select_plan(helpers.fake_probe(pilot=short), "salf")
+    assert plan.scores["estimator"] == "trace" and plan.scores["pilots_not_read"] == why
+    assert default_estimator({}, None) == ("trace", None)
 
 
 def test_saturating_fit_recovers_the_law():
