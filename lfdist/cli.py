@@ -27,7 +27,7 @@ def _did_you_mean(parser: argparse.ArgumentParser) -> str:
     """A close flag for the first mistyped one on the command line (`--modle` -> `--model`)."""
     import difflib
 
-    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    known = sorted(_flags(parser))
     for token in _ARGV:
         flag = token.split("=", 1)[0]
         if flag.startswith("--") and flag not in known:
@@ -37,9 +37,22 @@ def _did_you_mean(parser: argparse.ArgumentParser) -> str:
     return ""
 
 
+def _flags(parser: argparse.ArgumentParser) -> set[str]:
+    """Every --flag of the parser and of the command named on the command line (argparse
+    reports an unknown flag from the top-level parser, which knows none of the commands')."""
+    flags = {o for a in parser._actions for o in a.option_strings if o.startswith("--")}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                if name in _ARGV:
+                    flags |= _flags(sub)
+    return flags
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
     """Dotted overrides may sit anywhere among the flags (as torchrun and HF scripts allow):
     they are taken out, the rest is parsed, and they join the command's `overrides` in order."""
+    _ARGV[:] = argv
     overrides = [a for a in argv if _OVERRIDE.match(a)]
     args = build_parser().parse_args([a for a in argv if not _OVERRIDE.match(a)])
     if overrides:
@@ -49,18 +62,59 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                 f"see `lfdist {args.command} --help`"
             )
         args.overrides = [*args.overrides, *overrides]
+    _check_model_data(args)
     return args
 
 
-def _common_model_data(p: argparse.ArgumentParser, required: bool = True) -> None:
+def _check_model_data(args: argparse.Namespace) -> None:
+    """--model and --data are required unless the --config file or a dotted override names
+    them (model.spec, data.spec): `lfdist probe --config run.yaml` needs nothing else."""
+    if not hasattr(args, "model") or not hasattr(args, "data"):
+        return
+    given = _config_specs(args.config) | {
+        o.split("=", 1)[0] for o in getattr(args, "overrides", []) if "=" in o
+    }
+    missing = [
+        f"--{name}"
+        for name in ("model", "data")
+        if getattr(args, name) is None and f"{name}.spec" not in given
+    ]
+    if missing:
+        raise UserError(
+            f"the following arguments are required: {', '.join(missing)} (or {missing[0][2:]}.spec "
+            f"in --config); see `lfdist {args.command} --help`"
+        )
+
+
+def _config_specs(path: str | None) -> set[str]:
+    """Which of model.spec and data.spec a YAML config names (a bad file is load_config's to
+    refuse, later, in its own words)."""
+    if not path:
+        return set()
+    try:
+        import yaml
+
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except Exception:  # noqa: BLE001 — reported by load_config with the file's name
+        return {"model.spec", "data.spec"}
+    if not isinstance(raw, dict):
+        return {"model.spec", "data.spec"}
+    return {
+        f"{k}.spec"
+        for k in ("model", "data")
+        if isinstance(raw.get(k), dict) and raw[k].get("spec")
+    }
+
+
+def _common_model_data(p: argparse.ArgumentParser) -> None:
+    # required unless --config or an override names them: checked after parsing
     p.add_argument(
         "--model",
-        required=required,
         help="HF id or folder, tiny:<arch>, pkg:smollm2-135m, pkg:minilm-l6",
     )
     p.add_argument(
         "--data",
-        required=required,
         help="file/folder, datasets name, pkg:bbc-news, pkg:python-docs, synthetic:lm|classify",
     )
     p.add_argument(
@@ -419,7 +473,6 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr()
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
-        _ARGV[:] = argv
         args = _parse(argv)
         code = dispatch(args)
     except UserError as e:

@@ -70,6 +70,33 @@ def validate(
         )
 
 
+def keep_checkpoint_settings(cfg: RunConfig, out: str, resume: bool) -> RunConfig:
+    """On --resume, the settings the checkpoint keeps unless given again (resume.KEEP_UNLESS_GIVEN),
+    said in one line each; a missing or unreadable checkpoint is left to validate() to refuse."""
+    if not resume:
+        return cfg
+    from dataclasses import asdict
+
+    from lfdist.config import TrainConfig, config_from_dict
+    from lfdist.train.checkpoint import latest_checkpoint
+    from lfdist.train.resume import kept_settings, read_state
+
+    try:
+        folder = latest_checkpoint(os.path.join(out, "checkpoints"))
+        state = read_state(folder) if folder else {}
+    except UserError:
+        return cfg
+    kept = kept_settings(state, cfg.to_dict(), {"train": asdict(TrainConfig())})
+    if not kept:
+        return cfg
+    merged = cfg.to_dict()
+    for key, value in kept.items():
+        section, name = key.split(".", 1)
+        merged[section][name] = value
+        print(f"lfdist: resume keeps the checkpoint's {key}={value} (give {key}=N to change it)")
+    return config_from_dict(merged)
+
+
 def check_engine_config(cfg: RunConfig, world_size: int) -> None:
     """DeepSpeed config problems (missing, malformed, conflicting) before anything is written."""
     if cfg.train.engine != "deepspeed":
@@ -127,6 +154,7 @@ def launch_training(
     """
     import torch
 
+    cfg = keep_checkpoint_settings(cfg, out, resume)
     cuda = torch.cuda.is_available()
     argv, env = build_command(cfg, os.path.join(out, "job.json"), nodes, cuda)
     world_size = cfg.train.nproc * nodes.nnodes
@@ -151,14 +179,34 @@ def launch_training(
         kill_leftover_ranks(out)
     first = nodes.node_rank * cfg.train.nproc
     ranks = range(first, first + cfg.train.nproc)
-    check_ended(out, ended.returncode, ended.signal, ranks, nodes.node_rank)
+    check_ended(out, ended.returncode, ended.signal, ranks, nodes.node_rank, cfg.train.steps)
     return read_metrics(out)
 
 
+def _how_to_continue(out: str, steps: int | None, what: str) -> str:
+    """--resume, unless the latest checkpoint is the run's last step (then there is nothing to
+    resume, and the run can be exported as it is)."""
+    from lfdist.train.resume import finished_at
+
+    done = finished_at(out, steps) if steps else None
+    if done is not None:
+        return (
+            f"its final checkpoint (step {done}) is saved, so the run is complete: export it with "
+            f"`lfdist export --checkpoint {out}`"
+        )
+    return f"{what} with: {resume_command()}"
+
+
 def check_ended(
-    out: str, returncode: int, signum: int | None, ranks: range, node_rank: int = 0
+    out: str,
+    returncode: int,
+    signum: int | None,
+    ranks: range,
+    node_rank: int = 0,
+    steps: int | None = None,
 ) -> None:
-    """Raise the one line that says how a job ended, if not well."""
+    """Raise the one line that says how a job ended, if not well (`steps`: the run's, to tell a
+    complete run from one to resume)."""
     from lfdist.job import signal_name
 
     reports = read_reports(out)
@@ -167,10 +215,8 @@ def check_ended(
     if signum is not None:
         stopped = [r for r in reports if r.kind == "stopped"]
         saved = f"; {stopped[0].message}" if stopped else ""
-        raise JobFailed(
-            f"stopped by {signal_name(signum)}{saved}; continue with: {resume_command()}",
-            exit_code=128 + signum,
-        )
+        then = _how_to_continue(out, steps, "continue")
+        raise JobFailed(f"stopped by {signal_name(signum)}{saved}; {then}", exit_code=128 + signum)
     bad_input = [r for r in reports if r.kind == "user"]
     if bad_input:  # the cause a user can fix, whatever it made the other ranks do
         raise UserError(bad_input[0].message)
@@ -179,7 +225,7 @@ def check_ended(
         rank, how = died
         raise JobFailed(
             f"rank {rank} {how}; its output is in {os.path.join(out, 'logs', f'rank-{rank}.log')}"
-            f"; continue from the last checkpoint with: {resume_command()}"
+            f"; {_how_to_continue(out, steps, 'continue from the last checkpoint')}"
         )
     raise_reported_error(out)
     if returncode == 0:

@@ -35,9 +35,10 @@ def ray_train(
     Joins `cfg.probe.ray_address` / RAY_ADDRESS when given, else starts a local Ray for the run.
     """
     from lfdist.launch.folder import clear_results, make_run_folder, run_lock
-    from lfdist.launch.run import validate
+    from lfdist.launch.run import keep_checkpoint_settings, validate
     from lfdist.orchestrate.cluster import ray_session
 
+    cfg = keep_checkpoint_settings(cfg, out, resume)
     validate(cfg, plan_path, out, resume, overwrite)  # nothing is written on bad input
     nproc = cfg.train.nproc
     failure = None
@@ -64,7 +65,7 @@ def ray_train(
     if received:  # the ranks stopped at a step boundary with a checkpoint, or had finished
         from lfdist.launch.run import check_ended
 
-        check_ended(out, 0 if failure is None else 1, received[0], range(nproc))
+        check_ended(out, 0 if failure is None else 1, received[0], range(nproc), 0, cfg.train.steps)
     _raise_rank_error(out, failure)
     return read_metrics(out)
 

@@ -43,6 +43,26 @@ MAY_CHANGE = (
 )
 
 
+# May change, but a resume keeps the checkpoint's value unless it is given again (a value other
+# than the default): left out of the resume's command line, save_every would fall back to 0 and
+# silently turn the run's periodic checkpoints off.
+KEEP_UNLESS_GIVEN = ("train.save_every",)
+
+
+def kept_settings(state: dict, config: dict, defaults: dict) -> dict[str, object]:
+    """{key: the checkpoint's value} for KEEP_UNLESS_GIVEN settings the resume left at their
+    default (`defaults`: a config with every default, flattened the same way)."""
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        return {}
+    old, new, base = _flat(saved), _flat(config), _flat(defaults)
+    return {
+        k: old[k]
+        for k in KEEP_UNLESS_GIVEN
+        if k in old and new.get(k) == base.get(k) and old[k] != new.get(k)
+    }
+
+
 def _flat(d: dict, prefix: str = "") -> dict[str, object]:
     out = {}
     for k, v in d.items():
@@ -142,6 +162,18 @@ def _global_batch(flat: dict) -> object:
         return flat["train.nproc"] * flat["train.batch_size"] * flat["train.grad_accum"]
     except (KeyError, TypeError):
         return None
+
+
+def finished_at(out: str, steps: int) -> int | None:
+    """The step of out/'s latest checkpoint when it is the run's last (nothing to resume)."""
+    from lfdist.train.checkpoint import latest_checkpoint
+
+    try:
+        folder = latest_checkpoint(os.path.join(out, "checkpoints"))
+        step = read_state(folder)["step"] if folder else None
+    except UserError:
+        return None
+    return step if step is not None and step >= steps else None
 
 
 def check_not_finished(state: dict, folder: str, steps: int) -> None:

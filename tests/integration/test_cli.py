@@ -427,3 +427,25 @@ def test_overrides_join_the_command_wherever_they_sit():
     assert args.overrides == ["out=runs/q", "train.lr=1"]
     with pytest.raises(UserError, match="export takes no config overrides"):
         _parse(["export", "--checkpoint", "a", "--out", "b", "train.lr=1"])
+
+
+def test_model_and_data_may_come_from_the_config(tmp_path):
+    from lfdist.cli import _parse
+
+    both = tmp_path / "both.yaml"
+    both.write_text("model: {spec: 'tiny:llama'}\ndata: {spec: 'synthetic:lm'}\n")
+    args = _parse(["probe", "--config", str(both), "--out", "p.json"])
+    assert args.model is None and args.data is None  # the config's, merged later
+    no_data = tmp_path / "model-only.yaml"
+    no_data.write_text("model: {spec: 'tiny:llama'}\n")
+    with pytest.raises(UserError) as e:
+        _parse(["probe", "--config", str(no_data), "--out", "p.json"])
+    assert str(e.value) == (
+        "the following arguments are required: --data (or data.spec in --config); see "
+        "`lfdist probe --help`"
+    )
+    assert _parse(["probe", "--config", str(no_data), "data.spec=synthetic:lm", "--out", "p"])
+    with pytest.raises(UserError, match=r"required: --model, --data \(or model.spec in"):
+        _parse(["train", "--plan", "p.yaml", "--out", "r"])
+    with pytest.raises(UserError, match=r"\(--modle is not a flag here: did you mean --model\?\)"):
+        _parse(["eval", "--modle", "tiny:llama", "--data", "synthetic:lm"])

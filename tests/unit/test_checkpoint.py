@@ -242,6 +242,54 @@ def test_resuming_a_finished_run_says_so(saved):
     assert open(os.path.join(out, "metrics.json")).read() == '{"losses": {"5": 1.0}}'
 
 
+def test_a_rank_lost_after_the_final_checkpoint_is_not_sent_to_resume(saved, capsys):
+    """The line for a dead rank or a signal offers --resume only when there is something left
+    to resume; after the run's last checkpoint it says the run is complete and how to export."""
+    from lfdist.errors import JobFailed
+    from lfdist.launch.run import check_ended
+
+    engine, _, plan_path, root = saved
+    out = os.path.dirname(root)
+    term = 15  # SIGTERM, no rank report, no metrics.json
+    with pytest.raises(JobFailed, match=r"^stopped by SIGTERM; continue with: "):
+        check_ended(out, 1, term, range(0), steps=6)  # step 2 of 6 saved: resume
+    save_checkpoint(root, 6, engine, WORLD, plan_path, {"engine": "single"})
+    with pytest.raises(JobFailed) as e:
+        check_ended(out, 1, term, range(0), steps=6)
+    assert str(e.value).endswith(
+        f"its final checkpoint (step 6) is saved, so the run is complete: export it with "
+        f"`lfdist export --checkpoint {out}`"
+    )
+
+
+def test_resume_keeps_the_checkpoints_save_every_unless_given(saved, capsys):
+    """Left out of the resume's command line, train.save_every is the checkpoint's (it fell
+    back to 0 before, and the resumed run wrote no periodic checkpoints); given, it applies."""
+    from lfdist.launch.run import keep_checkpoint_settings
+
+    engine, _, plan_path, root = saved
+    out = os.path.dirname(root)
+    save_checkpoint(
+        root,
+        4,
+        engine,
+        WORLD,
+        plan_path,
+        {"engine": "single", "config": _cfg(save_every=2).to_dict()},
+    )
+    kept = keep_checkpoint_settings(_cfg(), out, resume=True)
+    assert kept.train.save_every == 2 and kept.train.lr == _cfg().train.lr
+    assert capsys.readouterr().out == (
+        "lfdist: resume keeps the checkpoint's train.save_every=2 (give train.save_every=N to "
+        "change it)\n"
+    )
+    assert keep_checkpoint_settings(_cfg(save_every=3), out, resume=True).train.save_every == 3
+    assert keep_checkpoint_settings(_cfg(), out, resume=False).train.save_every == 0
+    plan = make_plan(build_tiny("llama", "lm"), PREFIX)
+    folder = os.path.join(root, "step-000004")
+    assert check_resume(folder, kept.to_dict(), plan) == []  # nothing "applied": kept
+
+
 def test_launcher_refuses_a_changed_plan_before_writing(saved, tmp_path):
     from lfdist.launch.run import validate
 
