@@ -52,9 +52,15 @@ class DataConfig:
     def __post_init__(self):
         _positive("data.seq_len", self.seq_len)
         if self.seq_len < 2:  # one token predicts nothing: the LM loss needs a next token
-            raise UserError(f"data.seq_len must be at least 2, got {self.seq_len}")
+            raise UserError(
+                f"data.seq_len must be at least 2, got {self.seq_len}; e.g. data.seq_len=512 "
+                "(--seq-len 512)"
+            )
         if not 0.0 < self.heldout_fraction < 1.0:
-            raise UserError(f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+            raise UserError(
+                f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction}; e.g. "
+                "data.heldout_fraction=0.1"
+            )
         for name in ("max_examples", "max_eval_examples"):
             if getattr(self, name) is not None:
                 _positive(f"data.{name}", getattr(self, name))
@@ -88,6 +94,7 @@ class ProbeConfig:
         if not 0 < self.pilot_budget < 1:
             raise UserError(
                 f"probe.pilot_budget must be a share of the run in (0, 1), got {self.pilot_budget}"
+                "; e.g. probe.pilot_budget=0.05 (5%)"
             )
         _not_negative("probe.critical_steps", self.critical_steps)
 
@@ -168,7 +175,10 @@ class TrainConfig:
                 "its own config (compile section): drop train.compile=true"
             )
         if not self.cache_max_gib > 0:
-            raise UserError(f"train.cache_max_gib must be greater than 0, got {self.cache_max_gib}")
+            raise UserError(
+                f"train.cache_max_gib must be greater than 0, got {self.cache_max_gib}; e.g. "
+                "train.cache_max_gib=8"
+            )
 
 
 @dataclass(frozen=True)
@@ -206,14 +216,33 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         )
 
 
+# What a fix looks like, for the one-line errors (a value a user could start from).
+EXAMPLES = {
+    "train.steps": 1000,
+    "train.batch_size": 8,
+    "train.nproc": 2,
+    "train.grad_accum": 1,
+    "train.lr": 1e-4,
+    "probe.samples": 256,
+    "probe.batch_size": 8,
+    "probe.workers": 2,
+    "data.seq_len": 512,
+    "data.max_examples": 10000,
+    "data.max_eval_examples": 500,
+}
+TYPE_EXAMPLES = {int: 8, float: 0.1, str: "text", bool: "true"}
+
+
 def _positive(name: str, value: int) -> None:
     if value is None or value <= 0:
-        raise UserError(f"{name} must be a positive number, got {value!r}")
+        raise UserError(
+            f"{name} must be a positive number, got {value!r}; e.g. {name}={EXAMPLES.get(name, 1)}"
+        )
 
 
 def _not_negative(name: str, value: float) -> None:
     if value < 0:
-        raise UserError(f"{name} must be 0 or more, got {value!r}")
+        raise UserError(f"{name} must be 0 or more, got {value!r}; e.g. {name}=0")
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
@@ -238,15 +267,24 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         and not isinstance(value, hint)
         or (hint in (int, float) and isinstance(value, bool))
     ):
-        raise UserError(f"config key {name} must be {hint.__name__}, got {value!r}")
+        raise UserError(
+            f"config key {name} must be {hint.__name__}, got {value!r}; write it like "
+            f"{name}={TYPE_EXAMPLES[hint]}"
+        )
     if hint is float and not math.isfinite(value):
-        raise UserError(f"config key {name} must be a finite number, got {value!r}")
+        raise UserError(
+            f"config key {name} must be a finite number, got {value!r}; e.g. {name}="
+            f"{EXAMPLES.get(name, 0.1)}"
+        )
     return value
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise UserError(f"config section {prefix or 'top level'} must be a mapping, got {data!r}")
+        raise UserError(
+            f"config section {prefix or 'top level'} must be a mapping, got {data!r}; write it "
+            f"as `{prefix or 'train'}:` followed by indented `key: value` lines"
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)

@@ -108,7 +108,10 @@ class Plan:
                     f"got {treatment!r}"
                 )
         if [b.index for b in self.blocks] != list(range(len(self.blocks))):
-            raise UserError("plan blocks must be listed in order 0..L-1 with no gaps")
+            raise UserError(
+                "plan blocks must be listed in order 0..L-1 with no gaps; write the plan again "
+                "with `lfdist select`"
+            )
         if self.blocks:  # a name is the block at its index (model.layers.3 is index 3)
             path = self.blocks[0].name.rpartition(".")[0]
             for b in self.blocks:

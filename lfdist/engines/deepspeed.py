@@ -516,7 +516,10 @@ class DeepSpeedEngineAdapter:
         finally:
             restore()
         if path is None:
-            raise UserError(f"DeepSpeed could not load the checkpoint in {folder!r}")
+            raise UserError(
+                f"DeepSpeed could not load the checkpoint in {folder!r}; resume from an earlier "
+                "one (name it in checkpoints/latest) or start the run over with --overwrite"
+            )
         self._micro = 0
 
 

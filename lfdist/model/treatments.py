@@ -178,7 +178,7 @@ def _masked_class(m: nn.Module) -> type:
 def inject_masks(block: nn.Module, sparsity: float) -> list[str]:
     """Mask every projection weight of `block`; returns the new score parameters' local names."""
     if not 0.0 <= sparsity < 1.0:
-        raise UserError(f"mask sparsity={sparsity!r} must be in [0, 1)")
+        raise UserError(f"mask sparsity={sparsity!r} must be in [0, 1); e.g. --option sparsity=0.9")
     names = []
     for name, m in list(block.named_modules()):
         if not _is_projection(m):

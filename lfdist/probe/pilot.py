@@ -253,7 +253,9 @@ def run_critical(
     info = model_info(model, task)
     data = _check_data(data, task, info["num_labels"])
     if steps < 1:
-        raise UserError(f"critical pilot steps must be >= 1, got {steps}")
+        raise UserError(
+            f"critical pilot steps must be >= 1, got {steps}; e.g. probe.critical_steps=50"
+        )
     blocks = find_blocks(model).blocks(model)
     L = len(blocks)
     log(f"critical: training all {L} blocks for {steps} steps")

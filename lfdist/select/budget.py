@@ -44,7 +44,10 @@ def split_settings(
         if key in budget:
             value = budget.pop(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise UserError(f"budget {key}={value!r} must be a number >= 0")
+                raise UserError(
+                    f"budget {key}={value!r} must be a number >= 0; e.g. --budget {key}="
+                    f"{ {'blocks': 4, 'gib': 40}.get(key, 0.5) }"
+                )
             limits[key] = float(value)
     cost = dict(
         COST_DEFAULTS,

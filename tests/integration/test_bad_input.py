@@ -58,17 +58,30 @@ def test_seq_len_zero_is_refused(tmp_path, capsys):
     line = refused(
         capsys, tmp_path, "probe", *MODEL_DATA, "--seq-len", "0", "--out", str(tmp_path / "p")
     )
-    assert line == "data.seq_len must be a positive number, got 0"
+    assert line == "data.seq_len must be a positive number, got 0; e.g. data.seq_len=512"
 
 
 @pytest.mark.parametrize(
     "override, line",
     [
-        ("train.lr=.inf", "config key train.lr must be a finite number, got inf"),
-        ("train.lr=.nan", "config key train.lr must be a finite number, got nan"),
+        (
+            "train.lr=.inf",
+            "config key train.lr must be a finite number, got inf; e.g. train.lr=0.0001",
+        ),
+        (
+            "train.lr=.nan",
+            "config key train.lr must be a finite number, got nan; e.g. train.lr=0.0001",
+        ),
         ("train.lr=-1e-4", "train.lr must be greater than 0, got -0.0001; e.g. train.lr=1e-4"),
-        ("train.warmup_steps=-5", "train.warmup_steps must be 0 or more, got -5"),
-        ("train.save_every=-1", "train.save_every must be 0 or more, got -1"),
+        (
+            "train.warmup_steps=-5",
+            "train.warmup_steps must be 0 or more, got -5; e.g. train.warmup_steps=0",
+        ),
+        (
+            "train.save_every=-1",
+            "train.save_every must be 0 or more, got -1; e.g. train.save_every=0",
+        ),
+        ("train.steps=0", "train.steps must be a positive number, got 0; e.g. train.steps=1000"),
     ],
 )
 def test_bad_train_numbers(tmp_path, capsys, plan_file, override, line):
