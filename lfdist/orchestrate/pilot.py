@@ -8,6 +8,7 @@ thread each); tasks whose worker dies are retried by Ray.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -25,6 +26,24 @@ def _pilot_task(m: dict, train: dict, heldout: dict, tc, depth: int, lengths, th
     return run_depth(model, train, heldout, m["task"], tc, depth, lengths)
 
 
+@contextlib.contextmanager
+def _pilot_tasks(cfg: RunConfig, n_tasks: int):
+    """(the pilot task as a Ray remote function, threads per task) inside a Ray session sized
+    for n_tasks at once: a GPU each where there are GPUs, retried where a worker dies."""
+    import ray
+
+    from lfdist.orchestrate.cluster import ray_session, threads_per_actor
+
+    cpus = max(os.cpu_count() or 1, n_tasks)
+    with ray_session(cfg.probe.ray_address, num_cpus=cpus) as res:
+        threads = threads_per_actor(res, n_tasks)
+        gpu = {"num_gpus": 1} if res.gpus >= 1 else {}
+        task_fn = ray.remote(
+            num_cpus=threads, max_retries=MAX_ATTEMPTS - 1, scheduling_strategy="SPREAD", **gpu
+        )(_pilot_task)
+        yield task_fn, threads
+
+
 def ray_pilots(
     cfg: RunConfig,
     data: dict,
@@ -39,7 +58,6 @@ def ray_pilots(
     GPUs), each on its own replica; returns the same `curves["pilot"]` record."""
     import ray
 
-    from lfdist.orchestrate.cluster import ray_session, threads_per_actor
     from lfdist.probe.pilot import (
         HELDOUT_SAMPLES,
         PILOT_BUDGET,
@@ -65,13 +83,7 @@ def ray_pilots(
     base = evaluate(base_model, heldout, task, global_batch(tc))
     base_s = time.perf_counter() - t0
     del base_model
-    cpus = max(os.cpu_count() or 1, len(plan["depths"]))
-    with ray_session(cfg.probe.ray_address, num_cpus=cpus) as res:
-        threads = threads_per_actor(res, len(plan["depths"]))
-        gpu = {"num_gpus": 1} if res.gpus >= 1 else {}
-        task_fn = ray.remote(
-            num_cpus=threads, max_retries=MAX_ATTEMPTS - 1, scheduling_strategy="SPREAD", **gpu
-        )(_pilot_task)
+    with _pilot_tasks(cfg, len(plan["depths"])) as (task_fn, threads):
         train_ref, held_ref = ray.put(train), ray.put(heldout)
         refs = [
             task_fn.remote(m, train_ref, held_ref, tc, d, plan["lengths"], threads)
@@ -99,7 +111,6 @@ def ray_halving(
     many at once as there are workers), each on its own replica; the same record."""
     import ray
 
-    from lfdist.orchestrate.cluster import ray_session, threads_per_actor
     from lfdist.probe.halving import run_rounds, size_halving
     from lfdist.probe.pilot import HELDOUT_SAMPLES, global_batch, stderr_log
     from lfdist.probe.run import model_info
@@ -120,13 +131,7 @@ def ray_halving(
     base_s = time.perf_counter() - t0
     del base_model
     L = info["n_blocks"]
-    cpus = max(os.cpu_count() or 1, len(plan["candidates"]))
-    with ray_session(cfg.probe.ray_address, num_cpus=cpus) as res:
-        threads = threads_per_actor(res, len(plan["candidates"]))
-        gpu = {"num_gpus": 1} if res.gpus >= 1 else {}
-        task_fn = ray.remote(
-            num_cpus=threads, max_retries=MAX_ATTEMPTS - 1, scheduling_strategy="SPREAD", **gpu
-        )(_pilot_task)
+    with _pilot_tasks(cfg, len(plan["candidates"])) as (task_fn, threads):
         train_ref, held_ref = ray.put(train), ray.put(heldout)
 
         def train_round(cands: list[int], n_steps: int) -> list[dict]:

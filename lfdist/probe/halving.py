@@ -117,9 +117,8 @@ def run_rounds(
             alive = survivors(rounds)
             if len(alive) < 2:
                 break
-    total = (
-        sum(r["flops"] for r in rounds) + held * plan["forward_flops_per_example"]
-    )  # + the base model's pass
+    base_pass = held * plan["forward_flops_per_example"]  # the pre-trained model's score
+    total = sum(r["flops"] for r in rounds) + base_pass
     return {
         **plan,
         "rounds": rounds,
@@ -151,7 +150,6 @@ def run_halving(
     info = model_info(model, task)
     sizing = (budget, steps, heldout_samples, probe_examples)
     plan, train, heldout = size_halving(info, data, task, tc, ks, keep, *sizing)
-    plan["forward_flops_per_example"] = example_flops(info, plan["seq_len"])["forward"]
     if plan.get("skipped"):
         log(f"halving: skipped, {plan['skipped']}")
         return {**plan, "rounds": [], "seconds": [0.0]}

@@ -69,6 +69,19 @@ def most_crowded(depths: list[int], keep=()) -> int | None:
     )
 
 
+def _sized_by(budget: float, tc, steps: int | None) -> str:
+    if steps is None:
+        return f"the {budget:.0%} budget of a {tc.steps}-step run allowed"
+    return f"probe.pilot_steps={steps} (not sized to the budget) gave"
+
+
+def _too_few(global_batch: int, left: int) -> str:
+    return (
+        f"one global batch ({global_batch}) needs more than the {left} calibration examples "
+        "left for training"
+    )
+
+
 def plan_pilots(
     info: dict,
     tc,
@@ -111,10 +124,7 @@ def plan_pilots(
     else:
         s2 = steps
     if gb > n_examples - held:
-        skipped = (
-            f"one global batch ({gb}) needs more than the {n_examples - held} calibration "
-            "examples left for training"
-        )
+        skipped = _too_few(gb, n_examples - held)
     elif s2 < (2 if steps else MIN_STEPS):
         skipped = (
             f"the {budget:.0%} budget of a {tc.steps}-step run allows pilots of {max(s2, 0)} "
@@ -137,13 +147,8 @@ def plan_pilots(
     }
     if skipped:
         return {**plan, "skipped": skipped, "budget_note": f"no pilots: {skipped}"}
-    why = (
-        f"the {budget:.0%} budget of a {tc.steps}-step run allowed"
-        if steps is None
-        else (f"probe.pilot_steps={steps} (not sized to the budget) gave")
-    )
     note = (
-        f"{why} pilots of {lengths[0]} and {lengths[1]} steps at depths "
+        f"{_sized_by(budget, tc, steps)} pilots of {lengths[0]} and {lengths[1]} steps at depths "
         f"{','.join(map(str, depths))}, scored on {held} held-out examples"
     )
     return {**plan, "budget_note": note}
@@ -237,10 +242,7 @@ def plan_halving(
     if len(ks) < 2:
         skipped = "the trace leaves no candidate split to compare with full fine-tuning"
     elif gb > n_examples - held:
-        skipped = (
-            f"one global batch ({gb}) needs more than the {n_examples - held} calibration "
-            "examples left for training"
-        )
+        skipped = _too_few(gb, n_examples - held)
     elif s0 < first:
         skipped = (
             f"the {budget:.0%} budget of a {tc.steps}-step run allows a first halving round of "
@@ -265,13 +267,8 @@ def plan_halving(
     }
     if skipped:
         return {**plan, "skipped": skipped, "budget_note": f"no halving: {skipped}"}
-    why = (
-        f"the {budget:.0%} budget of a {tc.steps}-step run allowed"
-        if steps is None
-        else f"probe.pilot_steps={steps} (not sized to the budget) gave"
-    )
     note = (
-        f"{why} halving rounds of {', '.join(map(str, lengths))} steps over frozen splits "
+        f"{_sized_by(budget, tc, steps)} halving rounds of {', '.join(map(str, lengths))} steps over frozen splits "
         f"k = {', '.join(map(str, ks))} ({' -> '.join(map(str, counts))} candidates), scored on "
         f"{held} held-out examples"
     )
