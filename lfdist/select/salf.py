@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 
 from lfdist.errors import UserError
+from lfdist.probe.pilot_budget import INFORMATIVE_SHARE
 from lfdist.registry import register_strategy
 from lfdist.select.base import Choice, Context, frozen_prefix
 from lfdist.select.budget import infeasible
@@ -174,13 +175,6 @@ def _number(name: str, value, ok) -> None:
         raise UserError(f"salf {name}={value!r} must be {ok.__doc__}")
 
 
-# Pilots shorter than this share of the run are not read by default: on a 1,000-step classifier
-# run, 12-step pilots kept every block where 4 of 6 could freeze (they measure how fast the
-# fresh head learns, not what the blocks add: SPEC 2.1), while 8-step pilots of a 60-step LM run
-# (13%) picked the oracle's split (benchmarks/selection_quality).
-INFORMATIVE_SHARE = 0.1
-
-
 def default_estimator(curves: dict, run_steps: int | None) -> tuple[str, str | None]:
     """(the estimator salf uses when none is asked for, why the trace decided where pilots ran):
     the pilots' own when they ran long enough to be read (INFORMATIVE_SHARE of the run), else
@@ -190,7 +184,8 @@ def default_estimator(curves: dict, run_steps: int | None) -> tuple[str, str | N
         if not record.get(ran) or not record.get("lengths"):
             continue
         steps = run_steps or record.get("run_steps") or 0
-        longest = int(record["lengths"][-1])
+        rounds = record.get("rounds")  # halving may stop before its planned last round
+        longest = int(rounds[-1]["steps"] if rounds else record["lengths"][-1])
         if longest >= INFORMATIVE_SHARE * steps:
             return name, None
         return "trace", (
@@ -266,7 +261,8 @@ def salf(
     run_steps: int | None = None,
 ) -> Choice:
     """estimator: pilot | halving | trace (default: the probe's pilots when they ran at least
-    INFORMATIVE_SHARE of the run, else trace). tolerance (pilot, halving; target): relative perplexity for lm (default 0.01 = 1%), accuracy points for classifiers
+    INFORMATIVE_SHARE of the run, else trace). tolerance (pilot, halving; target): relative
+    perplexity for lm (default 0.01 = 1%), accuracy points for classifiers
     (default 1). epsilon (trace, target): share of the trace gain that may be lost. run_steps:
     the run's steps (default: what the probe recorded)."""
     estimator, why = _check_options(ctx, estimator, decision, epsilon, tolerance, run_steps)

@@ -82,7 +82,7 @@ def test_plan_pilots_by_hand():
     # 4 x 1600 = 6400 (one for the pre-trained model, two per depth). Depths 1,2,4,8: 1.5 s x
     # (2000+2400+3200+4800) + 9 x 6400 fits s = 3.1 < 4: drop 2 (4/1 ties 8/2: the first);
     # 1,4,8: 1.5 s x 10000 + 7 x 6400 -> s = 4.75 -> pilots of 2 and 4 steps
-    plan = plan_pilots(INFO, tc, 1, 100, 4, 10, [1, 2, 4, 8])
+    plan = plan_pilots(INFO, tc, 1, 100, 4, 10, [1, 2, 4, 8], min_share=0.0)
     assert plan["depths"] == [1, 4, 8] and plan["lengths"] == [2, 4]
     assert plan["flops_total"] == 6 * 10000 + 7 * 6400  # 104800
     assert plan["probe_flops"] == 16000
@@ -98,10 +98,17 @@ def test_plan_pilots_by_hand():
     # 3000 steps allow 360000; 3 pilots at 64 held-out examples pay 7 x 64 x 1600 = 716800 for
     # their held-out passes alone, at 32 still 358400; at 16: (360000 - 179200) / 13800 -> 13
     halved = plan_pilots(
-        INFO, TrainConfig(steps=3000, batch_size=1, nproc=1), 1, 400, 64, 0, [1, 2, 8]
+        INFO, TrainConfig(steps=3000, batch_size=1, nproc=1), 1, 400, 64, 0, [1, 2, 8], min_share=0
     )
     assert (halved["heldout_examples"], halved["lengths"]) == (16, [6, 13])
     assert halved["depths"] == [1, 2, 8]
+    # by default, pilots of 4 steps are not worth 5% of an 1100-step run: under 10% of it
+    unread = plan_pilots(INFO, tc, 1, 100, 4, 10, [1, 2, 4, 8])
+    assert unread["lengths"] == [] and unread["skipped"] == (
+        "the 5% budget of a 1100-step run allows pilots of at most 4 steps (0.4% of it), and "
+        "pilots under 10% of the run measure how fast training starts, not where it ends; raise "
+        "probe.pilot_budget or set probe.pilot_steps to run them"
+    )
 
 
 def test_pilots_are_the_runs_own_step_and_restore_the_model(data):
@@ -143,7 +150,8 @@ def test_pilots_log_one_line_per_stage(data):
     assert "skipped" in rec and skipped == [f"pilots: skipped, {rec['skipped']}"]
 
 
-def test_pilots_and_critical_in_probe_json(tmp_path, data):
+def test_pilots_and_critical_in_probe_json(tmp_path, data, monkeypatch):
+    monkeypatch.setattr("lfdist.probe.pilot_budget.INFORMATIVE_SHARE", 0.0)  # sizing only
     model = build_tiny("llama", "lm")
     state = _state(model)
     result = run_probe(model, data, "lm", samples=16, progress=False)
@@ -172,7 +180,8 @@ def test_pilots_and_critical_in_probe_json(tmp_path, data):
     assert select_plan(loaded, "critical").trainable_blocks == sorted(ranked)
 
 
-def test_classifier_pilots_measure_accuracy():
+def test_classifier_pilots_measure_accuracy(monkeypatch):
+    monkeypatch.setattr("lfdist.probe.pilot_budget.INFORMATIVE_SHARE", 0.0)  # sizing only
     model = build_tiny("bert", "classify", num_labels=3)
     g = torch.Generator().manual_seed(0)
     data = {
