@@ -82,6 +82,9 @@ class ProbeConfig:
     # salf's pilots: "grid" (every depth 1, 2, 4, ..., L at two lengths: estimator pilot) or
     # "halving" (candidate splits from the trace, the better half continuing at twice the steps)
     pilot_kind: str = "grid"
+    # budget-sized pilots run only when the longest reaches this share of the run (what salf
+    # reads by default); 0 runs them whatever their length (to read with --option estimator=)
+    pilot_min_share: float = 0.1
     critical_steps: int = 0  # critical: steps of the all-block pilot fine-tune (0: none)
 
     def __post_init__(self):
@@ -97,6 +100,11 @@ class ProbeConfig:
                 "; e.g. probe.pilot_budget=0.05 (5%)"
             )
         _not_negative("probe.critical_steps", self.critical_steps)
+        if not 0 <= self.pilot_min_share < 1:
+            raise UserError(
+                f"probe.pilot_min_share must be in [0, 1), got {self.pilot_min_share}; e.g. "
+                "probe.pilot_min_share=0.1"
+            )
 
 
 @dataclass(frozen=True)

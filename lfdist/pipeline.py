@@ -141,6 +141,7 @@ def _pilots(cfg: RunConfig, result, prepared) -> None:
             steps=pc.pilot_steps or None,
             budget=pc.pilot_budget,
             probe_examples=int(result.data_info.get("n_samples") or 0),
+            min_share=pc.pilot_min_share,
         )
         if pc.orchestrator == "ray":  # one Ray task per depth, the serial loop's numbers
             from lfdist.orchestrate.pilot import ray_pilots
@@ -175,6 +176,7 @@ def _halving(cfg: RunConfig, result, prepared) -> dict:
         budget=pc.pilot_budget,
         steps=pc.pilot_steps or None,
         probe_examples=int(result.data_info.get("n_samples") or 0),
+        min_share=pc.pilot_min_share,
     )
     if pc.orchestrator == "ray":  # one Ray task per candidate and round
         from lfdist.orchestrate.pilot import ray_halving

@@ -286,30 +286,31 @@ def run_task(spec: TaskSpec, out: str, reuse: str | None = None) -> dict:
 
 
 def _estimators(cfg, out: str, name: str, probe) -> dict:
-    """salf's three estimators, each inside the pilot budget as a user's run would have them:
-    trace and the grid pilots from the main probe (pilots sized to the budget, skipped when
-    they do not fit), halving from a probe of its own (probe.pilot_kind=halving)."""
+    """salf's three estimators, each inside the pilot budget: trace from the main probe (what a
+    user's run gets by default), the grid pilots and halving from probes of their own, sized to
+    the budget and run whatever their length (probe.pilot_min_share=0), so that each is scored
+    where the default would skip it as too short to read."""
     from dataclasses import replace
 
     from lfdist import pipeline
     from lfdist.select import select_plan
 
-    pc = replace(cfg.probe, gradnorm=False, critical_steps=0, pilot_kind="halving")
-    _log(f"{name}: salf's halving estimator, inside the {pc.pilot_budget:.0%} budget")
-    t0 = time.perf_counter()
-    halving = pipeline.probe(
-        replace(cfg, probe=pc),
-        os.path.join(out, f"probe-halving-{name}.json"),
-        overwrite=True,
-        progress=False,
-    )
-    wall = time.perf_counter() - t0
+    sources = {"trace": (probe, None, None)}
+    for kind, estimator, key in (("grid", "pilot", "pilot_s"), ("halving", "halving", "halving_s")):
+        pc = replace(
+            cfg.probe, gradnorm=False, critical_steps=0, pilot_kind=kind, pilot_min_share=0.0
+        )
+        _log(f"{name}: salf's {estimator} estimator inside the {pc.pilot_budget:.0%} budget")
+        t0 = time.perf_counter()
+        result = pipeline.probe(
+            replace(cfg, probe=pc),
+            os.path.join(out, f"probe-{estimator}-in-budget-{name}.json"),
+            overwrite=True,
+            progress=False,
+        )
+        sources[estimator] = (result, key, time.perf_counter() - t0)
     out_: dict = {}
-    for estimator, source, key in (
-        ("trace", probe, None),
-        ("pilot", probe, "pilot_s"),
-        ("halving", halving, "halving_s"),
-    ):
+    for estimator, (source, key, wall) in sources.items():
         try:
             plan = select_plan(source, "salf", options={"estimator": estimator})
         except UserError as e:  # the probe's own reason where it skipped them
@@ -318,16 +319,18 @@ def _estimators(cfg, out: str, name: str, probe) -> dict:
             continue
         t = source.timings
         sc = plan.scores
+        spent = float(t.get(key, 0.0)) if key else 0.0
         out_[estimator] = {
             "k": plan.boundary,
             "plan_cost_fraction": sc.get("cost_fraction"),
             "pilot_plan": "forward probe only" if estimator == "trace" else sc.get("pilot_plan"),
             "probe_forward_s": t.get("forward_s", 0.0),
-            "pilots_s": t.get(key, 0.0) if key else 0.0,
-            "seconds": float(t.get("forward_s", 0.0)) + float(t.get(key, 0.0) if key else 0.0),
+            "pilots_s": spent,
+            "seconds": float(t.get("forward_s", 0.0)) + spent,
+            "probe_wall_s": wall,
         }
         if estimator == "halving":
-            out_[estimator].update(halving=sc["halving"], probe_wall_s=wall)
+            out_[estimator]["halving"] = sc["halving"]
         if estimator == "pilot":
             out_[estimator]["predicted"] = sc.get("predicted")
     return out_

@@ -53,6 +53,7 @@ def ray_pilots(
     budget: float | None = None,
     probe_examples: int = 0,
     heldout_samples: int | None = None,
+    min_share: float | None = None,
 ) -> dict:
     """`lfdist.probe.pilot.run_pilots` with one Ray task per depth (a GPU each where there are
     GPUs), each on its own replica; returns the same `curves["pilot"]` record."""
@@ -74,7 +75,9 @@ def ray_pilots(
     base_model = load_replica(m, "cpu")
     sizing = (depths, steps, budget or PILOT_BUDGET, heldout_samples or HELDOUT_SAMPLES)
     info = model_info(base_model, task)
-    plan, train, heldout, extra = size_pilots(info, data, task, tc, *sizing, probe_examples)
+    plan, train, heldout, extra = size_pilots(
+        info, data, task, tc, *sizing, probe_examples, min_share
+    )
     if plan.get("skipped"):
         stderr_log(f"pilots: skipped, {plan['skipped']}")
         return {**plan, **extra, "seconds": [0.0]}
@@ -106,6 +109,7 @@ def ray_halving(
     steps: int | None = None,
     probe_examples: int = 0,
     heldout_samples: int | None = None,
+    min_share: float | None = None,
 ) -> dict:
     """`lfdist.probe.halving.run_halving` with one Ray task per candidate in every round (as
     many at once as there are workers), each on its own replica; the same record."""
@@ -120,7 +124,7 @@ def ray_halving(
     m = model_spec(cfg)
     base_model = load_replica(m, "cpu")
     info = model_info(base_model, task)
-    sizing = (budget, steps, heldout_samples or HELDOUT_SAMPLES, probe_examples)
+    sizing = (budget, steps, heldout_samples or HELDOUT_SAMPLES, probe_examples, min_share)
     plan, train, heldout = size_halving(info, data, task, tc, ks, keep, *sizing)
     if plan.get("skipped"):
         stderr_log(f"halving: skipped, {plan['skipped']}")

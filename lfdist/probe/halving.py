@@ -49,13 +49,13 @@ def size_halving(
     steps: int | None = None,
     heldout_samples: int = HELDOUT_SAMPLES,
     probe_examples: int = 0,
+    min_share: float | None = None,
 ) -> tuple[dict, dict, dict]:
     """(plan_halving's plan with the record's run facts, pilot training data, held-out data)."""
     data = _check_data(data, task, info["num_labels"])
     n, seq_len = int(data["input_ids"].shape[0]), int(data["input_ids"].shape[1])
-    plan = plan_halving(
-        info, tc, seq_len, n, heldout_samples, probe_examples, ks, keep, budget, steps
-    )
+    sizes = (seq_len, n, heldout_samples, probe_examples, ks, keep, budget, steps, min_share)
+    plan = plan_halving(info, tc, *sizes)
     train, heldout = split_calibration(data, plan["heldout_examples"])
     plan.update(
         train_examples=int(train["input_ids"].shape[0]),
@@ -142,13 +142,14 @@ def run_halving(
     heldout_samples: int = HELDOUT_SAMPLES,
     probe_examples: int = 0,
     log: Log = stderr_log,
+    min_share: float | None = None,
 ) -> dict:
     """Serial halving rounds inside `budget` of the run `tc` describes."""
     from lfdist.train.evaluate import evaluate
 
     model = _materialize(model)
     info = model_info(model, task)
-    sizing = (budget, steps, heldout_samples, probe_examples)
+    sizing = (budget, steps, heldout_samples, probe_examples, min_share)
     plan, train, heldout = size_halving(info, data, task, tc, ks, keep, *sizing)
     if plan.get("skipped"):
         log(f"halving: skipped, {plan['skipped']}")

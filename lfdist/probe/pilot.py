@@ -173,13 +173,15 @@ def size_pilots(
     budget: float,
     heldout_samples: int,
     probe_examples: int,
+    min_share: float | None = None,
 ) -> tuple[dict, dict, dict, dict]:
     """(plan_pilots' plan, pilot training data, held-out data, the record's run facts)."""
     data = _check_data(data, task, info["num_labels"])
     spec = depths if isinstance(depths, str) else ",".join(map(str, depths))
     n, seq_len = int(data["input_ids"].shape[0]), int(data["input_ids"].shape[1])
     ds = pilot_depths(spec, info["n_blocks"])
-    plan = plan_pilots(info, tc, seq_len, n, heldout_samples, probe_examples, ds, budget, steps)
+    sizes = (seq_len, n, heldout_samples, probe_examples, ds, budget, steps, min_share)
+    plan = plan_pilots(info, tc, *sizes)
     train, heldout = split_calibration(data, plan["heldout_examples"])
     extra = {"train_examples": int(train["input_ids"].shape[0]), "seq_len": seq_len}
     extra.update(run_steps=tc.steps, lr=tc.lr, seed=tc.seed)
@@ -197,6 +199,7 @@ def run_pilots(
     heldout_samples: int = HELDOUT_SAMPLES,
     probe_examples: int = 0,
     log: Log = stderr_log,
+    min_share: float | None = None,
 ) -> dict:
     """Serial pilots at every depth the budget allows: the `curves["pilot"]` record.
 
@@ -205,7 +208,7 @@ def run_pilots(
     """
     model = _materialize(model)
     info = model_info(model, task)
-    sizing = (depths, steps, budget, heldout_samples, probe_examples)
+    sizing = (depths, steps, budget, heldout_samples, probe_examples, min_share)
     plan, train, heldout, extra = size_pilots(info, data, task, tc, *sizing)
     if plan.get("skipped"):
         log(f"pilots: skipped, {plan['skipped']}")

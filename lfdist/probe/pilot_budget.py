@@ -166,6 +166,7 @@ def plan_pilots(
         "run_flops_per_example": flops["train"],
         "global_batch": gb,
         "planned_fraction": (probe + pilots) / run,
+        "min_share": INFORMATIVE_SHARE if min_share is None else min_share,
     }
     if skipped:
         return {**plan, "skipped": skipped, "budget_note": f"no pilots: {skipped}"}
@@ -288,6 +289,7 @@ def plan_halving(
         "run_flops_per_example": flops["train"],
         "global_batch": gb,
         "planned_fraction": (probe + spent) / run,
+        "min_share": INFORMATIVE_SHARE if min_share is None else min_share,
     }
     if skipped:
         return {**plan, "skipped": skipped, "budget_note": f"no halving: {skipped}"}

@@ -177,8 +177,9 @@ def _number(name: str, value, ok) -> None:
 
 def default_estimator(curves: dict, run_steps: int | None) -> tuple[str, str | None]:
     """(the estimator salf uses when none is asked for, why the trace decided where pilots ran):
-    the pilots' own when they ran long enough to be read (INFORMATIVE_SHARE of the run), else
-    the forward-only trace."""
+    the pilots' own when they ran long enough to be read (the share the probe required of them,
+    probe.pilot_min_share, INFORMATIVE_SHARE by default; pilots forced by probe.pilot_steps
+    must reach it too), else the forward-only trace."""
     for name, ran in (("pilot", "errors"), ("halving", "rounds")):
         record = curves.get(name) or {}
         if not record.get(ran) or not record.get("lengths"):
@@ -186,11 +187,12 @@ def default_estimator(curves: dict, run_steps: int | None) -> tuple[str, str | N
         steps = run_steps or record.get("run_steps") or 0
         rounds = record.get("rounds")  # halving may stop before its planned last round
         longest = int(rounds[-1]["steps"] if rounds else record["lengths"][-1])
-        if longest >= INFORMATIVE_SHARE * steps:
+        share = float(record.get("min_share", INFORMATIVE_SHARE))  # what the probe required
+        if longest >= share * steps:
             return name, None
         return "trace", (
             f"{name} pilots ran, but the longest was {longest} of the run's {steps} steps "
-            f"({longest / steps:.1%}, under {INFORMATIVE_SHARE:.0%}); pilots that short measure "
+            f"({longest / steps:.1%}, under {share:.0%}); pilots that short measure "
             "how fast training starts, not where it ends"
         )
     return "trace", None

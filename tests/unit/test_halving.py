@@ -205,3 +205,5 @@ def test_probe_runs_halving_when_asked(tmp_path):
     assert plan.scores["estimator"] == "halving" and plan.scores["cost_fraction"] > 0
     with pytest.raises(UserError, match="probe.pilot_kind=.grids. is not allowed"):
         config_from_dict({"model": {"spec": "tiny:llama"}, "probe": {"pilot_kind": "grids"}})
+    with pytest.raises(UserError, match=r"probe.pilot_min_share must be in \[0, 1\), got 1.0"):
+        config_from_dict({"model": {"spec": "tiny:llama"}, "probe": {"pilot_min_share": 1.0}})

@@ -150,13 +150,12 @@ def test_pilots_log_one_line_per_stage(data):
     assert "skipped" in rec and skipped == [f"pilots: skipped, {rec['skipped']}"]
 
 
-def test_pilots_and_critical_in_probe_json(tmp_path, data, monkeypatch):
-    monkeypatch.setattr("lfdist.probe.pilot_budget.INFORMATIVE_SHARE", 0.0)  # sizing only
+def test_pilots_and_critical_in_probe_json(tmp_path, data):
     model = build_tiny("llama", "lm")
     state = _state(model)
     result = run_probe(model, data, "lm", samples=16, progress=False)
     long_run = TrainConfig(steps=3000, batch_size=2, nproc=2, lr=1e-3)  # room for 4 depths
-    record = run_pilots(model, data, "lm", long_run, probe_examples=16, log=quiet)
+    record = run_pilots(model, data, "lm", long_run, probe_examples=16, log=quiet, min_share=0.0)
     assert record["depths"] == [1, 2, 4, 8] and "skipped" not in record
     lines: list[str] = []
     crit = run_critical(model, data, "lm", TC, steps=3, log=lines.append)
@@ -168,7 +167,8 @@ def test_pilots_and_critical_in_probe_json(tmp_path, data, monkeypatch):
     assert result.timings["pilot_s"] == pytest.approx(sum(record["seconds"]))
     loaded = load_probe(result.save(str(tmp_path)))
     assert loaded.curves["pilot"] == record and loaded.curves["critical"] == crit
-    assert select_plan(loaded, "salf").scores["estimator"] == "trace"  # pilots < 10% of the run
+    # the probe ran them whatever their length (min_share=0), so salf reads them by default
+    assert select_plan(loaded, "salf").scores["estimator"] == "pilot"
     plan = select_plan(loaded, "salf", options={"estimator": "pilot"})
     assert (
         plan.scores["estimator"] == "pilot"
@@ -180,15 +180,16 @@ def test_pilots_and_critical_in_probe_json(tmp_path, data, monkeypatch):
     assert select_plan(loaded, "critical").trainable_blocks == sorted(ranked)
 
 
-def test_classifier_pilots_measure_accuracy(monkeypatch):
-    monkeypatch.setattr("lfdist.probe.pilot_budget.INFORMATIVE_SHARE", 0.0)  # sizing only
+def test_classifier_pilots_measure_accuracy():
     model = build_tiny("bert", "classify", num_labels=3)
     g = torch.Generator().manual_seed(0)
     data = {
         "input_ids": torch.randint(0, 250, (48, 12), generator=g),
         "labels": torch.arange(48) % 3,
     }
-    rec = run_pilots(model, data, "classify", TC, depths="1,2", heldout_samples=12, log=quiet)
+    rec = run_pilots(
+        model, data, "classify", TC, depths="1,2", heldout_samples=12, log=quiet, min_share=0
+    )
     assert rec["metric"] == "accuracy" and rec["base_error"] is None
     for j in range(2):
         for i in range(2):
