@@ -12,6 +12,7 @@ import os
 import re
 import sys
 
+from lfdist.constants import ENGINES
 from lfdist.errors import JobFailed, UserError
 
 _ARGV: list[str] = []  # the command line being parsed (for the did-you-mean hint)
@@ -210,9 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune with a plan on ddp, fsdp1, fsdp2 or deepspeed")
     _common_model_data(t)
     t.add_argument("--plan", required=True)
-    t.add_argument(
-        "--engine", choices=["ddp", "fsdp1", "fsdp2", "deepspeed", "single"], default=None
-    )
+    t.add_argument("--engine", choices=list(ENGINES), default=None)
     t.add_argument("--zero-stage", type=int, choices=[1, 2, 3], default=None)
     t.add_argument("--nproc", type=int, default=None)
     t.add_argument("--steps", type=int, default=None)

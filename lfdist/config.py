@@ -15,12 +15,11 @@ from typing import Any
 
 import yaml
 
+from lfdist.constants import ENGINES, TASKS
 from lfdist.errors import UserError
 from lfdist.precision import PRECISIONS
 from lfdist.precision import resolve as resolve_precision
 
-TASKS = ("lm", "classify")
-ENGINES = ("ddp", "fsdp1", "fsdp2", "deepspeed", "single")
 TRACKERS = ("tensorboard", "wandb")  # train.report_to, besides out/metrics.jsonl
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 

@@ -48,12 +48,12 @@ from __future__ import annotations
 from typing import Any
 
 from lfdist.activations import block_activation_bytes, lm_head_activation_bytes, rotary_bytes
+from lfdist.constants import ENGINES
 from lfdist.errors import UserError
 from lfdist.precision import BYTES, Precision
 from lfdist.precision import resolve as resolve_precision
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
-ENGINES = ("single", "ddp", "fsdp1", "fsdp2", "deepspeed")
 GIB = 2**30
 FP32_ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq in fp32 (DeepSpeed, whatever the dtype)
 MASTER_BYTES = 4  # DeepSpeed's fp32 master partition (kept whatever the dtype)

@@ -17,9 +17,9 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from lfdist.constants import TASKS
 from lfdist.errors import UserError
 
-TASKS = ("lm", "classify")
 FILE_KINDS = (".txt", ".jsonl", ".csv")
 FOLDER_TEXT_SUFFIXES = (".txt", ".rst", ".md")
 _INT = re.compile(r"-?\d+")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lfdist.constants import TASKS
 from lfdist.errors import UserError
 from lfdist.model.apply import bias_like  # the rule apply_plan uses for the `bias` treatment
 from lfdist.model.blocks import block_param_counts, find_blocks, fingerprint
@@ -24,7 +25,6 @@ from lfdist.probe.hooks import LatentHooks, find_final_norm, logit_lens, target_
 from lfdist.probe.result import ProbeResult
 from lfdist.probe.stats import LENS_STRIDE, SKETCH_DIM, ProbeStats, sketch_matrix
 
-TASKS = ("lm", "classify")
 log = logging.getLogger(__name__)
 _LENS_ELEMENTS = 2**26  # logits computed in chunks of at most this many elements (256 MB fp32)
 
