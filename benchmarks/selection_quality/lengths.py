@@ -51,9 +51,10 @@ def main() -> str:
         "# The oracle and salf's picks at two run lengths",
         "",
         "From `quality.json` (short runs) and `long/quality.json` (the same model, data, batch, "
-        "lr and seeds, longer runs, warm-up 10% of the run); written by `lengths.py`. Gap: the "
-        "split's mean quality minus full fine-tuning's (k = 0), accuracy points or % of "
-        "perplexity; * = not resolved by the spread between seeds.",
+        "lr and seeds, longer runs, warm-up 10% of the run); written by `lengths.py`. Gap: how "
+        "much worse the split's mean quality is than full fine-tuning's (k = 0): accuracy "
+        "points lost, or % of perplexity gained (negative: better); * = not resolved by the "
+        "spread between seeds.",
         "",
         "| model and data | steps | full (k = 0) | gap per split k | oracle k_tol | salf default "
         "(estimator) | trace | pilot | halving |",

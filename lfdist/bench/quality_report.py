@@ -68,16 +68,22 @@ def _task_md(r: dict) -> list[str]:
             f"{_unit(task)} | {100 * c['wasted_time']:.0f}% "
             f"({100 * c.get('wasted_flops', 0.0):.0f}%) | {share} |"
         )
-    lines += [
-        "",
-        f"### (b) Quality at {r['budget_blocks']} trainable blocks",
-        "",
-        f"The best oracle split within that budget is k = {r['best_fit_k']}. Shortfall in "
-        f"{_unit(task)} against it (negative: better than it).",
-        "",
-        "| strategy | blocks trained | mean | std | shortfall | step s | FLOPs |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    if not r["at_budget"]:  # long runs: score (b) not trained (TaskSpec.at_budget)
+        lines += ["", "### (b) Quality at equal trainable blocks: not run for this task"]
+    lines += (
+        []
+        if not r["at_budget"]
+        else [
+            "",
+            f"### (b) Quality at {r['budget_blocks']} trainable blocks",
+            "",
+            f"The best oracle split within that budget is k = {r['best_fit_k']}. Shortfall in "
+            f"{_unit(task)} against it (negative: better than it).",
+            "",
+            "| strategy | blocks trained | mean | std | shortfall | step s | FLOPs |",
+            "|---|---|---|---|---|---|---|",
+        ]
+    )
     ranked = sorted(
         r["at_budget"].items(), key=lambda kv: kv[1]["mean"] * (-1 if task == "classify" else 1)
     )
