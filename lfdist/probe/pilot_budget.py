@@ -95,6 +95,18 @@ def _too_short(longest: int, run_steps: int, budget: float, min_share: float | N
     )
 
 
+def _costs(budget, probe, pilots, run, flops, gb, min_share) -> dict:
+    """The cost facts every pilot record carries (salf prices its plan from them)."""
+    return {
+        "budget": budget,
+        "probe_flops": probe,
+        "run_flops_per_example": flops["train"],
+        "global_batch": gb,
+        "planned_fraction": (probe + pilots) / run,
+        "min_share": INFORMATIVE_SHARE if min_share is None else min_share,
+    }
+
+
 def _too_few(global_batch: int, left: int) -> str:
     return (
         f"one global batch ({global_batch}) needs more than the {left} calibration examples "
@@ -160,13 +172,8 @@ def plan_pilots(
         "depths": depths,
         "lengths": lengths,
         "heldout_examples": held,
-        "budget": budget,
-        "probe_flops": probe,
         "flops_total": pilots,  # the pilots and their held-out passes
-        "run_flops_per_example": flops["train"],
-        "global_batch": gb,
-        "planned_fraction": (probe + pilots) / run,
-        "min_share": INFORMATIVE_SHARE if min_share is None else min_share,
+        **_costs(budget, probe, pilots, run, flops, gb, min_share),
     }
     if skipped:
         return {**plan, "skipped": skipped, "budget_note": f"no pilots: {skipped}"}
@@ -283,13 +290,8 @@ def plan_halving(
         "counts": counts,
         "lengths": lengths,
         "heldout_examples": held,
-        "budget": budget,
-        "probe_flops": probe,
         "flops_planned": spent,
-        "run_flops_per_example": flops["train"],
-        "global_batch": gb,
-        "planned_fraction": (probe + spent) / run,
-        "min_share": INFORMATIVE_SHARE if min_share is None else min_share,
+        **_costs(budget, probe, spent, run, flops, gb, min_share),
     }
     if skipped:
         return {**plan, "skipped": skipped, "budget_note": f"no halving: {skipped}"}
