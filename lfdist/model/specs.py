@@ -111,7 +111,11 @@ def load_model(
     )
     kwargs = {"num_labels": num_labels} if task == "classify" else {}
     try:
-        model = auto.from_pretrained(folder, dtype=getattr(torch, DTYPES[dtype]), **kwargs)
+        # Weights the checkpoint lacks (a classifier's fresh head) are drawn from `seed`, so a
+        # probe's pilots and an eval are the same on every load; the caller's RNG is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = auto.from_pretrained(folder, dtype=getattr(torch, DTYPES[dtype]), **kwargs)
         tokenizer = _tokenizer(folder)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None

@@ -12,10 +12,11 @@ from lfdist.probe.stats import LENS_STRIDE
 
 PILOT_BUDGET = 0.05  # probe + pilots as a share of the cheapest run salf may pick
 # Pilots shorter than this share of the run are not run when sized by the budget, and salf does
-# not read them by default: on a 1,000-step classifier run, 12-step pilots kept every block
-# where 4 of 6 could freeze (they measure how fast the fresh head learns, not what the blocks
-# add: SPEC 2.1); 8-step pilots of a 60-step LM run (13%) picked the oracle's split
-# (benchmarks/selection_quality). At the default 5% budget no pilot plan reaches it (the grid's
+# not read them by default: 16-step pilots of an 80-step classifier run (20%) kept every block
+# where 4 of 6 could freeze, and the pilots that fit 5% of a 1,000-step run (2-5 steps) moved
+# with the draw of the fresh head, i.e. measured noise (they see the head start to learn, not
+# what the blocks add: SPEC 2.1); 8-step pilots of a 60-step LM run (13%) picked the oracle's
+# split (benchmarks/selection_quality). At the default 5% budget no pilot plan reaches it (the grid's
 # longer pilot is at most ~3% of the run): the budget must be raised to read pilots.
 INFORMATIVE_SHARE = 0.1
 MIN_STEPS = 4  # the longer pilot; the shorter is half of it

@@ -79,6 +79,15 @@ def test_minilm_loads_as_a_classifier():
     enc = loaded.tokenizer(["a short news article about football"], return_tensors="pt")
     with torch.no_grad():
         assert model(**enc).logits.shape == (1, 5)
+    # the fresh head is drawn from the seed, whatever the caller's RNG did (pilots and evals
+    # on a classifier were different on every load), and the caller's RNG is left as it was
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    again = load_model("pkg:minilm-l6", "classify", num_labels=5).model
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.equal(again.classifier.weight, model.classifier.weight)
+    other = load_model("pkg:minilm-l6", "classify", num_labels=5, seed=1).model
+    assert not torch.equal(other.classifier.weight, model.classifier.weight)
 
 
 def test_python_docs_loads_when_present():
