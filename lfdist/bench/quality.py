@@ -290,25 +290,15 @@ def _estimators(cfg, out: str, name: str, probe) -> dict:
     user's run gets by default), the grid pilots and halving from probes of their own, sized to
     the budget and run whatever their length (probe.pilot_min_share=0), so that each is scored
     where the default would skip it as too short to read."""
-    from dataclasses import replace
 
-    from lfdist import pipeline
     from lfdist.select import select_plan
 
     sources = {"trace": (probe, None, None)}
     for kind, estimator, key in (("grid", "pilot", "pilot_s"), ("halving", "halving", "halving_s")):
-        pc = replace(
-            cfg.probe, gradnorm=False, critical_steps=0, pilot_kind=kind, pilot_min_share=0.0
-        )
-        _log(f"{name}: salf's {estimator} estimator inside the {pc.pilot_budget:.0%} budget")
-        t0 = time.perf_counter()
-        result = pipeline.probe(
-            replace(cfg, probe=pc),
-            os.path.join(out, f"probe-{estimator}-in-budget-{name}.json"),
-            overwrite=True,
-            progress=False,
-        )
-        sources[estimator] = (result, key, time.perf_counter() - t0)
+        _log(f"{name}: salf's {estimator} estimator inside the {cfg.probe.pilot_budget:.0%} budget")
+        path = os.path.join(out, f"probe-{estimator}-in-budget-{name}.json")
+        result, wall = _side_probe(cfg, path, pilot_kind=kind, pilot_min_share=0.0)
+        sources[estimator] = (result, key, wall)
     out_: dict = {}
     for estimator, (source, key, wall) in sources.items():
         try:
@@ -336,24 +326,28 @@ def _estimators(cfg, out: str, name: str, probe) -> dict:
     return out_
 
 
-def _pilot_pick(spec: TaskSpec, cfg, out: str) -> dict:
-    """salf with its pilot estimator from a second probe whose pilots are spec.pilot_steps long
-    (probe.pilot_steps: not sized to the budget, the cost fraction reported as it is)."""
+def _side_probe(cfg, path: str, **probe_changes):
+    """(a probe of its own for one estimator, its wall seconds): the task's probe config with
+    `probe_changes`, without gradnorm's backward or critical's pilot (not salf's cost)."""
     from dataclasses import replace
 
     from lfdist import pipeline
+
+    pc = replace(cfg.probe, gradnorm=False, critical_steps=0, **probe_changes)
+    t0 = time.perf_counter()
+    result = pipeline.probe(replace(cfg, probe=pc), path, overwrite=True, progress=False)
+    return result, time.perf_counter() - t0
+
+
+def _pilot_pick(spec: TaskSpec, cfg, out: str) -> dict:
+    """salf with its pilot estimator from a second probe whose pilots are spec.pilot_steps long
+    (probe.pilot_steps: not sized to the budget, the cost fraction reported as it is)."""
+
     from lfdist.select import select_plan
 
-    probe_cfg = replace(cfg.probe, gradnorm=False, critical_steps=0, pilot_steps=spec.pilot_steps)
     _log(f"{spec.name}: salf's pilot estimator, pilots of {spec.pilot_steps} steps")
-    t0 = time.perf_counter()
-    probe = pipeline.probe(
-        replace(cfg, probe=probe_cfg),
-        os.path.join(out, f"probe-pilot-{spec.name}.json"),
-        overwrite=True,
-        progress=False,
-    )
-    wall = time.perf_counter() - t0
+    path = os.path.join(out, f"probe-pilot-{spec.name}.json")
+    probe, wall = _side_probe(cfg, path, pilot_steps=spec.pilot_steps)
     plan = select_plan(probe, "salf", options={"estimator": "pilot"})
     sc = plan.scores
     return {

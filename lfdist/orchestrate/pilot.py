@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 
 from lfdist.config import RunConfig
 from lfdist.orchestrate.probe import MAX_ATTEMPTS, load_replica, model_spec
@@ -63,12 +62,11 @@ def ray_pilots(
         HELDOUT_SAMPLES,
         PILOT_BUDGET,
         assemble_pilots,
-        global_batch,
+        score_base,
         size_pilots,
         stderr_log,
     )
     from lfdist.probe.run import model_info
-    from lfdist.train.evaluate import evaluate
 
     tc, task = cfg.train, cfg.model.task
     m = model_spec(cfg)
@@ -82,9 +80,7 @@ def ray_pilots(
         stderr_log(f"pilots: skipped, {plan['skipped']}")
         return {**plan, **extra, "seconds": [0.0]}
     stderr_log(f"pilots (Ray, one task per depth): {plan['budget_note']}")
-    t0 = time.perf_counter()
-    base = evaluate(base_model, heldout, task, global_batch(tc))
-    base_s = time.perf_counter() - t0
+    base, base_s = score_base(base_model, heldout, task, tc)
     del base_model
     with _pilot_tasks(cfg, len(plan["depths"])) as (task_fn, threads):
         train_ref, held_ref = ray.put(train), ray.put(heldout)
@@ -116,9 +112,8 @@ def ray_halving(
     import ray
 
     from lfdist.probe.halving import run_rounds, size_halving
-    from lfdist.probe.pilot import HELDOUT_SAMPLES, global_batch, stderr_log
+    from lfdist.probe.pilot import HELDOUT_SAMPLES, score_base, stderr_log
     from lfdist.probe.run import model_info
-    from lfdist.train.evaluate import evaluate
 
     tc, task = cfg.train, cfg.model.task
     m = model_spec(cfg)
@@ -130,9 +125,7 @@ def ray_halving(
         stderr_log(f"halving: skipped, {plan['skipped']}")
         return {**plan, "rounds": [], "seconds": [0.0]}
     stderr_log(f"halving (Ray, one task per candidate): {plan['budget_note']}")
-    t0 = time.perf_counter()
-    base = evaluate(base_model, heldout, task, global_batch(tc))
-    base_s = time.perf_counter() - t0
+    base, base_s = score_base(base_model, heldout, task, tc)
     del base_model
     L = info["n_blocks"]
     with _pilot_tasks(cfg, len(plan["candidates"])) as (task_fn, threads):
@@ -144,6 +137,6 @@ def ray_halving(
             ]
             return ray.get(refs)  # in the order of cands
 
-        record = run_rounds(plan, task, tc, train_round, survivors, base, stderr_log)
+        record = run_rounds(plan, task, train_round, survivors, base, stderr_log)
     record["seconds"][0] += base_s
     return record

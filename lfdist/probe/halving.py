@@ -26,10 +26,11 @@ from lfdist.probe.pilot import (
     _error,
     _materialize,
     run_depth,
+    score_base,
     split_calibration,
     stderr_log,
 )
-from lfdist.probe.pilot_budget import example_flops, global_batch, plan_halving
+from lfdist.probe.pilot_budget import plan_halving
 from lfdist.probe.run import _check_data, model_info
 
 # (candidates k, steps) -> one run_depth result per candidate, in that order
@@ -64,7 +65,6 @@ def size_halving(
         lr=tc.lr,
         seed=tc.seed,
         metric="loss" if task == "lm" else "accuracy",
-        forward_flops_per_example=example_flops(info, seq_len)["forward"],
     )
     return plan, train, heldout
 
@@ -81,7 +81,6 @@ def serial_round(
 def run_rounds(
     plan: dict,
     task: str,
-    tc,
     train_round: TrainRound,
     survivors: Survivors,
     base: dict,
@@ -145,8 +144,6 @@ def run_halving(
     min_share: float | None = None,
 ) -> dict:
     """Serial halving rounds inside `budget` of the run `tc` describes."""
-    from lfdist.train.evaluate import evaluate
-
     model = _materialize(model)
     info = model_info(model, task)
     sizing = (budget, steps, heldout_samples, probe_examples, min_share)
@@ -155,10 +152,8 @@ def run_halving(
         log(f"halving: skipped, {plan['skipped']}")
         return {**plan, "rounds": [], "seconds": [0.0]}
     log(f"halving: {plan['budget_note']}")
-    t0 = time.perf_counter()
-    base = evaluate(model, heldout, task, global_batch(tc))
-    base_s = time.perf_counter() - t0
+    base, base_s = score_base(model, heldout, task, tc)
     train_round = serial_round(model, train, heldout, task, tc, info["n_blocks"])
-    record = run_rounds(plan, task, tc, train_round, survivors, base, log)
+    record = run_rounds(plan, task, train_round, survivors, base, log)
     record["seconds"][0] += base_s
     return record

@@ -141,6 +141,15 @@ def run_depth(
     }
 
 
+def score_base(model: nn.Module, heldout: dict[str, torch.Tensor], task: str, tc):
+    """(held-out quality of the pre-trained model, seconds): the baseline every pilot record
+    carries and books in its first entry's seconds."""
+    from lfdist.train.evaluate import evaluate
+
+    t0 = time.perf_counter()
+    return evaluate(model, heldout, task, global_batch(tc)), time.perf_counter() - t0
+
+
 def assemble_pilots(results: list[dict], plan: dict, task: str, base: dict, extra: dict) -> dict:
     """The `curves["pilot"]` record from per-depth `run_depth` results (any order)."""
     results = sorted(results, key=lambda r: r["depth"])

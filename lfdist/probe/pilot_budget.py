@@ -16,8 +16,8 @@ PILOT_BUDGET = 0.05  # probe + pilots as a share of the cheapest run salf may pi
 # where 4 of 6 could freeze, and the pilots that fit 5% of a 1,000-step run (2-5 steps) moved
 # with the draw of the fresh head, i.e. measured noise (they see the head start to learn, not
 # what the blocks add: SPEC 2.1); 8-step pilots of a 60-step LM run (13%) picked the oracle's
-# split (benchmarks/selection_quality). At the default 5% budget no pilot plan reaches it (the grid's
-# longer pilot is at most ~3% of the run): the budget must be raised to read pilots.
+# split (benchmarks/selection_quality). At the default 5% budget no pilot plan reaches it (the
+# grid's longer pilot is at most ~3% of the run): the budget must be raised to read pilots.
 INFORMATIVE_SHARE = 0.1
 MIN_STEPS = 4  # the longer pilot; the shorter is half of it
 MIN_HELDOUT = 16
@@ -83,9 +83,12 @@ def _sized_by(budget: float, tc, steps: int | None) -> str:
     return f"probe.pilot_steps={steps} (not sized to the budget) gave"
 
 
-def _too_short(longest: int, run_steps: int, budget: float, min_share: float | None) -> str | None:
+def _share(min_share: float | None) -> float:
+    return INFORMATIVE_SHARE if min_share is None else min_share
+
+
+def _too_short(longest: int, run_steps: int, budget: float, share: float) -> str | None:
     """Why budget-sized pilots whose longest run is `longest` steps are not worth running."""
-    share = INFORMATIVE_SHARE if min_share is None else min_share
     if longest >= share * run_steps:
         return None
     return (
@@ -96,7 +99,7 @@ def _too_short(longest: int, run_steps: int, budget: float, min_share: float | N
     )
 
 
-def _costs(budget, probe, pilots, run, flops, gb, min_share) -> dict:
+def _costs(budget, probe, pilots, run, flops, gb, share) -> dict:
     """The cost facts every pilot record carries (salf prices its plan from them)."""
     return {
         "budget": budget,
@@ -104,7 +107,7 @@ def _costs(budget, probe, pilots, run, flops, gb, min_share) -> dict:
         "run_flops_per_example": flops["train"],
         "global_batch": gb,
         "planned_fraction": (probe + pilots) / run,
-        "min_share": INFORMATIVE_SHARE if min_share is None else min_share,
+        "min_share": share,
     }
 
 
@@ -166,7 +169,7 @@ def plan_pilots(
             f"steps, fewer than {MIN_STEPS}"
         )
     else:
-        skipped = None if steps else _too_short(s2, tc.steps, budget, min_share)
+        skipped = None if steps else _too_short(s2, tc.steps, budget, _share(min_share))
     lengths = [] if skipped else [s2 // 2, s2]
     pilots = cost(depths, s2, held) if lengths else 0.0
     plan = {
@@ -174,7 +177,7 @@ def plan_pilots(
         "lengths": lengths,
         "heldout_examples": held,
         "flops_total": pilots,  # the pilots and their held-out passes
-        **_costs(budget, probe, pilots, run, flops, gb, min_share),
+        **_costs(budget, probe, pilots, run, flops, gb, _share(min_share)),
     }
     if skipped:
         return {**plan, "skipped": skipped, "budget_note": f"no pilots: {skipped}"}
@@ -282,7 +285,7 @@ def plan_halving(
         )
     else:
         last = s0 * 2 ** (len(halving_counts(len(ks))) - 1)
-        skipped = None if steps else _too_short(last, tc.steps, budget, min_share)
+        skipped = None if steps else _too_short(last, tc.steps, budget, _share(min_share))
     counts = halving_counts(len(ks))
     lengths = [] if skipped else [s0 * 2**r for r in range(len(counts))]
     spent = cost(ks, s0, held) if lengths else 0.0
@@ -292,7 +295,8 @@ def plan_halving(
         "lengths": lengths,
         "heldout_examples": held,
         "flops_planned": spent,
-        **_costs(budget, probe, spent, run, flops, gb, min_share),
+        "forward_flops_per_example": flops["forward"],
+        **_costs(budget, probe, spent, run, flops, gb, _share(min_share)),
     }
     if skipped:
         return {**plan, "skipped": skipped, "budget_note": f"no halving: {skipped}"}
