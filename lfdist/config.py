@@ -203,6 +203,14 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def record(self) -> dict[str, Any]:
+        """The settings the run uses, as job.json, checkpoints and trackers record them: no
+        train.zero_stage unless the engine is DeepSpeed (an fsdp2 run has no ZeRO stage)."""
+        d = self.to_dict()
+        if self.train.engine != "deepspeed":
+            del d["train"]["zero_stage"]
+        return d
+
 
 def parse_report_to(value: str) -> tuple[str, ...]:
     """train.report_to: 'none', or a comma list of tensorboard and wandb."""

@@ -58,7 +58,7 @@ class Job:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "config": self.config.to_dict(),
+            "config": self.config.record(),
             "plan": self.plan,
             "out": self.out,
             "resume": self.resume,

@@ -87,27 +87,70 @@ def run_lock(out: str) -> Iterator[int]:
     """An exclusive flock on out/.lock for as long as the job runs; yields the descriptor.
 
     The launcher passes the descriptor on to torchrun/deepspeed, so the lock is held until the
-    last process of the job is gone, even when the launcher itself is killed first.
+    last process of the job is gone, even when the launcher itself is killed first. The file is
+    removed on release when no process of the job holds it any more (_remove_if_free).
     """
     path = os.path.join(out, ".lock")
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise UserError(
-            f"cannot write in --out {out!r} ({e.strerror or e}); choose a writable folder"
-        ) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise UserError(
-            f"another lfdist job (pid {holder}) is running in {out!r}; wait for it to end or "
-            "choose another --out"
-        ) from None
+    fd = _acquire(path, out)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield fd
+    finally:
+        os.close(fd)
+        _remove_if_free(path)
+
+
+def _acquire(path: str, out: str) -> int:
+    """The flocked descriptor of `path`. A lock taken on a file that its last holder removed in
+    the meantime guards nothing (the next job would create a new file), so then try again."""
+    for _ in range(10):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(
+                f"cannot write in --out {out!r} ({e.strerror or e}); choose a writable folder"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(
+                f"another lfdist job (pid {holder}) is running in {out!r}; wait for it to end or "
+                "choose another --out"
+            ) from None
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)
+    raise UserError(f"cannot lock {path!r}: it keeps being removed; is another job cleaning it?")
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _remove_if_free(path: str) -> None:
+    """Remove the lock file only under a lock of our own: ranks of a killed launcher that still
+    hold the job's descriptor keep it (and the folder stays locked); a job that starts in the
+    meantime holds it and keeps it. A job opening it just before the removal finds the file
+    gone once it holds the lock (_acquire) and locks a new one."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return
+    try:
+        if _same_file(fd, path):
+            os.unlink(path)
     finally:
         os.close(fd)

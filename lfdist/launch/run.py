@@ -53,7 +53,7 @@ def validate(
         check_resumable(checkpoint, cfg, world_size)
         from lfdist.train.resume import check_resume
 
-        for change in check_resume(checkpoint, cfg.to_dict(), plan):  # plan, settings, finished
+        for change in check_resume(checkpoint, cfg.record(), plan):  # plan, settings, finished
             print(f"lfdist: resume applies {change}")
     # config.json + safetensors headers + tokenizing: the weights stay where they are.
     prepared = prepare(cfg)

@@ -68,6 +68,9 @@ def model_config(spec: str) -> dict | None:
 
     if ":" in spec or _looks_like_path(spec):
         return None
+    from lfdist.model.hub import check_hub_id
+
+    check_hub_id(spec)
     try:
         import transformers
 

@@ -69,6 +69,9 @@ def check_spec(spec: str) -> str:
         raise UserError(
             f"unknown model spec {spec!r}; use a hub id, a folder, tiny:<arch>, pkg:smollm2-135m or pkg:minilm-l6"
         )
+    from lfdist.model.hub import check_hub_id
+
+    check_hub_id(spec)  # an unreachable hub is one line in seconds, not minutes of retries
     return spec
 
 

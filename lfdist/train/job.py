@@ -62,7 +62,7 @@ def run_training(job: Job, world) -> None:
         )
     resume_from = latest_checkpoint(ckpt_root) if job.resume else None
     if resume_from is not None:  # again here (the launcher checked and printed the changes)
-        check_resume(resume_from, cfg.to_dict(), plan)
+        check_resume(resume_from, cfg.record(), plan)
     built = {}
 
     def setup(model, applied) -> None:
@@ -106,7 +106,7 @@ def run_training(job: Job, world) -> None:
             "engine": tc.engine,
             "model": dataclasses.asdict(cfg.model),
             "num_labels": int(source.num_labels),
-            "config": cfg.to_dict(),  # what a --resume may not change (lfdist/train/resume.py)
+            "config": cfg.record(),  # what a --resume may not change (lfdist/train/resume.py)
         }
         with _every_block(redraw, engine):  # lisa: every block may have trained by now
             save_checkpoint(ckpt_root, step, engine, world, job.plan, extra)
@@ -119,7 +119,7 @@ def run_training(job: Job, world) -> None:
         else None
     )
     last = min(tc.steps, job.debug.stop_after or tc.steps)  # a simulated preemption
-    tracker = Tracker(out, tc.report_to, cfg.to_dict(), world.is_main, resumed=start > 0)
+    tracker = Tracker(out, tc.report_to, cfg.record(), world.is_main, resumed=start > 0)
     result = train_loop(
         engine,
         feeder,

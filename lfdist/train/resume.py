@@ -133,7 +133,7 @@ def check_settings(state: dict, config: dict) -> list[str]:
     saved = state.get("config")
     if not isinstance(saved, dict):
         return []  # written before checkpoints recorded their settings
-    old, new = _flat(saved), _flat(config)
+    old, new = _ours(_flat(saved)), _ours(_flat(config))
     if "train.precision" not in old:  # before train.precision, bf16 models trained pure bf16
         old["train.precision"] = "bf16" if old.get("model.dtype") == "bfloat16" else "auto"
     applied = []
@@ -153,6 +153,14 @@ def check_settings(state: dict, config: dict) -> list[str]:
             "over with --overwrite"
         )
     return applied
+
+
+def _ours(flat: dict) -> dict:
+    # Checkpoints before RunConfig.record() kept the unused default train.zero_stage=2 of a
+    # non-DeepSpeed run: it shaped nothing, so it is not compared.
+    if flat.get("train.engine") != "deepspeed":
+        flat.pop("train.zero_stage", None)
+    return flat
 
 
 def _global_batch(flat: dict) -> object:

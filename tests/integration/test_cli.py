@@ -309,6 +309,7 @@ def test_end_to_end_probe_select_train_export(tmp_path, capsys):
     )
     metrics = json.load(open(os.path.join(run, "metrics.json")))
     assert metrics["per_rank"][0]["backward_blocks"] == [5, 6, 7]
+    assert not os.path.exists(os.path.join(run, ".lock"))  # released with the job
     assert (
         sum(r["after_step"]["optimizer_state_elements"] for r in metrics["per_rank"])
         == 2 * metrics["params"]["trainable"]

@@ -370,3 +370,22 @@ def test_resume_of_a_run_from_before_train_precision():
         "train.cpu_lean_malloc: None -> False",
         "train.report_to: None -> 'none'",
     ]
+
+
+def test_only_deepspeed_runs_record_a_zero_stage():
+    from lfdist.config import config_from_dict
+    from lfdist.train.resume import check_settings
+
+    fsdp2 = config_from_dict({"train": {"engine": "fsdp2"}})
+    assert "zero_stage" not in fsdp2.record()["train"]  # job.json, state.json, trackers
+    assert config_from_dict(fsdp2.record()) == fsdp2  # the job file reads back the same config
+    ds = config_from_dict({"train": {"engine": "deepspeed", "zero_stage": 3}})
+    assert ds.record()["train"]["zero_stage"] == 3
+    # a checkpoint from before record() kept the unused default: not a changed setting
+    state = {"step": 2, "config": fsdp2.to_dict()}
+    assert check_settings(state, fsdp2.record()) == []
+    with pytest.raises(UserError, match="train.zero_stage is 2"):
+        check_settings(
+            {"step": 2, "config": ds.record()},
+            config_from_dict({"train": {"engine": "deepspeed"}}).record(),
+        )

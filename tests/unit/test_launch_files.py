@@ -44,6 +44,7 @@ def test_job_file_round_trips_with_its_debug_section(tmp_path):
     assert back.plan == os.path.abspath("plan.yaml") and back.out == str(tmp_path)
     raw = json.loads((tmp_path / "job.json").read_text())
     assert sorted(raw) == ["config", "debug", "evaluate", "out", "plan", "resume"]
+    assert "zero_stage" not in raw["config"]["train"]  # an fsdp2 run has no ZeRO stage
     assert raw["debug"]["inject_faults"] == [{"kind": "kill", "step": 2, "rank": 1, "seconds": 0.0}]
     assert Job.from_dict({**raw, "debug": {}}).debug == Debug()
 
@@ -136,6 +137,45 @@ def test_second_lock_on_one_folder_is_refused(tmp_path):
         )
     with run_lock(str(tmp_path)):  # released with the first
         pass
+    assert not (tmp_path / ".lock").exists()  # and its file removed
+
+
+def test_lock_file_stays_while_a_rank_still_holds_the_job_descriptor(tmp_path):
+    with run_lock(str(tmp_path)) as fd:
+        rank_fd = os.dup(fd)  # what torchrun's ranks inherit: the same open file description
+    try:
+        assert (tmp_path / ".lock").exists()  # a rank of a killed launcher still runs
+        with pytest.raises(UserError, match="another lfdist job"):
+            with run_lock(str(tmp_path)):
+                pass
+    finally:
+        os.close(rank_fd)
+    with run_lock(str(tmp_path)):
+        pass
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_lock_taken_on_a_removed_file_is_taken_again(tmp_path, monkeypatch):
+    import fcntl
+
+    from lfdist.launch import folder
+
+    path = tmp_path / ".lock"
+    real = fcntl.flock
+    calls = []
+
+    def flock_after_removal(fd, op):
+        # the previous job removes its lock file between our open and our flock
+        if not calls and path.exists():
+            os.unlink(path)
+        calls.append(op)
+        return real(fd, op)
+
+    monkeypatch.setattr(folder.fcntl, "flock", flock_after_removal)
+    path.write_text("")
+    with run_lock(str(tmp_path)) as fd:
+        assert os.fstat(fd).st_ino == os.stat(path).st_ino  # the lock guards the file in place
+    assert len(calls) >= 2
 
 
 @pytest.fixture
