@@ -3,3 +3,5 @@ readers and the CLI read them from here)."""
 
 TASKS = ("lm", "classify")
 ENGINES = ("ddp", "fsdp1", "fsdp2", "deepspeed", "single")
+# Tiny architectures that are encoders: they classify, and have no causal LM to train.
+ENCODERS = frozenset({"bert", "roberta", "mpnet"})

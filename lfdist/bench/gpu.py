@@ -107,7 +107,7 @@ def measure_one(source, treatments, ckpt, batch, seq, device, steps) -> dict[str
 
     from lfdist.model.apply import apply_plan
     from lfdist.model.checkpointing import checkpoint_trainable_blocks
-    from lfdist.probe.run import model_info
+    from lfdist.model.info import model_info
     from lfdist.train.measure import make_plan_for
 
     model = _build(source, device)

@@ -33,7 +33,7 @@ LISA_ENGINES = ("ddp", "fsdp2")  # DeepSpeed cannot change its trainable set
 
 
 def _plans(model) -> dict[str, list[str]]:
-    from lfdist.select.lisa import lisa_blocks
+    from lfdist.lisa_draw import lisa_blocks
 
     n = len(model.model.layers)
     drawn = lisa_blocks(n, LISA["n"], LISA["period"], LISA["seed"], 0)
@@ -291,8 +291,8 @@ def _plot(dist_rows, path: str) -> None:
 
 def run(out_dir: str, tiny: bool = True) -> str:
     from lfdist.bench.record import write_result
+    from lfdist.model.info import model_info
     from lfdist.model.tiny import build_tiny
-    from lfdist.probe import model_info
 
     model = build_tiny("llama", "lm")
     info = model_info(model, "lm")

@@ -196,8 +196,8 @@ def _options(strategy: str, n: int) -> dict:
 
 def run_task(spec: TaskSpec, out: str, reuse: str | None = None) -> dict:
     from lfdist import pipeline
-    from lfdist.registry import strategy_names
     from lfdist.select import select_plan
+    from lfdist.select.registry import strategy_names
     from lfdist.train.local import plan_for
     from lfdist.train.prepare import prepare
 

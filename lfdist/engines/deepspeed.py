@@ -114,6 +114,41 @@ def fill_config(
                 f"deepspeed config has an {section!r} section, but lfdist builds AdamW and its "
                 "schedule from train.lr, train.weight_decay and train.warmup_steps; remove the section"
             )
+    _batch(ds, cfg, world_size)
+    clip = float(cfg.max_grad_norm or 0.0)
+    ds["gradient_clipping"] = float(
+        _settle(
+            "gradient_clipping", ds.get("gradient_clipping"), clip, f"train.max_grad_norm={clip}"
+        )
+    )
+    for key, wanted in (("bf16", dtype == "bfloat16"), ("fp16", dtype == "float16")):
+        section = ds.setdefault(key, {})
+        section["enabled"] = _settle(
+            f"{key}.enabled",
+            section.get("enabled"),
+            wanted,
+            f"model.dtype={dtype}",
+            f"set {key}.enabled to auto or model.dtype={DTYPE_OF[key]}",
+        )
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage"] = _settle(
+        "zero_optimization.stage",
+        zero.get("stage"),
+        cfg.zero_stage,
+        f"train.zero_stage={cfg.zero_stage}",
+    )
+    _pure_bf16(ds, resolve_precision(dtype, getattr(cfg, "precision", "auto")), zero["stage"])
+    _sized(zero, hidden_size)
+    left = _auto_keys(ds)
+    if left:
+        raise UserError(
+            f"deepspeed config key {left[0]} is 'auto' but lfdist cannot fill it; set a value"
+        )
+    return ds
+
+
+def _batch(ds: dict, cfg, world_size: int) -> None:
+    """The three batch keys from train.batch_size, train.grad_accum and the world size."""
     micro = _settle(
         "train_micro_batch_size_per_gpu",
         ds.get("train_micro_batch_size_per_gpu"),
@@ -139,29 +174,11 @@ def fill_config(
         gradient_accumulation_steps=accum,
         train_batch_size=total,
     )
-    clip = float(cfg.max_grad_norm or 0.0)
-    ds["gradient_clipping"] = float(
-        _settle(
-            "gradient_clipping", ds.get("gradient_clipping"), clip, f"train.max_grad_norm={clip}"
-        )
-    )
-    for key, wanted in (("bf16", dtype == "bfloat16"), ("fp16", dtype == "float16")):
-        section = ds.setdefault(key, {})
-        section["enabled"] = _settle(
-            f"{key}.enabled",
-            section.get("enabled"),
-            wanted,
-            f"model.dtype={dtype}",
-            f"set {key}.enabled to auto or model.dtype={DTYPE_OF[key]}",
-        )
-    zero = ds.setdefault("zero_optimization", {})
-    zero["stage"] = _settle(
-        "zero_optimization.stage",
-        zero.get("stage"),
-        cfg.zero_stage,
-        f"train.zero_stage={cfg.zero_stage}",
-    )
-    _pure_bf16(ds, resolve_precision(dtype, getattr(cfg, "precision", "auto")), zero["stage"])
+
+
+def _sized(zero: dict, hidden_size: int | None) -> None:
+    """The bucket and persistence sizes left 'auto', from the hidden size as accelerate does;
+    dropped (DeepSpeed's defaults) without one."""
     sized = {"reduce_bucket_size": 1.0, "stage3_prefetch_bucket_size": 0.9}
     for key, factor in sized.items():
         if zero.get(key) == "auto":
@@ -172,12 +189,6 @@ def fill_config(
             "stage3_param_persistence_threshold",
             None if hidden_size is None else 10 * hidden_size,
         )
-    left = _auto_keys(ds)
-    if left:
-        raise UserError(
-            f"deepspeed config key {left[0]} is 'auto' but lfdist cannot fill it; set a value"
-        )
-    return ds
 
 
 def _pure_bf16(ds: dict, precision, stage: int) -> None:

@@ -9,9 +9,10 @@ import fcntl
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from lfdist.errors import UserError
+from lfdist.job import Job, write_job
 
 # What a training job writes into its folder; anything else there is the user's.
 OURS = (
@@ -80,6 +81,19 @@ def clear_results(out: str) -> None:
             shutil.rmtree(path)
         elif os.path.exists(path):
             os.remove(path)
+
+
+@contextmanager
+def open_run(job: Job, overwrite: bool, owner: bool = True) -> Iterator[int | None]:
+    """The launch sequence torchrun and Ray share, once validation passed: create out/, lock it,
+    clear an earlier run's results on --overwrite, write out/job.json; yields the lock's
+    descriptor. Multi-node runs share out/: only its owner (node 0) locks and clears it."""
+    make_run_folder(job.out)
+    with run_lock(job.out) if owner else nullcontext(None) as fd:
+        if overwrite and owner:
+            clear_results(job.out)
+        write_job(job)
+        yield fd
 
 
 @contextmanager

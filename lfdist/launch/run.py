@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import nullcontext
 
 from lfdist.config import RunConfig
 from lfdist.errors import JobFailed, UserError
 from lfdist.job import Debug, new_job, raise_reported_error, read_metrics, read_reports, write_job
 from lfdist.launch.commands import Nodes, deepspeed_command, shell_line, torchrun_command
-from lfdist.launch.folder import check_run_folder, clear_results, make_run_folder, run_lock
+from lfdist.launch.folder import check_run_folder, make_run_folder, open_run
 from lfdist.launch.supervise import (
     dead_rank,
     kill_leftover_ranks,
@@ -108,24 +107,9 @@ def check_engine_config(cfg: RunConfig, world_size: int) -> None:
 
 def check_resumable(folder: str, cfg: RunConfig, world_size: int) -> None:
     """--resume on the world size and engine that wrote the checkpoint (its state.json)."""
-    from lfdist.train.resume import read_state
+    from lfdist.train.resume import check_writer, read_state
 
-    state = read_state(folder)
-    engine = state.get("engine")
-    if engine is not None and engine != cfg.train.engine:
-        raise UserError(
-            f"checkpoint {folder!r} was written by engine {engine} but this run uses "
-            f"{cfg.train.engine}; resume with --engine {engine}"
-        )
-    written_by = state.get("world_size")
-    from lfdist.train.checkpoint import can_reshard
-
-    if written_by is not None and written_by != world_size and not can_reshard(cfg.train.engine):
-        raise UserError(
-            f"checkpoint {folder!r} was written by {written_by} ranks but this run has "
-            f"{world_size}; {cfg.train.engine} cannot reshard its checkpoint: resume with "
-            f"--nproc {written_by}"
-        )
+    check_writer(read_state(folder), folder, cfg.train.engine, world_size)
 
 
 def build_command(cfg: RunConfig, job_path: str, nodes: Nodes, cuda: bool):
@@ -160,20 +144,16 @@ def launch_training(
     world_size = cfg.train.nproc * nodes.nnodes
     if validate_first:
         validate(cfg, plan_path, out, resume, overwrite, world_size)
+    job = new_job(cfg, plan_path, out, resume, evaluate, debug)
     if dry_run:  # the job file the command names, so the printed line runs as it is
         make_run_folder(out)
-        write_job(new_job(cfg, plan_path, out, resume, evaluate, debug))
+        write_job(job)
         print(f"wrote {os.path.join(out, 'job.json')}; the launch command:", file=sys.stderr)
         print(shell_line(argv, env))
         return None
-    make_run_folder(out)
     # Multi-node runs share --out: node 0 owns the folder (lock, --overwrite), every node's
     # launcher runs and watches its own ranks.
-    owner = nodes.node_rank == 0
-    with run_lock(out) if owner else nullcontext(None) as lock_fd:
-        if overwrite and owner:
-            clear_results(out)
-        write_job(new_job(cfg, plan_path, out, resume, evaluate, debug))
+    with open_run(job, overwrite, owner=nodes.node_rank == 0) as lock_fd:
         keep = (lock_fd,) if lock_fd is not None else ()
         ended = supervise(argv, {**os.environ, **env}, out, keep, nodes.node_rank)
         kill_leftover_ranks(out)

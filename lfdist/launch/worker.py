@@ -63,7 +63,7 @@ def _world():
 
 
 def run_job(job: Job) -> None:
-    from lfdist.train.job import run_training
+    from lfdist.train.recipe import run_training
 
     run_training(job, _world())
 

@@ -38,10 +38,15 @@ def load_config(source: str, task: str = "lm", num_labels: int = 2):
             return transformers.AutoConfig.for_model(d.pop("model_type"), **d, **kwargs)
         except (ValueError, KeyError) as e:
             raise UserError(f"model config {source!r}: {str(e).splitlines()[0]}") from None
-    from lfdist.model.specs import resolve_folder
+    from lfdist.model.specs import _looks_like_path, resolve_folder
 
+    folder = resolve_folder(source)
+    if folder is None and ":" not in source and not _looks_like_path(source):
+        from lfdist.model.hub import check_hub_id
+
+        check_hub_id(source)  # an unreachable hub: one line in seconds, not minutes of retries
     try:
-        return transformers.AutoConfig.from_pretrained(resolve_folder(source) or source, **kwargs)
+        return transformers.AutoConfig.from_pretrained(folder or source, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(
             f"cannot read the config of {source!r} ({str(e).splitlines()[0]}); give a "
@@ -64,8 +69,8 @@ def meta_model(config, task: str = "lm"):
 
 
 def meta_model_info(source: str, task: str = "lm", num_labels: int = 2) -> dict[str, Any]:
-    """lfdist.probe.run.model_info of the model `source` names, built on meta."""
-    from lfdist.probe.run import model_info
+    """lfdist.model.info.model_info of the model `source` names, built on meta."""
+    from lfdist.model.info import model_info
 
     model = meta_model(load_config(source, task, num_labels), task)
     return model_info(model, task)

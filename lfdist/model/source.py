@@ -75,7 +75,7 @@ class ModelSource:
         position ids): the constructor computes them, so nothing has to re-derive them."""
         import transformers
 
-        from lfdist.model.tiny import ENCODERS
+        from lfdist.constants import ENCODERS
 
         if self.task == "lm" and self.spec.startswith("tiny:") and self.spec[5:] in ENCODERS:
             raise UserError(

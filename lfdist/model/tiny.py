@@ -6,6 +6,7 @@ the block map.
 
 from __future__ import annotations
 
+from lfdist.constants import ENCODERS
 from lfdist.errors import UserError
 
 N_BLOCKS = 8
@@ -71,7 +72,6 @@ TINY = {
     ),
     "mpnet": ("MPNetConfig", dict(_DECODER, pad_token_id=256, max_position_embeddings=520)),
 }
-ENCODERS = {"bert", "roberta", "mpnet"}
 
 
 def tiny_config(arch: str, num_labels: int = 2):

@@ -58,6 +58,7 @@ def ray_pilots(
     GPUs), each on its own replica; returns the same `curves["pilot"]` record."""
     import ray
 
+    from lfdist.model.info import model_info
     from lfdist.probe.pilot import (
         HELDOUT_SAMPLES,
         PILOT_BUDGET,
@@ -66,7 +67,6 @@ def ray_pilots(
         size_pilots,
         stderr_log,
     )
-    from lfdist.probe.run import model_info
 
     tc, task = cfg.train, cfg.model.task
     m = model_spec(cfg)
@@ -111,9 +111,9 @@ def ray_halving(
     many at once as there are workers), each on its own replica; the same record."""
     import ray
 
+    from lfdist.model.info import model_info
     from lfdist.probe.halving import run_rounds, size_halving
     from lfdist.probe.pilot import HELDOUT_SAMPLES, score_base, stderr_log
-    from lfdist.probe.run import model_info
 
     tc, task = cfg.train, cfg.model.task
     m = model_spec(cfg)

@@ -20,8 +20,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from lfdist.model.info import model_info
 from lfdist.orchestrate.block_loader import StreamedModel
-from lfdist.probe import ProbeResult, ProbeStats, model_info
+from lfdist.probe import ProbeResult, ProbeStats
 from lfdist.probe.deviation import derive_curves
 from lfdist.probe.hooks import find_final_norm, logit_lens, target_positions
 from lfdist.probe.run import _LENS_ELEMENTS, _check_data, add_lens  # same lens, same checks

@@ -2,7 +2,7 @@
 
 Ray only schedules and exports the torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT) and opens the process group (gloo on CPU, nccl on GPU); every worker then runs the
-same `lfdist.launch.worker.run_job` -> `lfdist.train.job.run_training` as under torchrun or the
+same `lfdist.launch.worker.run_job` -> `lfdist.train.recipe.run_training` as under torchrun or the
 deepspeed launcher, so FSDP2, DeepSpeed and the rest behave the same. Validation, the run
 folder's lock and the job, result and error files (lfdist.job) are those of
 `lfdist.launch.run.launch_training`.
@@ -18,7 +18,7 @@ import time
 
 from lfdist.config import RunConfig
 from lfdist.errors import JobFailed, UserError
-from lfdist.job import Debug, Job, new_job, raise_reported_error, read_metrics, write_job
+from lfdist.job import Debug, Job, new_job, raise_reported_error, read_metrics
 
 
 def ray_train(
@@ -34,7 +34,7 @@ def ray_train(
 
     Joins `cfg.probe.ray_address` / RAY_ADDRESS when given, else starts a local Ray for the run.
     """
-    from lfdist.launch.folder import clear_results, make_run_folder, run_lock
+    from lfdist.launch.folder import open_run
     from lfdist.launch.run import keep_checkpoint_settings, validate
     from lfdist.orchestrate.cluster import ray_session
 
@@ -51,12 +51,8 @@ def ray_train(
                 f"the Ray cluster has {have:g} {kind} but train.nproc={nproc} workers need "
                 f"{nproc}; lower train.nproc or add nodes"
             )
-        make_run_folder(out)
-        with run_lock(out):
-            if overwrite:
-                clear_results(out)
-            job = new_job(cfg, plan_path, out, resume, evaluate, debug)
-            write_job(job)
+        job = new_job(cfg, plan_path, out, resume, evaluate, debug)
+        with open_run(job, overwrite):
             with _stop_requests(out) as received:
                 try:
                     _trainer(cfg, job, use_gpu).fit()

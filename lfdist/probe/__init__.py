@@ -4,7 +4,7 @@ Pure torch: a cross-rank reduction is passed in as a callable, never imported he
 """
 
 from lfdist.probe.result import PROBE_FILE, ProbeResult, load_probe, merge_results
-from lfdist.probe.run import model_info, run_probe
+from lfdist.probe.run import run_probe
 from lfdist.probe.stats import ProbeStats, merge, merge_all
 
 __all__ = [
@@ -15,6 +15,5 @@ __all__ = [
     "merge",
     "merge_all",
     "merge_results",
-    "model_info",
     "run_probe",
 ]

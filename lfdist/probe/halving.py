@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from lfdist.model.info import model_info
 from lfdist.probe.pilot import (
     HELDOUT_SAMPLES,
     PILOT_BUDGET,
@@ -31,7 +32,7 @@ from lfdist.probe.pilot import (
     stderr_log,
 )
 from lfdist.probe.pilot_budget import plan_halving
-from lfdist.probe.run import _check_data, model_info
+from lfdist.probe.run import _check_data
 
 # (candidates k, steps) -> one run_depth result per candidate, in that order
 TrainRound = Callable[[list[int], int], list[dict]]

@@ -26,6 +26,7 @@ from torch import nn
 
 from lfdist.errors import UserError
 from lfdist.model.blocks import find_blocks
+from lfdist.model.info import model_info
 from lfdist.probe.pilot_budget import (  # noqa: F401  (PILOT_BUDGET, MIN_STEPS: re-exported)
     MIN_STEPS,
     PILOT_BUDGET,
@@ -35,7 +36,7 @@ from lfdist.probe.pilot_budget import (  # noqa: F401  (PILOT_BUDGET, MIN_STEPS:
     top_treatments,
 )
 from lfdist.probe.result import ProbeResult
-from lfdist.probe.run import _check_data, model_info
+from lfdist.probe.run import _check_data
 
 CRITICAL_STEPS = 50
 HELDOUT_SAMPLES = 64  # held-out calibration examples each pilot is scored on, at most

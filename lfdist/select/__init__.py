@@ -12,7 +12,6 @@ from typing import Any
 from lfdist.errors import UserError
 from lfdist.plan import BlockPlan, Plan, default_modules
 from lfdist.probe.result import ProbeResult
-from lfdist.registry import get_strategy
 from lfdist.select import (  # noqa: F401  (register)
     all_blocks,
     bottom,
@@ -28,6 +27,7 @@ from lfdist.select import (  # noqa: F401  (register)
 )
 from lfdist.select.base import Choice, Context
 from lfdist.select.budget import COST_KEYS, apply_budget, split_settings
+from lfdist.select.registry import get_strategy
 
 __all__ = ["select_plan", "Choice", "Context"]
 

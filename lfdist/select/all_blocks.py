@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from lfdist.registry import register_strategy
 from lfdist.select.base import Choice, Context, top_blocks
+from lfdist.select.registry import register_strategy
 
 
 @register_strategy("all")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from lfdist.registry import register_strategy
 from lfdist.select.base import Choice, Context, count_option
+from lfdist.select.registry import register_strategy
 
 
 @register_strategy("bottom")

@@ -9,8 +9,8 @@ and W'; select ranks blocks by one of them and trains the top m from the pre-tra
 from __future__ import annotations
 
 from lfdist.errors import UserError
-from lfdist.registry import register_strategy
 from lfdist.select.base import Choice, Context, count_option
+from lfdist.select.registry import register_strategy
 
 METRICS = ("l1", "angular")
 

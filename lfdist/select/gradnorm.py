@@ -7,8 +7,8 @@ The probe records the per-block ratio from one backward pass (run_probe(gradnorm
 from __future__ import annotations
 
 from lfdist.errors import UserError
-from lfdist.registry import register_strategy
 from lfdist.select.base import Choice, Context, count_option
+from lfdist.select.registry import register_strategy
 
 
 @register_strategy("gradnorm")

@@ -10,30 +10,15 @@ parameters) cannot change the trainable set, and `check_engine_supports` refuses
 
 from __future__ import annotations
 
-import random
-
 from lfdist.errors import UserError
-from lfdist.registry import register_strategy
+from lfdist.lisa_draw import lisa_blocks
 from lfdist.select.base import Choice, Context, count_option
 from lfdist.select.budget import infeasible
+from lfdist.select.registry import register_strategy
 
 DEFAULT_N = 2  # the paper's gamma = 2 sampled layers
 DEFAULT_PERIOD = 20  # steps between draws (LMFlow's lisa_interval_steps example)
 PREVIEW_PERIODS = 8  # periods listed in the plan's scores
-
-
-def lisa_blocks(n_blocks: int, n: int, period: int, seed: int, step: int) -> list[int]:
-    """The blocks that train at `step` (sorted): a fresh seeded draw every `period` steps."""
-    draw = random.Random(seed * 1_000_003 + step // period)  # stdlib: same on every platform
-    return sorted(draw.sample(range(n_blocks), n))
-
-
-def lisa_treatments(treatments: list[str], options: dict, step: int) -> list[str]:
-    """The plan's treatments for `step` of a lisa run (`options`: the plan's n, period, seed);
-    what a training loop that re-draws applies at every multiple of the period."""
-    L = len(treatments)
-    drawn = lisa_blocks(L, options["n"], options["period"], options["seed"], step)
-    return ["full" if i in drawn else "frozen" for i in range(L)]
 
 
 def _costliest_fit(ctx: Context, n: int) -> bool:

@@ -15,8 +15,8 @@ from typing import Any
 
 from lfdist.errors import UserError
 from lfdist.model.treatments import LORA_DEFAULTS
-from lfdist.registry import register_strategy
 from lfdist.select.base import Choice, Context
+from lfdist.select.registry import register_strategy
 
 
 def check_lora_options(rank: Any, alpha: Any, dropout: Any, targets: Any) -> None:

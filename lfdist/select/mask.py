@@ -11,8 +11,8 @@ from typing import Any
 
 from lfdist.errors import UserError
 from lfdist.model.treatments import MASK_DEFAULTS
-from lfdist.registry import register_strategy
 from lfdist.select.base import Choice, Context, count_option
+from lfdist.select.registry import register_strategy
 
 
 def block_list(value: Any, n_blocks: int) -> list[int]:

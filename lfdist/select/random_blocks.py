@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 from lfdist.errors import UserError
-from lfdist.registry import register_strategy
 from lfdist.select.base import Choice, Context, count_option
+from lfdist.select.registry import register_strategy
 
 
 @register_strategy("random")

@@ -26,9 +26,9 @@ import math
 
 from lfdist.errors import UserError
 from lfdist.probe.pilot_budget import INFORMATIVE_SHARE
-from lfdist.registry import register_strategy
 from lfdist.select.base import Choice, Context, frozen_prefix
 from lfdist.select.budget import infeasible
+from lfdist.select.registry import register_strategy
 from lfdist.select.salf_fit import Z, predict_quality
 from lfdist.select.salf_halving import gap_within, pick
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from lfdist.errors import UserError
 from lfdist.model.treatments import LORA_DEFAULTS
-from lfdist.registry import register_strategy
 from lfdist.select.base import Choice, Context
+from lfdist.select.registry import register_strategy
 
 DEFAULT_CUTS = (1 / 3, 2 / 3)
 

@@ -205,29 +205,13 @@ def latest_checkpoint(root: str) -> str | None:
     return folder
 
 
-def can_reshard(engine_name: str) -> bool:
-    """DCP reshards the native engines' checkpoints; DeepSpeed's ZeRO partitions do not."""
-    return engine_name in ("ddp", "single", "fsdp2", "fsdp1")
-
-
 def load_checkpoint(folder: str, engine, world) -> dict:
     """Collective. Restores engine state and this rank's RNG; returns state.json."""
-    from lfdist.train.resume import read_state
+    from lfdist.train.resume import check_writer, read_state
 
     verify(folder, world)
     state = read_state(folder)
-    written_by = state.get("world_size")
-    if written_by != world.world_size and not can_reshard(engine.name):
-        raise UserError(
-            f"checkpoint {folder!r} was written by {written_by} ranks but this run has "
-            f"{world.world_size}; {engine.name} cannot reshard its checkpoint: resume with "
-            f"--nproc {written_by}"
-        )
-    if state.get("engine", engine.name) != engine.name:
-        raise UserError(
-            f"checkpoint {folder!r} was written by engine {state['engine']} but this run uses "
-            f"{engine.name}; resume with --engine {state['engine']}"
-        )
+    check_writer(state, folder, engine.name, world.world_size)
     engine.load(folder)
     rng = os.path.join(folder, f"rng-rank{world.rank}.pt")
     if os.path.isfile(rng):  # a rank the writing run did not have keeps its seeded state

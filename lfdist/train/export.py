@@ -175,21 +175,11 @@ def _write_weights(tmp: str, model, plan, trained, source) -> dict[str, torch.Te
     buffers = {n for n in model.state_dict() if n not in names and "." in n}
     merger = _BlockMerger(model, plan, trained, reader, dtype)
     plain_trained = {n for n in trained.shapes if not n.startswith(tuple(merger.prefixes))}
-    by_file: dict[str, list[str]] = {}
-    for name, key in key_of.items():
-        if key is not None:
-            by_file.setdefault(reader.index[key].file, []).append(name)
-    missing = [n for n, k in key_of.items() if k is None and n not in plain_trained]
-    if missing:
-        raise UserError(
-            f"the base weights have no tensor for {missing[0]!r} and the run did not train it; "
-            "export needs every parameter in the base files or the checkpoint"
-        )
+    by_file = _by_file(key_of, reader, plain_trained)
     weight_map: dict[str, str] = {}
     for file in weight_files(base):
-        wanted = sorted(by_file.get(file, []))
-        present = set(read_header(file))
         out = {}
+        wanted = sorted(by_file.get(file, []))
         for chunk in range(0, len(wanted), 64):  # trained tensors a few at a time
             part = wanted[chunk : chunk + 64]
             overlay = trained.read([n for n in part if n in plain_trained])
@@ -200,6 +190,7 @@ def _write_weights(tmp: str, model, plan, trained, source) -> dict[str, torch.Te
                     out[name] = merger.get(name)
                 else:
                     out[name] = reader.get(key_of[name]).to(dtype)
+        present = set(read_header(file))
         for name in sorted(b for b in buffers if b in present):
             out[name] = reader.get(name)  # persistent buffers the base saved
         fname = os.path.basename(file)
@@ -213,6 +204,28 @@ def _write_weights(tmp: str, model, plan, trained, source) -> dict[str, torch.Te
         tensors = {k: v.to(dtype).contiguous() for k, v in trained.read(extra).items()}
         save_file(tensors, os.path.join(tmp, EXTRA), {"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, EXTRA))
+    _name_files(tmp, weight_map)
+    return merger.masks
+
+
+def _by_file(key_of: dict, reader, plain_trained: set) -> dict[str, list[str]]:
+    """{base file: the parameters read from it}; a parameter neither in the base files nor
+    trained is refused."""
+    missing = [n for n, k in key_of.items() if k is None and n not in plain_trained]
+    if missing:
+        raise UserError(
+            f"the base weights have no tensor for {missing[0]!r} and the run did not train it; "
+            "export needs every parameter in the base files or the checkpoint"
+        )
+    by_file: dict[str, list[str]] = {}
+    for name, key in key_of.items():
+        if key is not None:
+            by_file.setdefault(reader.index[key].file, []).append(name)
+    return by_file
+
+
+def _name_files(tmp: str, weight_map: dict[str, str]) -> None:
+    """One file is model.safetensors; several get an index (and none is model.safetensors)."""
     files = set(weight_map.values())
     single = "model.safetensors"
     if len(files) == 1 and files != {single}:
@@ -224,7 +237,6 @@ def _write_weights(tmp: str, model, plan, trained, source) -> dict[str, torch.Te
                 k: "model-base.safetensors" if v == single else v for k, v in weight_map.items()
             }
         _write_index(tmp, weight_map)
-    return merger.masks
 
 
 def _write_index(tmp: str, weight_map: dict[str, str]) -> None:

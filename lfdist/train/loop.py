@@ -96,12 +96,9 @@ def train_loop(
         if redraw is not None:
             run.trained[step] = redraw.at(engine, step)
         rng = rng_state()
-        micro_losses = []
-        batches = feeder.micro_batches(step, world.device)
-        for idx, batch in zip(feeder.micro_indices(step), batches):
-            if before_micro is not None:
-                before_micro(idx)  # e.g. tell the prefix cache which examples come next
-            micro_losses.append(engine.micro_step(batch, scale))
+        micro_losses, batches = _micro_steps(
+            engine, feeder, step, world.device, before_micro, scale
+        )
         if step == start_step:
             run.first_step_counts(tracer)
             run.tokens_per_step = sum(b["input_ids"].numel() for b in batches) * world.world_size
@@ -109,30 +106,26 @@ def train_loop(
         if run.settle_previous():  # read with this step's work queued behind it
             run.drop(health)
             break
-        pending = bool(cfg.save_every) and step > start_step and step % cfg.save_every == 0
-        # Read at once where the step writes a checkpoint, is the last, or the engine cannot
-        # skip a bad update on the device; else one step late.
-        deferred = defer and not pending and step < cfg.steps - 1
-        if not deferred:
-            if run.settle(health, before_update=True):
-                run.drop(health)
-                break
-            if pending:
-                run.save_with_rng(step, rng)
-        health.lrs = {g.get("treatment", "full"): g["lr"] for g in engine.optimizer.param_groups}
-        health.norm = engine.optimizer_step(skip=health.values[1] > 0 if deferred else None)
-        if step == start_step:
-            run.counts["after_step"] = engine.local_counts()
-        if deferred:
-            run.previous = health
-        else:
-            run.settle_norm(health)
+        if run.update(health, rng, defer):
+            break
     run.finish()
     _check_weights_finite(engine, world, run.done)
     out = {"losses": run.losses, "step_times": run.times(), "counts": run.counts}
     if redraw is not None:
         out["trained_blocks"] = run.trained
     return out
+
+
+def _micro_steps(engine, feeder, step, device, before_micro, scale) -> tuple[list, list]:
+    """Forward + backward of each micro-batch of `step` (the engine reduces gradients on the
+    last one only); returns their losses (on the device) and the batches."""
+    losses = []
+    batches = feeder.micro_batches(step, device)
+    for idx, batch in zip(feeder.micro_indices(step), batches):
+        if before_micro is not None:
+            before_micro(idx)  # e.g. tell the prefix cache which examples come next
+        losses.append(engine.micro_step(batch, scale))
+    return losses, batches
 
 
 class _Run:
@@ -144,6 +137,7 @@ class _Run:
         self.counts: dict = {}
         self.trained: dict = {}
         self.previous: _Health | None = None
+        self.start = start_step
         self.done = start_step  # steps whose update is in the weights
         self.last_saved = start_step or None  # the checkpoint a bad step leaves the user with
         self._starts: list[float] = []
@@ -151,6 +145,30 @@ class _Run:
         self._progress = _progress(cfg.steps, start_step, world)
         self.tracker = tracker
         self.tokens_per_step = 0  # global tokens per step, set at the first step
+
+    def update(self, h: _Health, rng: dict, defer: bool) -> bool:
+        """Step h's optimizer step (and its checkpoint where one is due); True when every rank
+        agreed to stop before it, its gradients dropped."""
+        cfg, step = self.cfg, h.step
+        pending = bool(cfg.save_every) and step > self.start and step % cfg.save_every == 0
+        # Read at once where the step writes a checkpoint, is the last, or the engine cannot
+        # skip a bad update on the device; else one step late.
+        deferred = defer and not pending and step < cfg.steps - 1
+        if not deferred:
+            if self.settle(h, before_update=True):
+                self.drop(h)
+                return True
+            if pending:
+                self.save_with_rng(step, rng)
+        h.lrs = {g.get("treatment", "full"): g["lr"] for g in self.engine.optimizer.param_groups}
+        h.norm = self.engine.optimizer_step(skip=h.values[1] > 0 if deferred else None)
+        if step == self.start:
+            self.counts["after_step"] = self.engine.local_counts()
+        if deferred:
+            self.previous = h
+        else:
+            self.settle_norm(h)
+        return False
 
     def started(self) -> None:
         self._starts.append(time.perf_counter())

@@ -1,7 +1,7 @@
 """LISA's re-drawing of the trainable blocks during training (SPEC 2.4; Pan et al. 2024).
 
 Every `period` steps the loop asks `LisaSchedule.at(engine, step)` for the blocks that train;
-the draw is `lfdist.select.lisa.lisa_blocks`, a pure function of (L, n, period, seed, step), so
+the draw is `lfdist.lisa_draw.lisa_blocks`, a pure function of (L, n, period, seed, step), so
 every rank and every resumed run draws the same blocks with no communication. Modules outside
 the blocks (final norm, head) keep the plan's treatment throughout, as in the paper (it always
 trains the embedding and head layers; lfdist keeps the embeddings frozen by default).
@@ -25,9 +25,9 @@ from torch import nn
 
 from lfdist.engines.base import clean_name
 from lfdist.errors import UserError
+from lfdist.lisa_draw import lisa_blocks
 from lfdist.model.blocks import find_blocks
 from lfdist.plan import Plan
-from lfdist.select.lisa import lisa_blocks
 
 
 class LisaSchedule:

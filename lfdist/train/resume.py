@@ -172,6 +172,29 @@ def _global_batch(flat: dict) -> object:
         return None
 
 
+# DCP reshards the native engines' checkpoints; DeepSpeed's ZeRO partitions do not.
+RESHARDS = ("ddp", "single", "fsdp2", "fsdp1")
+
+
+def check_writer(state: dict, folder: str, engine: str, world_size: int) -> None:
+    """The engine and world size that wrote the checkpoint (its state.json): another engine is
+    refused; another world size only where the engine cannot reshard. The launcher checks
+    before anything is written, every rank again before it loads."""
+    written = state.get("engine")
+    if written is not None and written != engine:
+        raise UserError(
+            f"checkpoint {folder!r} was written by engine {written} but this run uses "
+            f"{engine}; resume with --engine {written}"
+        )
+    written_by = state.get("world_size")
+    if written_by is not None and written_by != world_size and engine not in RESHARDS:
+        raise UserError(
+            f"checkpoint {folder!r} was written by {written_by} ranks but this run has "
+            f"{world_size}; {engine} cannot reshard its checkpoint: resume with "
+            f"--nproc {written_by}"
+        )
+
+
 def finished_at(out: str, steps: int) -> int | None:
     """The step of out/'s latest checkpoint when it is the run's last (nothing to resume)."""
     from lfdist.train.checkpoint import latest_checkpoint

@@ -57,9 +57,9 @@ def _free_port() -> int:
 @pytest.mark.deepspeed
 def test_zero_bf16_optimizer_bytes_equal_prediction():
     from lfdist.cost import predict
+    from lfdist.model.info import model_info
     from lfdist.model.tiny import build_tiny
     from lfdist.plan import DEFAULT_MODULES
-    from lfdist.probe.run import model_info
 
     env = dict(
         os.environ,

@@ -7,9 +7,9 @@ import torch
 from lfdist.config import config_from_dict
 from lfdist.job import Debug
 from lfdist.launch.run import launch_training
+from lfdist.lisa_draw import lisa_blocks
 from lfdist.model.tiny import build_tiny
 from lfdist.plan import save_plan
-from lfdist.select.lisa import lisa_blocks
 from tests.helpers import make_plan
 
 OPTIONS = {"n": 2, "period": 2, "seed": 2}  # draws [2, 6], [6, 7], [3, 5]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lfdist.select.lisa import lisa_blocks
+from lfdist.lisa_draw import lisa_blocks
 from tests.distributed import loop_worker
 
 N = loop_worker.N_BLOCKS

@@ -129,8 +129,8 @@ def _trained(step_folder) -> dict[str, torch.Tensor]:
 
 def _predicted(treatments, engine):
     from lfdist.cost import predict
+    from lfdist.model.info import model_info
     from lfdist.plan import DEFAULT_MODULES
-    from lfdist.probe import model_info
 
     info = model_info(build_tiny("llama", "lm"), "lm")
     return predict(

@@ -2,9 +2,10 @@ import pytest
 import torch
 from torch import nn
 
+from lfdist.constants import ENCODERS
 from lfdist.errors import UserError
 from lfdist.model.blocks import block_param_counts, find_blocks
-from lfdist.model.tiny import ENCODERS, N_BLOCKS, TINY, build_tiny
+from lfdist.model.tiny import N_BLOCKS, TINY, build_tiny
 
 EXPECTED_PATHS = {
     "llama": "model.layers",

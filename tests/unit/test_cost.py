@@ -307,7 +307,7 @@ def test_block_activations_equal_measured_saved_tensors(arch, dtype_name):
     import torch
 
     from lfdist.activations import block_activation_bytes
-    from lfdist.probe.run import model_info
+    from lfdist.model.info import model_info
 
     measured, model = _saved_bytes_per_block(arch, getattr(torch, dtype_name))
     info = model_info(model, "lm")
@@ -326,9 +326,9 @@ def test_bf16_adamw_step_bytes_equal_prediction_on_tiny_llama(precision):
     from lfdist.cost import predict_plan
     from lfdist.engines.base import keep_trainable_in
     from lfdist.model.apply import apply_plan
+    from lfdist.model.info import model_info
     from lfdist.model.tiny import build_tiny
     from lfdist.precision import resolve
-    from lfdist.probe.run import model_info
     from tests.helpers import make_plan
 
     model = build_tiny("llama", "lm").to(torch.bfloat16)

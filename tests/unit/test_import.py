@@ -4,7 +4,7 @@ import sys
 
 def test_import_lfdist_is_cheap():
     code = (
-        "import sys, lfdist, lfdist.config, lfdist.plan, lfdist.registry, lfdist.cli; "
+        "import sys, lfdist, lfdist.config, lfdist.plan, lfdist.cli; "
         "heavy = [m for m in ('torch', 'transformers', 'deepspeed', 'ray') if m in sys.modules]; "
         "print(','.join(heavy))"
     )

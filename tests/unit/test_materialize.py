@@ -15,12 +15,13 @@ import os
 import pytest
 import torch
 
+from lfdist.constants import ENCODERS
 from lfdist.errors import UserError
 from lfdist.model.blocks import find_blocks, fingerprint
 from lfdist.model.headers import read_index
 from lfdist.model.materialize import locate, prepare
 from lfdist.model.source import ModelSource
-from lfdist.model.tiny import ENCODERS, TINY, build_tiny
+from lfdist.model.tiny import TINY, build_tiny
 from tests.helpers import make_plan
 
 CASES = [(a, "classify" if a in ENCODERS else "lm") for a in TINY]

@@ -7,8 +7,8 @@ import pytest
 from lfdist.errors import UserError
 from lfdist.plan import Plan, load_plan, save_plan
 from lfdist.probe import ProbeResult
-from lfdist.registry import strategy_names
 from lfdist.select import select_plan
+from lfdist.select.registry import strategy_names
 from lfdist.select.salf import explain, trace_gain, within
 from lfdist.select.salf_fit import ALPHA_GRID, along_steps, fit_saturating, line_fit
 from tests import helpers

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lfdist.errors import UserError
+from lfdist.lisa_draw import lisa_blocks, lisa_treatments
 from lfdist.model.apply import apply_plan
 from lfdist.model.blocks import fingerprint
 from lfdist.model.tiny import build_tiny
@@ -23,9 +24,8 @@ from lfdist.model.treatments import (
     unpack_bits,
 )
 from lfdist.probe import ProbeResult
-from lfdist.registry import strategy_names
 from lfdist.select import select_plan
-from lfdist.select.lisa import lisa_blocks, lisa_treatments
+from lfdist.select.registry import strategy_names
 from tests.helpers import fake_probe, make_plan
 
 L = 8

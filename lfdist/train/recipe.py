@@ -1,0 +1,279 @@
+"""The training recipe of one rank, read top to bottom: setup -> train -> finish.
+
+setup loads the plan and data, builds the engine (which materializes only what this rank
+holds), resumes and scores the base model; train runs the loop; finish saves, evaluates and
+writes out/metrics.json (lfdist.train.run_metrics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lfdist.config import RunConfig, TrainConfig
+from lfdist.engines import build_engine
+from lfdist.engines.base import with_treatment_lrs
+from lfdist.errors import UserError
+from lfdist.job import Job, write_report
+from lfdist.model.blocks import find_blocks
+from lfdist.model.checkpointing import checkpoint_trainable_blocks
+from lfdist.plan import Plan, load_plan
+from lfdist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lfdist.train.evaluate import evaluate
+from lfdist.train.feed import StepFeeder
+from lfdist.train.loop import train_loop
+from lfdist.train.measure import BackwardTracer, peak_memory_bytes
+from lfdist.train.prepare import Prepared, prepare
+from lfdist.train.redraw import LisaSchedule
+from lfdist.train.resume import check_resume
+from lfdist.train.run_metrics import digest, run_metrics, write_metrics
+from lfdist.train.stops import step_boundary, stop_signal
+from lfdist.train.tracking import Tracker
+
+
+@dataclass
+class BeforeSharding:
+    """What the job adds to the model after the plan and before the engine shards it: the
+    backward tracer, activation checkpointing, the frozen-prefix cache and LISA's schedule.
+    The engine calls it once with the model and the applied plan; the parts stay here."""
+
+    plan: Plan
+    prepared: Prepared
+    cfg: RunConfig
+    applied: Any = None
+    tracer: BackwardTracer | None = None
+    checkpointed: list[int] = field(default_factory=list)
+    cache: Any = None
+    redraw: LisaSchedule | None = None
+
+    def __call__(self, model, applied) -> None:
+        tc = self.cfg.train
+        self.applied = applied
+        self.tracer = BackwardTracer(find_blocks(model).blocks(model))
+        self.checkpointed = (
+            checkpoint_trainable_blocks(model) if tc.activation_checkpointing else []
+        )
+        if tc.cache_frozen_prefix:
+            self.cache = _prefix_cache(model, self.plan, self.prepared, self.cfg)
+        if self.plan.strategy == "lisa":
+            self.redraw = LisaSchedule(self.plan, model)
+
+
+@dataclass
+class Run:
+    """One rank's run as setup built it."""
+
+    job: Job
+    world: Any
+    cfg: RunConfig
+    tc: TrainConfig  # cfg.train with the plan's treatment lrs
+    plan: Plan
+    prepared: Prepared
+    source: Any  # lfdist.model.source.ModelSource with the plan
+    built: BeforeSharding
+    engine: Any
+    build_s: float
+    start: int = 0  # the first step (a resumed run's checkpoint step)
+    eval_before: dict | None = None
+    frozen_before: str | None = None
+
+    @property
+    def ckpt_root(self) -> str:
+        return os.path.join(self.job.out, "checkpoints")
+
+
+def run_training(job: Job, world) -> None:
+    run = setup(job, world)
+    result = train(run)
+    finish(run, result)
+
+
+def setup(job: Job, world) -> Run:
+    cfg = job.config
+    random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    if world.device.type == "cpu" and cfg.train.cpu_lean_malloc:
+        _return_freed_memory()
+    prepared = prepare(cfg)
+    plan = load_plan(job.plan)
+    # PEFT treatments' lrs from the plan (lr_scale) unless the config names them: engines read tc.
+    tc = with_treatment_lrs(cfg.train, plan.options.get("lr_scale"))
+    if plan.strategy == "lisa" and tc.cache_frozen_prefix:
+        raise UserError(
+            "--cache-frozen-prefix cannot run a lisa plan: its frozen prefix changes with every "
+            "draw; drop the flag"
+        )
+    resume_from = latest_checkpoint(os.path.join(job.out, "checkpoints")) if job.resume else None
+    if resume_from is not None:  # again here (the launcher checked and printed the changes)
+        check_resume(resume_from, cfg.record(), plan)
+    built = BeforeSharding(plan, prepared, cfg)
+    # The engine materializes the model from its source: only what this rank holds.
+    source = prepared.source.with_plan(plan, built, whole=job.debug.load_whole)
+    t_build = time.perf_counter()
+    engine = build_engine(tc.engine, source, tc, world)
+    run = Run(
+        job, world, cfg, tc, plan, prepared, source, built, engine, time.perf_counter() - t_build
+    )
+    if world.is_main:
+        print(f"{tc.engine}: model materialized and wrapped in {run.build_s:.1f} s", flush=True)
+    torch.manual_seed(tc.seed)  # dropout draws start from the seed, whatever loading consumed
+    if job.debug.check_frozen:
+        run.frozen_before = digest(engine.full_frozen_state())
+    if resume_from is not None:
+        if built.redraw is not None:  # the checkpoint's optimizer holds the draw of its step
+            built.redraw.at(engine, _checkpoint_step(resume_from))
+        with _every_block(built.redraw, engine):
+            run.start = load_checkpoint(resume_from, engine, world)["step"]
+    if world.is_main:
+        os.makedirs(run.ckpt_root, exist_ok=True)
+    # The base model's quality on the same held-out set: the reference the run is judged by.
+    if _evaluates(run) and run.start == 0 and tc.eval_before:
+        run.eval_before = _evaluate(run)
+    return run
+
+
+def train(run: Run) -> dict:
+    """The loop from run.start to the last step (or a simulated preemption's step)."""
+    tc, built = run.tc, run.built
+    feeder = StepFeeder(
+        run.prepared.train,
+        tc.batch_size,
+        tc.grad_accum,
+        run.world.world_size,
+        run.world.rank,
+        tc.seed,
+    )
+    tracker = Tracker(run.job.out, tc.report_to, run.cfg.record(), run.world.is_main, run.start > 0)
+    result = train_loop(
+        run.engine,
+        feeder,
+        replace(tc, steps=_last_step(run)),
+        run.world,
+        run.start,
+        lambda step: _save(run, step),
+        built.tracer,
+        before_micro=built.cache.select if built.cache else None,
+        stop=step_boundary(run.job, run.world),
+        redraw=built.redraw,
+        tracker=tracker,
+    )
+    tracker.close()
+    built.tracer.remove()
+    return result
+
+
+def finish(run: Run, result: dict) -> None:
+    """Save (a stopped run always, a finished one as asked), evaluate, write metrics.json."""
+    world, start = run.world, run.start
+    done = start + len(result["losses"])
+    stopped = done < _last_step(run)  # the loop ends early only where every rank agreed to stop
+    if (stopped or run.tc.save_final) and not (stopped and done == start and start > 0):
+        _save(run, done)
+    if stopped and world.is_main:
+        where = os.path.join(run.ckpt_root, f"step-{done:06d}")
+        write_report(run.job.out, world.rank, "stopped", f"checkpoint after step {done} in {where}")
+    ended = {
+        "frozen_after": (
+            digest(run.engine.full_frozen_state()) if run.job.debug.check_frozen else None
+        ),
+        "per_rank": _gather(
+            {"rank": world.rank, **result["counts"], "memory": peak_memory_bytes(world.device)}
+        ),
+        "stopped": {"step": done, "signal": stop_signal(run.job.out)} if stopped else None,
+        "eval": None,
+    }
+    if run.built.cache is not None:
+        run.built.cache.off()
+    if _evaluates(run) and not stopped:  # a stopped job ends as soon as it can
+        ended["eval"] = _evaluate(run)
+    if world.is_main:
+        write_metrics(run.job.out, run_metrics(run, result, ended))
+
+
+def _save(run: Run, step: int) -> None:
+    extra = {
+        "engine": run.tc.engine,
+        "model": dataclasses.asdict(run.cfg.model),
+        "num_labels": int(run.source.num_labels),
+        "config": run.cfg.record(),  # what a --resume may not change (lfdist/train/resume.py)
+    }
+    with _every_block(run.built.redraw, run.engine):  # lisa: every block may have trained
+        save_checkpoint(run.ckpt_root, step, run.engine, run.world, run.job.plan, extra)
+
+
+def _last_step(run: Run) -> int:
+    return min(run.tc.steps, run.job.debug.stop_after or run.tc.steps)  # a simulated preemption
+
+
+def _evaluates(run: Run) -> bool:
+    return bool(run.job.evaluate and len(run.prepared.heldout.get("input_ids", [])))
+
+
+def _evaluate(run: Run) -> dict:
+    p = run.prepared
+    return evaluate(
+        run.engine.model, p.heldout, run.cfg.model.task, run.tc.batch_size, run.world.device
+    )
+
+
+def _gather(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _checkpoint_step(folder: str) -> int:
+    with open(os.path.join(folder, "state.json")) as f:
+        return int(json.load(f)["step"])
+
+
+def _every_block(redraw, engine):
+    return redraw.all_blocks_trainable(engine) if redraw is not None else contextlib.nullcontext()
+
+
+def _return_freed_memory() -> None:
+    """glibc raises its mmap threshold (up to 32 MiB) after the first large free, so FSDP's
+    per-block all-gather buffers then come from the heap and stay resident once freed (about
+    +1 GiB per rank on a 12-block 0.66B Llama, measured). A fixed 1 MiB threshold maps every
+    large tensor on its own and returns it to the OS when freed; the fresh pages cost a step
+    1.34x its time on a 25M Llama (measured), so it is an opt-in (train.cpu_lean_malloc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (glibc); elsewhere a harmless no-op
+    except (OSError, AttributeError):
+        pass
+
+
+def _prefix_cache(model, plan, prepared, cfg):
+    from lfdist.train.prefix_cache import install_prefix_cache
+
+    if cfg.train.engine == "deepspeed" and cfg.train.zero_stage == 3:
+        raise UserError(
+            "--cache-frozen-prefix is not supported with ZeRO-3 (its parameter fetch "
+            "follows the module trace); use ZeRO-1/2, FSDP2 or DDP"
+        )
+    n, seq = prepared.train["input_ids"].shape
+    return install_prefix_cache(
+        find_blocks(model).blocks(model),
+        plan.boundary,
+        n,
+        seq,
+        model.config.hidden_size,
+        next(model.parameters()).dtype,
+        int(cfg.train.cache_max_gib * 2**30),
+        cfg.train.cache_spill_dir,
+    )

@@ -1,0 +1,86 @@
+"""The package's layering (docs/layout.md): every import between lfdist's packages points down,
+so there are no back-arrows and no circles; the benchmarks behind `lfdist bench` are imported
+by the CLI alone."""
+
+import ast
+import os
+
+import lfdist
+
+ROOT = os.path.dirname(lfdist.__file__)
+
+# Bottom to top; a module may import its own layer's other packages only where listed below.
+LAYERS = [
+    {"errors"},
+    {"constants", "precision", "plan", "lisa_draw", "activations"},
+    {"config", "job"},
+    {"model", "data", "cost", "plan_cost", "summary"},
+    {"engines"},
+    {"train"},
+    {"probe"},  # pilots run the training step
+    {"select", "report"},  # strategies read probe results
+    {"launch"},
+    {"orchestrate"},
+    {"pipeline"},
+    {"bench"},
+    {"cli"},
+]
+SAME_LAYER = {("job", "config"), ("data", "model"), ("plan_cost", "cost"), ("plan_cost", "model")}
+SAME_LAYER |= {("cost", "activations"), ("report", "select")}
+
+
+def _package(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "lfdist" or len(parts) == 1:
+        return None
+    return parts[1]
+
+
+def _imports() -> set[tuple[str, str, str]]:
+    """(importing package, imported package, file) for every import between two packages."""
+    edges = set()
+    for folder, _, files in os.walk(ROOT):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, os.path.dirname(ROOT))[:-3].replace(os.sep, ".")
+            src = _package(rel.removesuffix(".__init__"))
+            if src is None:
+                continue
+            for node in ast.walk(ast.parse(open(path).read())):
+                names = []
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                for n in names:
+                    dst = _package(n)
+                    if dst is not None and dst != src:
+                        edges.add((src, dst, os.path.relpath(path, ROOT)))
+    return edges
+
+
+def _layer(package: str) -> int:
+    return next(i for i, names in enumerate(LAYERS) if package in names)
+
+
+def test_every_package_has_a_layer():
+    packages = {
+        n.removesuffix(".py")
+        for n in os.listdir(ROOT)
+        if (n.endswith(".py") and n != "__init__.py")
+        or os.path.isfile(os.path.join(ROOT, n, "__init__.py"))
+    }
+    assert packages == set().union(*LAYERS)
+
+
+def test_imports_point_down_and_bench_is_the_cli_s_alone():
+    wrong = []
+    for src, dst, path in sorted(_imports()):
+        a, b = _layer(src), _layer(dst)
+        if a < b or (a == b and (src, dst) not in SAME_LAYER):
+            wrong.append(f"{path}: {src} imports {dst}")
+        if dst == "bench" and src != "cli":
+            wrong.append(f"{path}: the library imports bench")
+    assert wrong == []
