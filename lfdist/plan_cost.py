@@ -1,6 +1,6 @@
 """`lfdist plan cost`: a plan's predicted per-rank memory and FLOPs from a config alone.
 
-The model is built on the meta device (lfdist.model.meta_info), so Llama-3.1-70B costs seconds
+The model is built on the meta device (lfdist.model.info.meta_model_info), so Llama-3.1-70B costs seconds
 and no weights are read. A plan is a plan.yaml (its fingerprint must match the config) or the
 top fraction of blocks; every number is the cost model's prediction (lfdist.cost).
 """
@@ -54,7 +54,7 @@ def plan_cost(
     **settings,
 ) -> dict[str, Any]:
     """Prediction for one plan on one engine setting, plus the fewest GPUs it fits on."""
-    from lfdist.model.meta_info import meta_model_info
+    from lfdist.model.info import meta_model_info
     from lfdist.plan import Fingerprint, default_modules, load_plan
 
     if (plan_path is None) == (top is None):

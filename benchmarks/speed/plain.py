@@ -55,7 +55,7 @@ def main(args: dict) -> None:
     import transformers
 
     from lfdist.cost import predict_plan
-    from lfdist.model.meta_info import meta_model_info
+    from lfdist.model.info import meta_model_info
     from lfdist.plan import load_plan
 
     dtype, priced_as, autocast = PRECISIONS[args["precision"]]

@@ -247,9 +247,9 @@ def _row(name, source, batch, seq, plan, treatments, ckpt, device, steps) -> dic
 def _n_blocks(source: str) -> int:
     if source == "generated:1b":
         return GENERATED_1B["num_hidden_layers"]
-    from lfdist.model.meta_info import load_config
+    from lfdist.model.source import ModelSource
 
-    return load_config(source).num_hidden_layers
+    return ModelSource(source).config().num_hidden_layers
 
 
 def run(out_dir: str, tiny: bool = False) -> str:

@@ -34,7 +34,7 @@ def _root() -> str:
 def rows(models: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """One row per model x plan x engine x activation checkpointing."""
     from lfdist.cost import GIB, predict
-    from lfdist.model.meta_info import meta_model_info
+    from lfdist.model.info import meta_model_info
     from lfdist.plan import default_modules
     from lfdist.plan_cost import fewest_gpus, top_fraction
 

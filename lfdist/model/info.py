@@ -1,7 +1,7 @@
 """What select and the cost model know about a model, as plain data (probe.json's model_info).
 
-Read from a loaded model or from one built on the meta device (lfdist.model.meta_info):
-shapes only, so a 70B model costs no memory.
+Read from a loaded model, or from the skeleton the ranks build (meta_model_info): parameters
+on the meta device, shapes only, so a 70B config costs a few seconds and no memory.
 """
 
 from __future__ import annotations
@@ -57,3 +57,11 @@ def model_info(model: nn.Module, task: str) -> dict:
         "num_labels": cfg.num_labels if task == "classify" else None,
         "dtype": str(params[0].dtype).replace("torch.", "") if params else "float32",
     }
+
+
+def meta_model_info(spec: str, task: str = "lm", num_labels: int = 2) -> dict:
+    """model_info of the model `spec` names (tiny:<arch>, a folder, pkg:<name>, a hub id or a
+    config.json file) from its config alone: no weights."""
+    from lfdist.model.source import ModelSource
+
+    return model_info(ModelSource(spec, task, num_labels).skeleton(), task)

@@ -7,9 +7,6 @@ without bound; so an over-long `data.seq_len` is refused before anything is load
 
 from __future__ import annotations
 
-import json
-import os
-
 from lfdist.errors import UserError
 
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len")
@@ -40,42 +37,13 @@ def usable_positions(config: dict) -> int | None:
 
 
 def model_config(spec: str) -> dict | None:
-    """The model's config as a dict: tiny configs, config.json of folders and pkg: models, and
-    hub ids through transformers' config cache. None when it cannot be read here (the model
-    loader then reports the problem)."""
-    if spec.startswith("tiny:"):
-        from lfdist.model.tiny import tiny_config
-
-        try:
-            return tiny_config(spec[5:]).to_dict()
-        except UserError:
-            return None
-    from lfdist.model.specs import resolve_folder
+    """The model's config as a dict (ModelSource.config, the one reader); None when it cannot
+    be read here (the model loader then reports the problem in its own words)."""
+    from lfdist.model.source import ModelSource
 
     try:
-        folder = resolve_folder(spec)
+        return ModelSource(spec).config().to_dict()
     except UserError:
-        return None
-    if folder is not None:
-        path = os.path.join(folder, "config.json")
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
-    from lfdist.model.specs import _looks_like_path
-
-    if ":" in spec or _looks_like_path(spec):
-        return None
-    from lfdist.model.hub import check_hub_id
-
-    check_hub_id(spec)
-    try:
-        import transformers
-
-        return transformers.AutoConfig.from_pretrained(spec).to_dict()
-    except Exception:  # offline, unknown id: load_model reports it with its own message
         return None
 
 

@@ -47,16 +47,19 @@ class ModelSource:
         return getattr(torch, DTYPES[self.dtype])
 
     def config(self):
+        """The transformers config: of tiny:<arch>, a folder, pkg:<name> or a hub id, or a bare
+        config.json file (the cost model prices a 70B model from its config alone)."""
         if self.spec.startswith("tiny:"):
             from lfdist.model.tiny import tiny_config
 
             config = tiny_config(self.spec[5:], self.num_labels)
+        elif self.spec.endswith(".json"):
+            config = _config_file(self.spec, self._labels())
         else:
             import transformers
 
-            kwargs = {"num_labels": self.num_labels} if self.task == "classify" else {}
             try:
-                config = transformers.AutoConfig.from_pretrained(self._where(), **kwargs)
+                config = transformers.AutoConfig.from_pretrained(self._where(), **self._labels())
             except (OSError, ValueError) as e:
                 raise UserError(
                     f"cannot read the config of {self.spec!r}: {str(e).splitlines()[0]}"
@@ -64,6 +67,9 @@ class ModelSource:
         if self.task == "classify" and config.pad_token_id is None:
             config.pad_token_id = self.pad_token_id
         return config
+
+    def _labels(self) -> dict:
+        return {"num_labels": self.num_labels} if self.task == "classify" else {}
 
     def _where(self) -> str:
         from lfdist.model.specs import check_spec
@@ -138,6 +144,27 @@ class ModelSource:
                     f"the checkpoint's {key!r} has shape {list(index[key].shape)} but the config "
                     f"builds {list(shape)}; the config.json does not match the weights"
                 )
+
+
+def _config_file(path: str, kwargs: dict):
+    import json
+
+    import transformers
+
+    if not os.path.isfile(path):
+        raise UserError(f"model config {path!r} does not exist; check the path")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"model config {path!r} is not valid JSON ({e}); fix it") from None
+    d = {k: v for k, v in d.items() if not k.startswith("_")}  # our "_comment" lines
+    if "model_type" not in d:
+        raise UserError(f"model config {path!r} has no model_type; add it (e.g. llama)")
+    try:
+        return transformers.AutoConfig.for_model(d.pop("model_type"), **d, **kwargs)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"model config {path!r}: {str(e).splitlines()[0]}") from None
 
 
 @contextlib.contextmanager

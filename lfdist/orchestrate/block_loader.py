@@ -1,15 +1,14 @@
 """Weights of a Hugging Face model loaded block by block from its safetensors files.
 
-`StreamedModel` builds the model on the meta device (buffers such as rotary frequencies stay
-real), then loads and drops parameters by group: the non-block ones the probe needs
-(embeddings, final norm, and for a causal LM the head) or one block. Tied parameters (a head
+`StreamedModel` builds the model as the ranks do (lfdist.model.source.ModelSource.skeleton:
+parameters on the meta device, buffers such as rotary frequencies real) and reads the
+safetensors files with the ranks' reader (lfdist.model.materialize.Reader). It loads and drops
+parameters by group: the non-block ones the probe needs (embeddings, final norm, and for a
+causal LM the head) or one block. Tied parameters (a head
 sharing the embedding matrix) are loaded once and set in every module that holds them.
 """
 
 from __future__ import annotations
-
-import json
-import os
 
 import torch
 from torch import nn
@@ -25,66 +24,20 @@ RESIDENT_GROUPS = {
 }
 
 
-class SafetensorsFolder:
-    """Tensor name -> file of a Hugging Face folder (sharded or not); loads named tensors."""
-
-    def __init__(self, folder: str):
-        from safetensors import safe_open
-
-        index = os.path.join(folder, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            with open(index) as f:
-                self.files = {
-                    k: os.path.join(folder, v) for k, v in json.load(f)["weight_map"].items()
-                }
-        else:
-            self.files = {}
-            for name in sorted(os.listdir(folder)):
-                if name.endswith(".safetensors"):
-                    path = os.path.join(folder, name)
-                    with safe_open(path, framework="pt") as f:
-                        self.files.update(dict.fromkeys(f.keys(), path))
-        if not self.files:
-            raise UserError(
-                f"layer streaming reads safetensors files, and {folder!r} has none; save the model "
-                "with save_pretrained(safe_serialization=True) or turn off probe.stream_layers"
-            )
-
-    def load(self, keys: list[str], device) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
-        out: dict[str, torch.Tensor] = {}
-        for path in sorted({self.files[k] for k in keys}):
-            with safe_open(path, framework="pt", device=str(device)) as f:
-                out.update({k: f.get_tensor(k) for k in keys if self.files[k] == path})
-        return out
-
-
 class StreamedModel:
     """A meta-device model whose parameters are loaded and dropped by group or by block."""
 
     def __init__(self, folder: str, task: str, num_labels: int, dtype: str, pad_token_id, device):
-        import accelerate
-        import transformers
+        from lfdist.model.materialize import Reader
+        from lfdist.model.source import ModelSource
 
-        config = transformers.AutoConfig.from_pretrained(folder)
-        if task == "classify":
-            config.num_labels = num_labels
-        if hasattr(config, "use_cache"):
-            config.use_cache = False  # a KV cache would keep every block's keys and values
-        auto = (
-            transformers.AutoModelForCausalLM
-            if task == "lm"
-            else transformers.AutoModelForSequenceClassification
-        )
-        with accelerate.init_empty_weights(include_buffers=False):  # buffers (rotary) stay real
-            model = auto.from_config(config)
-        model = model.to(getattr(torch, dtype)).eval()
-        if task == "classify" and model.config.pad_token_id is None:
-            model.config.pad_token_id = pad_token_id
+        source = ModelSource(folder, task, num_labels, dtype, pad_token_id=pad_token_id)
+        model = source.skeleton().eval()  # parameters on meta, buffers (rotary) real
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = False  # a KV cache would keep every block's keys and values
         self.model, self.task, self.device = model, task, torch.device(device)
         self.bmap: BlockMap = find_blocks(model)
-        self.ckpt = SafetensorsFolder(folder)
+        self.ckpt = Reader(folder)  # the ranks' safetensors reader (memory-mapped)
         self._slots = self._tied_slots()
 
     def _tied_slots(self) -> dict[str, tuple[list[tuple[nn.Module, str]], str]]:
@@ -95,7 +48,7 @@ class StreamedModel:
         out = {}
         for names in by_id.values():
             key = next(
-                (k for n in names for k in self._candidates(n) if k in self.ckpt.files), None
+                (k for n in names for k in self._candidates(n) if k in self.ckpt.index), None
             )
             slots = []
             for n in names:
@@ -127,7 +80,7 @@ class StreamedModel:
                 f"the checkpoint has no tensor for parameter {missing[0]!r}; layer streaming needs "
                 "a folder saved by save_pretrained for this architecture"
             )
-        tensors = self.ckpt.load([self._slots[n][1] for n in names], self.device)
+        tensors = self._read([self._slots[n][1] for n in names])
         for n in names:
             slots, key = self._slots[n]
             like = getattr(*slots[0])
@@ -140,15 +93,18 @@ class StreamedModel:
     def _load_buffers(self) -> None:
         # Buffers are built at init (rotary frequencies); a checkpoint's saved copy wins.
         for name, buf in list(self.model.named_buffers()):
-            key = next((k for k in self._candidates(name) if k in self.ckpt.files), None)
+            key = next((k for k in self._candidates(name) if k in self.ckpt.index), None)
             parent, _, attr = name.rpartition(".")
             module = self.model.get_submodule(parent)
             value = (
-                self.ckpt.load([key], self.device)[key].to(buf.dtype)
+                self._read([key])[key].to(buf.dtype)
                 if key
                 else buf.to(self.device)
             )
             module._buffers[attr] = value
+
+    def _read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        return {k: self.ckpt.get(k).to(self.device) for k in keys}
 
     def drop(self, block: int) -> None:
         for n in self._names(block):

@@ -63,7 +63,7 @@ def run_metrics(run, result: dict, ended: dict) -> dict:
 
 def predicted_run(cfg, tc, plan, source, world) -> dict:
     from lfdist.cost import predict_plan
-    from lfdist.model.meta_info import meta_model_info
+    from lfdist.model.info import meta_model_info
 
     try:
         info = meta_model_info(source.spec, cfg.model.task, source.num_labels)

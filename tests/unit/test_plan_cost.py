@@ -22,7 +22,7 @@ EMBED_8B = 128256 * 4096
 
 
 def test_shipped_model_configs_have_the_published_parameter_counts():
-    from lfdist.model.meta_info import meta_model_info
+    from lfdist.model.info import meta_model_info
 
     files = sorted(os.listdir(os.path.join(ROOT, "configs", "models")))
     assert files == ["llama-3.1-70b.json", "llama-3.1-8b.json"]
@@ -41,7 +41,7 @@ def test_shipped_model_configs_have_the_published_parameter_counts():
 
 def test_meta_fingerprint_matches_the_loaded_model():
     from lfdist.model.blocks import fingerprint
-    from lfdist.model.meta_info import meta_model_info
+    from lfdist.model.info import meta_model_info
     from lfdist.model.tiny import build_tiny
 
     meta = meta_model_info("tiny:llama")
