@@ -132,7 +132,7 @@ def _pilots(cfg: RunConfig, result, prepared) -> None:
     from lfdist.probe.pilot import attach, run_critical, run_pilots
 
     pc, tc = cfg.probe, cfg.train
-    model, data, task = prepared.loaded.model, prepared.train, cfg.model.task
+    data, task = prepared.train, cfg.model.task
     if (pc.pilots or pc.pilot_steps) and pc.pilot_kind == "halving":
         attach(result, "halving", _halving(cfg, result, prepared))
     elif pc.pilots or pc.pilot_steps:
@@ -146,11 +146,12 @@ def _pilots(cfg: RunConfig, result, prepared) -> None:
         if pc.orchestrator == "ray":  # one Ray task per depth, the serial loop's numbers
             from lfdist.orchestrate.pilot import ray_pilots
 
-            record = ray_pilots(cfg, data, **sizing)
+            record = ray_pilots(cfg, prepared.source, data, **sizing)
         else:
-            record = run_pilots(model, data, task, tc, **sizing)
+            record = run_pilots(prepared.loaded.model, data, task, tc, **sizing)
         attach(result, "pilot", record)
     if pc.critical_steps:
+        model = prepared.loaded.model
         attach(result, "critical", run_critical(model, data, task, tc, steps=pc.critical_steps))
 
 
@@ -181,7 +182,7 @@ def _halving(cfg: RunConfig, result, prepared) -> dict:
     if pc.orchestrator == "ray":  # one Ray task per candidate and round
         from lfdist.orchestrate.pilot import ray_halving
 
-        return ray_halving(cfg, prepared.train, **sizing)
+        return ray_halving(cfg, prepared.source, prepared.train, **sizing)
     return run_halving(prepared.loaded.model, prepared.train, task, tc, **sizing)
 
 

@@ -96,11 +96,7 @@ class StreamedModel:
             key = next((k for k in self._candidates(name) if k in self.ckpt.index), None)
             parent, _, attr = name.rpartition(".")
             module = self.model.get_submodule(parent)
-            value = (
-                self._read([key])[key].to(buf.dtype)
-                if key
-                else buf.to(self.device)
-            )
+            value = self._read([key])[key].to(buf.dtype) if key else buf.to(self.device)
             module._buffers[attr] = value
 
     def _read(self, keys: list[str]) -> dict[str, torch.Tensor]:

@@ -1,9 +1,10 @@
 """The salf pilot fine-tunes (lfdist.probe.pilot) as parallel Ray tasks, one per depth.
 
-The driver sizes the pilots to the budget exactly as the serial `run_pilots` does; each task
-loads its own replica of the pre-trained model and runs the same `run_depth` (the run's own
-training step through lfdist.train.local), so the record is the serial one (same seeds, one
-thread each); tasks whose worker dies are retried by Ray.
+The driver sizes the pilots to the budget exactly as the serial `run_pilots` does, from the
+model's skeleton (no weights on the driver); each task loads its own replica of the pre-trained
+model from the run's ModelSource and runs the same `run_depth` (the run's own training step
+through lfdist.train.local), so the record is the serial one (same seeds, one thread each); the
+base model's held-out score is one more task. Tasks whose worker dies are retried by Ray.
 """
 
 from __future__ import annotations
@@ -12,23 +13,33 @@ import contextlib
 import os
 
 from lfdist.config import RunConfig
-from lfdist.orchestrate.probe import MAX_ATTEMPTS, load_replica, model_spec
+from lfdist.orchestrate.probe import MAX_ATTEMPTS
 
 
-def _pilot_task(m: dict, train: dict, heldout: dict, tc, depth: int, lengths, threads: int):
+def _replica(source, threads: int):
     import torch
 
+    torch.set_num_threads(threads)
+    return source.load_whole().to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _pilot_task(source, train: dict, heldout: dict, tc, depth: int, lengths, threads: int):
     from lfdist.probe.pilot import run_depth
 
-    torch.set_num_threads(threads)
-    model = load_replica(m, "cuda" if torch.cuda.is_available() else "cpu")
-    return run_depth(model, train, heldout, m["task"], tc, depth, lengths)
+    return run_depth(_replica(source, threads), train, heldout, source.task, tc, depth, lengths)
+
+
+def _base_task(source, heldout: dict, tc, threads: int):
+    from lfdist.probe.pilot import score_base
+
+    return score_base(_replica(source, threads), heldout, source.task, tc)
 
 
 @contextlib.contextmanager
 def _pilot_tasks(cfg: RunConfig, n_tasks: int):
-    """(the pilot task as a Ray remote function, threads per task) inside a Ray session sized
-    for n_tasks at once: a GPU each where there are GPUs, retried where a worker dies."""
+    """(the pilot task and the base-score task as Ray remote functions, threads per task)
+    inside a Ray session sized for n_tasks at once: a GPU each where there are GPUs, retried
+    where a worker dies."""
     import ray
 
     from lfdist.orchestrate.cluster import ray_session, threads_per_actor
@@ -37,14 +48,15 @@ def _pilot_tasks(cfg: RunConfig, n_tasks: int):
     with ray_session(cfg.probe.ray_address, num_cpus=cpus) as res:
         threads = threads_per_actor(res, n_tasks)
         gpu = {"num_gpus": 1} if res.gpus >= 1 else {}
-        task_fn = ray.remote(
+        remote = ray.remote(
             num_cpus=threads, max_retries=MAX_ATTEMPTS - 1, scheduling_strategy="SPREAD", **gpu
-        )(_pilot_task)
-        yield task_fn, threads
+        )
+        yield remote(_pilot_task), remote(_base_task), threads
 
 
 def ray_pilots(
     cfg: RunConfig,
+    source,
     data: dict,
     *,
     depths: str = "auto",
@@ -55,7 +67,8 @@ def ray_pilots(
     min_share: float | None = None,
 ) -> dict:
     """`lfdist.probe.pilot.run_pilots` with one Ray task per depth (a GPU each where there are
-    GPUs), each on its own replica; returns the same `curves["pilot"]` record."""
+    GPUs), each on its own replica of `source` (lfdist.model.source.ModelSource); returns the
+    same `curves["pilot"]` record."""
     import ray
 
     from lfdist.model.info import model_info
@@ -63,16 +76,13 @@ def ray_pilots(
         HELDOUT_SAMPLES,
         PILOT_BUDGET,
         assemble_pilots,
-        score_base,
         size_pilots,
         stderr_log,
     )
 
     tc, task = cfg.train, cfg.model.task
-    m = model_spec(cfg)
-    base_model = load_replica(m, "cpu")
     sizing = (depths, steps, budget or PILOT_BUDGET, heldout_samples or HELDOUT_SAMPLES)
-    info = model_info(base_model, task)
+    info = model_info(source.skeleton(), task)  # shapes only: no weights on the driver
     plan, train, heldout, extra = size_pilots(
         info, data, task, tc, *sizing, probe_examples, min_share
     )
@@ -80,15 +90,15 @@ def ray_pilots(
         stderr_log(f"pilots: skipped, {plan['skipped']}")
         return {**plan, **extra, "seconds": [0.0]}
     stderr_log(f"pilots (Ray, one task per depth): {plan['budget_note']}")
-    base, base_s = score_base(base_model, heldout, task, tc)
-    del base_model
-    with _pilot_tasks(cfg, len(plan["depths"])) as (task_fn, threads):
+    with _pilot_tasks(cfg, len(plan["depths"])) as (task_fn, base_fn, threads):
         train_ref, held_ref = ray.put(train), ray.put(heldout)
+        base_ref = base_fn.remote(source, held_ref, tc, threads)
         refs = [
-            task_fn.remote(m, train_ref, held_ref, tc, d, plan["lengths"], threads)
+            task_fn.remote(source, train_ref, held_ref, tc, d, plan["lengths"], threads)
             for d in plan["depths"]
         ]
         results = sorted(ray.get(refs), key=lambda r: r["depth"])
+        base, base_s = ray.get(base_ref)
     results[0]["seconds"] += base_s  # as run_pilots books its one baseline pass
     stderr_log(f"pilots: {len(results)} depths done")
     return assemble_pilots(results, plan, task, base, extra)
@@ -96,6 +106,7 @@ def ray_pilots(
 
 def ray_halving(
     cfg: RunConfig,
+    source,
     data: dict,
     *,
     ks: list[int],
@@ -113,27 +124,25 @@ def ray_halving(
 
     from lfdist.model.info import model_info
     from lfdist.probe.halving import run_rounds, size_halving
-    from lfdist.probe.pilot import HELDOUT_SAMPLES, score_base, stderr_log
+    from lfdist.probe.pilot import HELDOUT_SAMPLES, stderr_log
 
     tc, task = cfg.train, cfg.model.task
-    m = model_spec(cfg)
-    base_model = load_replica(m, "cpu")
-    info = model_info(base_model, task)
+    info = model_info(source.skeleton(), task)  # shapes only: no weights on the driver
     sizing = (budget, steps, heldout_samples or HELDOUT_SAMPLES, probe_examples, min_share)
     plan, train, heldout = size_halving(info, data, task, tc, ks, keep, *sizing)
     if plan.get("skipped"):
         stderr_log(f"halving: skipped, {plan['skipped']}")
         return {**plan, "rounds": [], "seconds": [0.0]}
     stderr_log(f"halving (Ray, one task per candidate): {plan['budget_note']}")
-    base, base_s = score_base(base_model, heldout, task, tc)
-    del base_model
     L = info["n_blocks"]
-    with _pilot_tasks(cfg, len(plan["candidates"])) as (task_fn, threads):
+    with _pilot_tasks(cfg, len(plan["candidates"])) as (task_fn, base_fn, threads):
         train_ref, held_ref = ray.put(train), ray.put(heldout)
+        base, base_s = ray.get(base_fn.remote(source, held_ref, tc, threads))
 
         def train_round(cands: list[int], n_steps: int) -> list[dict]:
             refs = [
-                task_fn.remote(m, train_ref, held_ref, tc, L - k, [n_steps], threads) for k in cands
+                task_fn.remote(source, train_ref, held_ref, tc, L - k, [n_steps], threads)
+                for k in cands
             ]
             return ray.get(refs)  # in the order of cands
 

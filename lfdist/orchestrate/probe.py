@@ -41,24 +41,8 @@ def shard_ranges(n: int, workers: int, batch_size: int) -> list[Shard]:
     return [Shard(k, cuts[k], cuts[k + 1]) for k in range(parts)]
 
 
-def model_spec(cfg: RunConfig, source=None) -> dict:
-    """What a Ray worker needs to load the model exactly as prepare() does (plain data)."""
-    if source is None:
-        from lfdist.train.prepare import prepare
-
-        source = prepare(cfg).source
-    return {
-        "spec": source.spec,
-        "task": source.task,
-        "num_labels": source.num_labels,
-        "dtype": source.dtype,
-        "seed": source.seed,
-        "pad_token_id": source.pad_token_id,
-    }
-
-
 def probe_data(cfg: RunConfig) -> tuple[dict, dict, dict]:
-    """(picked calibration tensors, data info, model_spec) for a Ray probe: the data and
+    """(picked calibration tensors, data info, ModelSource) for a Ray probe: the data and
     model source `prepare` makes for every other path."""
     from lfdist.train.prepare import prepare
 
@@ -72,7 +56,7 @@ def probe_data(cfg: RunConfig) -> tuple[dict, dict, dict]:
     from lfdist.probe.run import evenly_spaced  # run_probe's own pick, so shards cover it exactly
 
     train = evenly_spaced(train, min(cfg.probe.samples, n_total))
-    return train, dict(info), model_spec(cfg, prepared.source)
+    return train, dict(info), prepared.source
 
 
 def ray_probe(
@@ -120,11 +104,11 @@ def ray_probe(
 class ProbeActor:
     """One model replica probing one shard; the driver wraps it with ray.remote."""
 
-    def __init__(self, model: dict, threads: int, device: str):
+    def __init__(self, source, threads: int, device: str):
         import torch
 
         torch.set_num_threads(threads)
-        self.spec, self.device = model, device
+        self.source, self.device = source, device  # lfdist.model.source.ModelSource
 
     def probe(self, data: dict, start: int, stop: int, opts: dict, fault: str | None):
         import ray
@@ -142,15 +126,14 @@ class ProbeActor:
         from lfdist.model.blocks import find_blocks
         from lfdist.probe import run_probe
 
-        m = self.spec
-        model = load_replica(m, self.device)
+        model = self.source.load_whole().to(self.device)
         if fault == "exit":  # die inside the forward pass of the first batch
             blocks = find_blocks(model).blocks(model)
             blocks[len(blocks) // 2].register_forward_pre_hook(lambda *_: os._exit(1))
         return run_probe(
             model,
             shard,
-            m["task"],
+            self.source.task,
             batch_size=opts["batch_size"],
             samples=None,
             progress=False,
@@ -160,61 +143,29 @@ class ProbeActor:
         )
 
     def _stream(self, shard: dict, start: int, opts: dict, fault: str | None):
-        import tempfile
-
         from lfdist.orchestrate.stream import stream_probe
 
-        m = self.spec
+        s = self.source
 
         def before_block(i: int) -> None:
             if fault == "exit" and i == 1:  # die after a block was loaded and run
                 os._exit(1)
 
-        with tempfile.TemporaryDirectory(prefix="lfdist-stream-") as tmp:
-            folder = model_folder(m, tmp)
-            return stream_probe(
-                folder,
-                shard,
-                m["task"],
-                num_labels=m["num_labels"],
-                dtype=m["dtype"],
-                pad_token_id=m["pad_token_id"],
-                batch_size=opts["batch_size"],
-                data_fingerprint=opts["fingerprint"],
-                example_offset=start,
-                device=self.device,
-                before_block=before_block,
-            )
-
-
-def model_folder(m: dict, tmp: str) -> str:
-    """A local safetensors folder for the model: tiny models are saved into `tmp` first (on the
-    actor's own node), hub ids are fetched (weights and config only)."""
-    from lfdist.model.specs import resolve_folder
-
-    spec = m["spec"]
-    if spec.startswith("tiny:"):
-        from lfdist.model.tiny import build_tiny
-
-        build_tiny(spec[5:], m["task"], num_labels=m["num_labels"], seed=m["seed"]).save_pretrained(
-            tmp
+        # the ranks' safetensors folder: tiny models written once to this node's cache, hub
+        # ids fetched (weights and config only)
+        return stream_probe(
+            s.weights_folder(),
+            shard,
+            s.task,
+            num_labels=s.num_labels,
+            dtype=s.dtype,
+            pad_token_id=s.pad_token_id,
+            batch_size=opts["batch_size"],
+            data_fingerprint=opts["fingerprint"],
+            example_offset=start,
+            device=self.device,
+            before_block=before_block,
         )
-        return tmp
-    folder = resolve_folder(spec)
-    if folder is not None:
-        return folder
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(spec, allow_patterns=["*.json", "*.safetensors"])
-
-
-def load_replica(m: dict, device: str):
-    from lfdist.model.specs import load_model
-
-    loaded = load_model(
-        m["spec"], m["task"], num_labels=m["num_labels"], dtype=m["dtype"], seed=m["seed"]
-    )
-    return loaded.model.to(device)
 
 
 def _actor_class(res, threads: int):

@@ -155,16 +155,23 @@ def test_killed_actor_is_retried_and_classifier_result_unchanged(cluster):
     assert_same_plan(got, ref)
 
 
-def test_parallel_pilots_equal_serial_pilots(cluster):
-    """salf pilots as Ray tasks (one per depth, one per node) give the serial pilots' numbers."""
+def _no_whole_model_here(self):
+    raise AssertionError("the driver loaded the whole model")
+
+
+def test_parallel_pilots_equal_serial_pilots(cluster, monkeypatch):
+    """salf pilots as Ray tasks (one per depth, one per node) give the serial pilots' numbers;
+    the driver never loads the model (its tasks do)."""
+    from lfdist.model.source import ModelSource
     from lfdist.orchestrate.pilot import ray_pilots
     from lfdist.probe.pilot import run_pilots
 
     cfg = _cfg("llama", ray_address=cluster.address)
     p = prepare(cfg)
     data = {k: v[:24] for k, v in p.train.items()}
-    got = ray_pilots(cfg, data, depths="1,8", steps=4, heldout_samples=4)
     ref = run_pilots(p.loaded.model, data, "lm", cfg.train, "1,8", 4, heldout_samples=4)
+    monkeypatch.setattr(ModelSource, "load_whole", _no_whole_model_here)
+    got = ray_pilots(cfg, p.source, data, depths="1,8", steps=4, heldout_samples=4)
     assert got["depths"] == ref["depths"] == [1, 8] and got["lengths"] == [2, 4]
     assert got["base"] == pytest.approx(ref["base"], rel=1e-6)
     for j in range(2):
@@ -280,7 +287,7 @@ def test_parallel_halving_equals_serial_halving(cluster):
     data = {k: v[:24] for k, v in p.train.items()}
     rule = partial(survivors, "lm", run_steps=cfg.train.steps, tolerance=0.01)
     sizing = dict(ks=[0, 2, 4, 6], keep={0}, survivors=rule, budget=0.05, steps=2)
-    got = ray_halving(cfg, data, heldout_samples=4, **sizing)
+    got = ray_halving(cfg, p.source, data, heldout_samples=4, **sizing)
     ref = run_halving(p.loaded.model, data, "lm", cfg.train, heldout_samples=4, **sizing)
     assert [r["candidates"] for r in got["rounds"]] == [r["candidates"] for r in ref["rounds"]]
     assert [r["steps"] for r in got["rounds"]] == [2, 4, 8]
