@@ -597,7 +597,9 @@ def build(source, cfg, world) -> DeepSpeedEngineAdapter:
         def keep_out(module: nn.Module) -> None:
             frozen_buffers.extend(_keep_frozen_out_of_zero3(module, recurse=False))
 
-        filler.partition(model, world.device, ds_config, keep_out if replicate else None)
+        from lfdist.engines.zero3_fill import fill_partitioned
+
+        fill_partitioned(filler, model, world.device, ds_config, keep_out if replicate else None)
     else:
         filler.replicate(model, world.device)
     # DeepSpeed moves the module (buffers included) to its device itself. One group per

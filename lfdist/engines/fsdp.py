@@ -2,7 +2,8 @@
 
 The plan is applied before wrapping, so each block unit is all-frozen or all-trainable.
 The model arrives on the meta device; it is sharded first and then each rank fills only the
-shards it holds (lfdist.model.materialize).
+shards it holds (the values from lfdist.model.materialize's Filler; FSDP2 reads the files
+through the stock torch.distributed.checkpoint loader).
 FSDP1 refuses mixed units (its flat parameters cannot mix requires_grad cleanly).
 """
 
@@ -47,8 +48,63 @@ def _fsdp2(model: nn.Module, world, filler=None, precision=None) -> nn.Module:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     if filler is not None:  # sharded on meta: each rank now reads the rows of its shards
-        filler.sharded(model, world.device)
+        fill_sharded(filler, model, world.device)
     return model
+
+
+def fill_sharded(filler, model: nn.Module, device) -> None:
+    """After fully_shard on meta, every rank reads the rows of its own shards only. What the
+    files hold goes through the stock loader (torch.distributed.checkpoint's Hugging Face
+    reader, which reads each shard's slice and casts it to the parameter's dtype); the rest
+    (LoRA adapters, mask scores, a fresh head) is cut from the filler's own values."""
+    import torch
+    from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+    from torch.distributed.tensor import DTensor
+
+    model.to_empty(device=device)
+    from_files, rest, seen = {}, [], set()
+    for module in model.modules():
+        filler.buffers(module, device)
+        for attr, p in module._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            key = filler.key(module, attr)
+            if key is None:
+                rest.append((module, attr, p))
+            else:
+                from_files[key] = p
+    with torch.no_grad():
+        load(from_files, storage_reader=HuggingFaceStorageReader(filler.reader.folder))
+        for module, attr, p in rest:
+            if isinstance(p, DTensor):
+                local = p.to_local()
+                local.copy_(filler.value(module, attr, _local_rows(p)).to(local.dtype))
+            else:
+                p.copy_(filler.value(module, attr).to(p.dtype))
+
+
+def _local_rows(p) -> tuple[int, int] | None:
+    """Rows [start, stop) of dim 0 that this rank's shard of DTensor `p` holds, from the chunk
+    DTensor describes for distributed checkpoints (its public protocol)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if all(isinstance(pl, Replicate) for pl in p.placements):
+        return None
+    if not all(
+        isinstance(pl, Shard | Replicate) and getattr(pl, "dim", 0) == 0 for pl in p.placements
+    ):
+        raise NotImplementedError(f"loading a DTensor sharded as {p.placements}")
+    (chunk,) = p.__create_chunk_list__()
+    if not len(chunk.sizes):  # a 0-d tensor has no rows to cut
+        return None
+    return chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0]
+
+
+def _param_init(filler, device):
+    """FSDP1's param_init_fn: it calls it per module of a unit before flattening that unit."""
+    done = {}
+    return lambda module: filler.fill_module(module, device, done)
 
 
 def _outside_units(model: nn.Module) -> list[nn.Module]:
@@ -108,7 +164,7 @@ def _fsdp1(model: nn.Module, world, filler=None) -> nn.Module:
     # An explicit device (CPU included) is what lets FSDP1 run on CPU with gloo.
     # On meta, FSDP1 calls param_init_fn per module of a unit before flattening and sharding
     # it: one unit is whole at a time, never the model.
-    init = filler.module_init(world.device) if filler is not None else None
+    init = _param_init(filler, world.device) if filler is not None else None
     return FSDP(
         model,
         auto_wrap_policy=policy,

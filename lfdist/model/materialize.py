@@ -2,14 +2,12 @@
 
 `prepare(source)` builds the skeleton, applies the plan (requires_grad, treatments) and the
 job's setup (tracer, activation checkpointing, prefix cache); the engine then shards it and
-calls one `Filler` method:
+fills it through the `Filler` here, with the engine's own layout:
 
-- `replicate`: DDP / ZeRO-1/2 replicas, each tensor read once straight in the training dtype;
-- `module_init`: FSDP1's `param_init_fn`, one unit at a time before it is flattened and sharded;
-- `sharded`: FSDP2 after `fully_shard`, each rank reading only the rows of its DTensor shards
-  (`safe_open(...).get_slice`): no rank ever holds a whole tensor it does not own;
-- `partition`: ZeRO-3, one module at a time partitioned by `deepspeed.zero.Init`, then each
-  rank reads the rows that hold its own partition (zero.Init's broadcast skipped).
+- `Filler.replicate`: DDP / ZeRO-1/2 replicas, each tensor read once straight in its dtype;
+- FSDP1's `param_init_fn` and FSDP2's shards (lfdist.engines.fsdp): FSDP2 reads each rank's
+  rows through torch.distributed.checkpoint's Hugging Face reader;
+- ZeRO-3 partitions (lfdist.engines.zero3_fill).
 
 Values come from the safetensors files; LoRA adapters (drawn by peft from the plan's seed,
 kept on the CPU while their base layer is on meta) and buffers (computed by the constructors)
@@ -21,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 
 import torch
 from torch import nn
@@ -139,6 +136,7 @@ class Reader:
     def __init__(self, folder: str):
         from lfdist.model.headers import read_index
 
+        self.folder = folder
         self.index = read_index(folder)
         self._open = {}
 
@@ -174,18 +172,24 @@ class Filler:
         self._keys = {name: key for name, (key, _) in located.items()}
         for module in model.modules():
             for attr, _ in module.named_parameters(recurse=False):
-                name = self._name(module, attr)
+                name = self.name(module, attr)
                 if attr != SCORES and name not in self.keep and self._keys.get(name) is None:
                     self.keep[name] = self._initialized(module, attr)
 
-    def _name(self, module: nn.Module, attr: str) -> str:
+    def name(self, module: nn.Module, attr: str) -> str:
         prefix = self.qualname[id(module)]
         name = f"{prefix}.{attr}" if prefix else attr
         return self.alias.get(name, name)
 
+    def key(self, module: nn.Module, attr: str) -> str | None:
+        """The checkpoint key whose tensor is this parameter as it is; None for what the filler
+        keeps, derives or initializes itself (LoRA adapters, mask scores, a fresh head)."""
+        name = self.name(module, attr)
+        return None if name in self.keep else self._keys.get(name)
+
     def value(self, module: nn.Module, attr: str, rows=None) -> torch.Tensor:
         """The parameter `attr` of `module` (pre-wrap names), all of it or `rows` of dim 0."""
-        name = self._name(module, attr)
+        name = self.name(module, attr)
         if name in self.keep:
             full = self.keep[name]
         else:
@@ -209,13 +213,14 @@ class Filler:
             self.model._init_weights(tmp)
         return getattr(tmp, attr).detach()
 
-    def _buffers(self, module: nn.Module, device) -> None:
+    def buffers(self, module: nn.Module, device) -> None:
+        """`module`'s buffers as the skeleton computed them (or the checkpoint saved them)."""
         for attr, b in list(module._buffers.items()):
-            name = self._name(module, attr)
+            name = self.name(module, attr)
             if b is not None and name in self.keep:
                 module._buffers[attr] = self.keep[name].to(device)
 
-    def _module(self, module: nn.Module, device, done: dict) -> None:
+    def fill_module(self, module: nn.Module, device, done: dict) -> None:
         """Every direct parameter of `module` made real and filled (tied ones shared)."""
         with torch.no_grad():
             for attr, p in list(module._parameters.items()):
@@ -225,141 +230,9 @@ class Filler:
                     value = self.value(module, attr).to(device=device, dtype=p.dtype)
                     done[id(p)] = nn.Parameter(value, requires_grad=p.requires_grad)
                 module._parameters[attr] = done[id(p)]
-        self._buffers(module, device)
+        self.buffers(module, device)
 
     def replicate(self, model: nn.Module, device) -> None:
         done = {}
         for module in model.modules():
-            self._module(module, device, done)
-
-    def module_init(self, device):
-        """FSDP1's param_init_fn: it calls it per module of a unit before flattening that unit."""
-        done = {}
-        return lambda module: self._module(module, device, done)
-
-    def sharded(self, model: nn.Module, device) -> None:
-        """FSDP2, after fully_shard: every rank reads the rows of its own shards only."""
-        from torch.distributed.tensor import DTensor
-
-        model.to_empty(device=device)
-        seen = set()
-        with torch.no_grad():
-            for module in model.modules():
-                self._buffers(module, device)
-                for attr, p in module._parameters.items():
-                    if p is None or id(p) in seen:
-                        continue
-                    seen.add(id(p))
-                    if isinstance(p, DTensor):
-                        local = p.to_local()
-                        rows = _local_rows(p)
-                        local.copy_(self.value(module, attr, rows).to(local.dtype))
-                    else:
-                        p.copy_(self.value(module, attr).to(p.dtype))
-
-    def partition(self, model: nn.Module, device, ds_config: dict, before_partition=None) -> None:
-        """ZeRO-3: one module at a time (children first) partitioned by zero.Init, then each
-        rank fills its own partition from the rows of the files that hold it: no rank reads,
-        converts or receives a whole tensor. With `before_partition(module)` (frozen weights
-        kept whole, out of ZeRO-3) a module is made real first, since it keeps some whole."""
-        import deepspeed
-
-        done, filled = {}, set()
-        rank, world = _rank_world()
-        with _partition_without_broadcast():
-            for module in reversed(list(model.modules())):
-                if not any(p.is_meta for p in module._parameters.values() if p is not None):
-                    self._buffers(module, device)
-                    continue
-                if before_partition is not None:
-                    self._module(module, device, done)
-                    filled.update(done)
-                    before_partition(module)
-                else:
-                    self._empty(module, device, done)
-                if any(p is not None for p in module._parameters.values()):
-                    deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
-                for attr, p in module._parameters.items():
-                    if p is not None and id(p) not in filled:
-                        filled.add(id(p))
-                        self._fill_partition(module, attr, p, rank, world)
-
-    def _empty(self, module: nn.Module, device, done: dict) -> None:
-        """Every direct parameter of `module` allocated, not written: untouched pages are not
-        resident, and zero.Init (without its broadcast) copies only this rank's part."""
-        for attr, p in list(module._parameters.items()):
-            if p is None:
-                continue
-            if id(p) not in done:
-                empty = torch.empty(p.shape, dtype=p.dtype, device=device)
-                done[id(p)] = nn.Parameter(empty, requires_grad=p.requires_grad)
-            module._parameters[attr] = done[id(p)]
-        self._buffers(module, device)
-
-    def _fill_partition(self, module: nn.Module, attr: str, p, rank: int, world: int) -> None:
-        """This rank's flat elements [rank x size, (rank + 1) x size) of the parameter, read
-        as the row range that covers them (DeepSpeed's layout: a flat split, zero padding)."""
-        part = p.ds_tensor
-        size = part.ds_numel
-        if size * world != p.ds_numel_aligned:
-            raise RuntimeError(
-                f"ZeRO-3 partition of {self._name(module, attr)}: {size} x {world} ranks != "
-                f"{p.ds_numel_aligned} elements; a layout this loader does not know"
-            )
-        start, stop = rank * size, min(p.ds_numel, (rank + 1) * size)
-        with torch.no_grad():
-            part.zero_()
-            if stop > start:
-                shape = tuple(p.ds_shape)
-                row = math.prod(shape[1:]) if len(shape) > 1 else 1
-                r0, r1 = start // row, -(-stop // row)
-                rows = (r0, r1) if shape else None
-                flat = self.value(module, attr, rows).reshape(-1)
-                lo = start - r0 * row if shape else 0
-                part[: stop - start].copy_(flat[lo : lo + stop - start].to(part.dtype))
-
-
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-@contextlib.contextmanager
-def _partition_without_broadcast():
-    """zero.Init broadcasts rank 0's values of each parameter before partitioning it, so every
-    rank would hold the whole tensor once; here every rank fills its own partition from the
-    files afterwards, so the broadcast is skipped (DeepSpeed's own steps otherwise)."""
-    from deepspeed.runtime.zero.partition_parameters import Init
-
-    original = getattr(Init, "_zero_init_param", None)
-    if original is None:  # another DeepSpeed: its own broadcast stays, results are the same
-        yield
-        return
-
-    def partition_only(self, param):
-        self._convert_to_deepspeed_param(param)
-        param.partition()
-
-    Init._zero_init_param = partition_only
-    try:
-        yield
-    finally:
-        Init._zero_init_param = original
-
-
-def _local_rows(p) -> tuple[int, int] | None:
-    """Rows [start, stop) of dim 0 that this rank's shard of DTensor `p` holds."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    if all(isinstance(pl, Replicate) for pl in p.placements):
-        return None
-    if not all(
-        isinstance(pl, Shard | Replicate) and getattr(pl, "dim", 0) == 0 for pl in p.placements
-    ):
-        raise NotImplementedError(f"loading a DTensor sharded as {p.placements}")
-    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    if not shape:
-        return None
-    return offset[0], offset[0] + shape[0]
+            self.fill_module(module, device, done)

@@ -101,6 +101,9 @@ def _fsdp2_rank(rank, store, cache, results):
     os.environ["LFDIST_CACHE"] = cache
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    import math
+
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.tensor import DTensor
 
     from lfdist.engines.base import World
@@ -117,6 +120,15 @@ def _fsdp2_rank(rank, store, cache, results):
         return t
 
     Reader.get = get
+
+    class CountingReader(dcp.HuggingFaceStorageReader):
+        """The stock reader, counting the elements of every slice it reads."""
+
+        def _process_read_request(self, f, req, planner):
+            read.append((req.storage_index.fqn, math.prod(req.lengths)))
+            return super()._process_read_request(f, req, planner)
+
+    dcp.HuggingFaceStorageReader = CountingReader
     source = ModelSource("tiny:llama").with_plan(make_plan(build_tiny("llama", "lm"), TOP2))
     model, filler = prepare(source)
     _fsdp2(model, World(rank, 2, rank, torch.device("cpu")), filler)
@@ -160,6 +172,7 @@ def _zero3_rank(rank, store, cache, results):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     import deepspeed
 
+    from lfdist.engines.zero3_fill import fill_partitioned
     from lfdist.model.materialize import Reader, prepare
     from lfdist.model.source import ModelSource
 
@@ -176,7 +189,7 @@ def _zero3_rank(rank, store, cache, results):
     source = ModelSource("tiny:llama").with_plan(make_plan(build_tiny("llama", "lm"), TOP2))
     model, filler = prepare(source)
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
-    filler.partition(model, torch.device("cpu"), config)
+    fill_partitioned(filler, model, torch.device("cpu"), config)
     # What this rank may read of each tensor: its partition's elements, widened to whole rows
     # (at most one partial row at each end).
     bound = {}
