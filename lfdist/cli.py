@@ -12,7 +12,7 @@ import os
 import re
 import sys
 
-from lfdist.constants import ENGINES
+from lfdist.cli_flags import add_config_flags
 from lfdist.errors import JobFailed, UserError
 
 _ARGV: list[str] = []  # the command line being parsed (for the did-you-mean hint)
@@ -138,41 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("probe", help="forward-only probe: per-layer statistics -> probe.json")
     _common_model_data(q)
-    q.add_argument("--samples", type=int, default=None)
-    q.add_argument("--orchestrator", choices=["local", "ray"], default=None)
-    q.add_argument("--workers", type=int, default=None)
-    q.add_argument(
-        "--gradnorm",
-        action="store_true",
-        default=None,
-        help="also one backward pass (gradnorm strategy)",
-    )
-    q.add_argument(
-        "--ray-address",
-        default=None,
-        help="join this Ray cluster (default: RAY_ADDRESS or a local Ray)",
-    )
-    q.add_argument(
-        "--stream-layers",
-        action="store_true",
-        default=None,
-        help="load one block at a time (models larger than one device); with --orchestrator ray",
-    )
-    q.add_argument(
-        "--pilots",
-        action="store_true",
-        default=None,
-        help="salf pilot fine-tunes, sized to probe.pilot_budget (5%%) of the train.steps run",
-    )
-    q.add_argument(
-        "--pilot-steps",
-        type=int,
-        default=None,
-        help="salf pilots of this many steps (and half as many) per depth, ignoring the budget",
-    )
-    q.add_argument(
-        "--critical-steps", type=int, default=None, help="all-block pilot for the critical strategy"
-    )
+    add_config_flags(q, "probe")
     q.add_argument("--out", required=True)
 
     s = sub.add_parser(
@@ -211,33 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune with a plan on ddp, fsdp1, fsdp2 or deepspeed")
     _common_model_data(t)
     t.add_argument("--plan", required=True)
-    t.add_argument("--engine", choices=list(ENGINES), default=None)
-    t.add_argument("--zero-stage", type=int, choices=[1, 2, 3], default=None)
-    t.add_argument("--nproc", type=int, default=None)
-    t.add_argument("--steps", type=int, default=None)
-    t.add_argument(
-        "--eval-data", default=None, help="held-out data (default: held-out split of --data)"
-    )
+    add_config_flags(t, "train")
     t.add_argument("--out", required=True)
     t.add_argument("--resume", action="store_true")
     t.add_argument(
         "--overwrite",
         action="store_true",
         help="write into an --out that holds other files or a finished run (its results go)",
-    )
-    t.add_argument(
-        "--cache-frozen-prefix",
-        action="store_true",
-        default=None,
-        help="replay the frozen prefix's outputs after the first epoch (skips its forward); "
-        "held in memory up to train.cache_max_gib, or in a memory-mapped file per rank with "
-        "train.cache_spill_dir=DIR",
-    )
-    t.add_argument(
-        "--activation-checkpointing",
-        action="store_true",
-        default=None,
-        help="non-reentrant checkpointing of the trainable blocks only",
     )
     t.add_argument("--dry-run", action="store_true", help="print the launch command and exit")
     t.add_argument("--nnodes", type=int, default=1)
@@ -295,14 +241,14 @@ def _kv(items: list[str], what: str) -> dict:
     return out
 
 
-def _config(args, sections: dict[str, dict]) -> object:
-    from lfdist.config import config_from_dict, load_config
+def _config(args) -> object:
+    """--config, then the dotted overrides, then the command's flags (lfdist.cli_flags), then
+    --model/--data/--task/--seq-len: one typed config, no dict round trip."""
+    from lfdist.cli_flags import given_values
+    from lfdist.config import load_config, with_values
     from lfdist.pipeline import with_model_data
 
-    base = load_config(args.config, args.overrides).to_dict()
-    for section, values in sections.items():
-        base[section].update({k: v for k, v in values.items() if v is not None})
-    cfg = config_from_dict(base)
+    cfg = with_values(load_config(args.config, args.overrides), given_values(args, args.command))
     task = args.task
     if task is None and args.model and _is_encoder(args.model):
         task = "classify"
@@ -334,22 +280,7 @@ def dispatch(args) -> int:
     from lfdist import pipeline
 
     if args.command == "probe":
-        cfg = _config(
-            args,
-            {
-                "probe": {
-                    "samples": args.samples,
-                    "orchestrator": args.orchestrator,
-                    "workers": args.workers,
-                    "gradnorm": args.gradnorm,
-                    "ray_address": args.ray_address,
-                    "stream_layers": args.stream_layers,
-                    "pilots": args.pilots,
-                    "pilot_steps": args.pilot_steps,
-                    "critical_steps": args.critical_steps,
-                }
-            },
-        )
+        cfg = _config(args)
         pipeline.probe(cfg, args.out)
         print(f"wrote {args.out}")
     elif args.command == "select":
@@ -385,20 +316,7 @@ def dispatch(args) -> int:
     elif args.command == "train":
         from lfdist.launch.commands import Nodes
 
-        cfg = _config(
-            args,
-            {
-                "train": {
-                    "engine": args.engine,
-                    "zero_stage": args.zero_stage,
-                    "nproc": args.nproc,
-                    "steps": args.steps,
-                    "cache_frozen_prefix": args.cache_frozen_prefix,
-                    "activation_checkpointing": args.activation_checkpointing,
-                },
-                "data": {"eval_spec": args.eval_data},
-            },
-        )
+        cfg = _config(args)
         nodes = Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint, args.hostfile)
         metrics = pipeline.train(
             cfg,
@@ -435,7 +353,7 @@ def dispatch(args) -> int:
         check_out_folder(args.out)
         print(f"wrote {export(args.checkpoint, args.out)}")
     elif args.command == "eval":
-        print(json.dumps(pipeline.evaluate_model(_config(args, {})), indent=1))
+        print(json.dumps(pipeline.evaluate_model(_config(args)), indent=1))
     elif args.command == "bench":
         from lfdist.bench import run_bench
 

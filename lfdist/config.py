@@ -355,6 +355,18 @@ def config_from_dict(data: dict[str, Any] | None, overrides: list[str] = ()) -> 
     return _build(RunConfig, merge_overrides(data or {}, list(overrides)), "")
 
 
+def with_values(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """`cfg` with {"section.key": value} set, typed: each section is rebuilt with
+    dataclasses.replace, so its own checks run again (the CLI's flags land here)."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        section, name = key.split(".", 1)
+        sections.setdefault(section, {})[name] = value
+    return dataclasses.replace(
+        cfg, **{s: dataclasses.replace(getattr(cfg, s), **v) for s, v in sections.items()}
+    )
+
+
 def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     from lfdist.plan import read_yaml
 

@@ -23,10 +23,10 @@ LAYERS = [
     {"orchestrate"},
     {"pipeline"},
     {"bench"},
-    {"cli"},
+    {"cli", "cli_flags"},
 ]
 SAME_LAYER = {("job", "config"), ("data", "model"), ("plan_cost", "cost"), ("plan_cost", "model")}
-SAME_LAYER |= {("cost", "activations"), ("report", "select")}
+SAME_LAYER |= {("cost", "activations"), ("report", "select"), ("cli", "cli_flags")}
 
 
 def _package(module: str) -> str | None:
