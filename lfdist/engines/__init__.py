@@ -8,10 +8,22 @@ accepted too (in-process training of a loaded model) and wrapped as it is.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lfdist.errors import UserError
 
+if TYPE_CHECKING:
+    from torch import nn
 
-def build_engine(name: str, source, cfg, world):
+    from lfdist.config import TrainConfig
+    from lfdist.engines.base import Engine, World
+    from lfdist.model.source import ModelSource
+
+
+def build_engine(
+    name: str, source: ModelSource | nn.Module, cfg: TrainConfig, world: World
+) -> Engine:
+    """The engine `name` over the model `source` names, materialized on this rank."""
     if name in ("ddp", "single"):
         from lfdist.engines.ddp import build
     elif name in ("fsdp2", "fsdp1"):

@@ -26,12 +26,20 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from lfdist.errors import UserError
 from lfdist.train.checkpoint import rng_state, set_rng_state
+
+if TYPE_CHECKING:
+    from lfdist.config import TrainConfig
+    from lfdist.engines.base import Engine, World
+    from lfdist.train.measure import BackwardTracer
+    from lfdist.train.redraw import LisaSchedule
+    from lfdist.train.tracking import Tracker
 from lfdist.train.collective import all_finite, all_ranks_agree
 from lfdist.train.feed import StepFeeder
 
@@ -63,18 +71,18 @@ def _health(step: int, losses: list, asked: bool, device, rng: dict) -> _Health:
 
 
 def train_loop(
-    engine,
+    engine: Engine,
     feeder: StepFeeder,
-    cfg,
-    world,
+    cfg: TrainConfig,
+    world: World,
     start_step: int,
     save: Callable[[int], None],
-    tracer=None,
+    tracer: BackwardTracer | None = None,
     log: Callable[[str], None] = print,
-    before_micro: Callable | None = None,
-    redraw=None,
+    before_micro: Callable[[torch.Tensor], None] | None = None,
+    redraw: LisaSchedule | None = None,
     stop: Callable[[int], bool] | None = None,
-    tracker=None,
+    tracker: Tracker | None = None,
 ) -> dict:
     """Runs steps start_step..cfg.steps-1. Returns per-step losses, times and first-step counts.
 
