@@ -28,8 +28,8 @@ CONFIG_FLAGS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
             "probe.stream_layers",
             {
                 **_ON,
-                "help": "load one block at a time (models larger than one device); with "
-                "--orchestrator ray",
+                "help": "load one block at a time (default: where the whole model would not "
+                "fit in memory)",
             },
         ),
         (

@@ -73,7 +73,9 @@ class ProbeConfig:
     workers: int = 1
     gradnorm: bool = False  # one backward pass too, for the gradnorm strategy
     ray_address: str | None = None  # join a Ray cluster; None: RAY_ADDRESS or a local Ray
-    stream_layers: bool = False  # layer-streamed probe for models larger than one device
+    # layer-streamed probe (one block resident at a time); None: where the whole model would
+    # take over half the memory available and nothing else needs it whole (pilots, gradnorm)
+    stream_layers: bool | None = None
     pilots: bool = False  # salf pilot fine-tunes, sized to pilot_budget of the run
     pilot_budget: float = 0.05  # probe + pilots at most this share of the run's cost
     pilot_steps: int = 0  # the longer pilot's steps, overriding the budget (0: sized by it)

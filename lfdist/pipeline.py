@@ -84,7 +84,6 @@ def one_process_for_single(cfg: RunConfig) -> RunConfig:
 
 def probe(cfg: RunConfig, out: str, overwrite: bool = False, progress: bool = True):
     """Forward-only probe of the model on calibration data; writes probe.json."""
-    from lfdist.probe import run_probe
     from lfdist.train.prepare import prepare
 
     if not overwrite:
@@ -98,16 +97,7 @@ def probe(cfg: RunConfig, out: str, overwrite: bool = False, progress: bool = Tr
         result = ray_probe(cfg, progress=progress)
     else:
         prepared = prepare(cfg)
-        result = run_probe(
-            prepared.loaded.model,
-            prepared.train,
-            cfg.model.task,
-            batch_size=cfg.probe.batch_size,
-            samples=cfg.probe.samples,
-            progress=progress,
-            gradnorm=cfg.probe.gradnorm,
-            data_fingerprint=prepared.data_info.get("fingerprint"),
-        )
+        result = _local_probe(cfg, prepared, progress)
     if cfg.probe.pilots or cfg.probe.pilot_steps or cfg.probe.critical_steps:
         _pilots(cfg, result, prepared or prepare(cfg))
     if "pilot" not in result.curves:  # the probe's own share of the run, for salf's plan
@@ -123,6 +113,47 @@ def probe(cfg: RunConfig, out: str, overwrite: bool = False, progress: bool = Tr
             result.model_info, cfg.train, seq_len, n, cfg.probe.pilot_budget, **why
         )
     result.save(out)
+    return result
+
+
+def _local_probe(cfg: RunConfig, prepared, progress: bool):
+    """In this process: the whole model, or one block at a time where it would not fit."""
+    from lfdist.probe import run_probe
+    from lfdist.probe.stream import streams
+
+    if streams(cfg.probe, prepared.source):
+        return _streamed_probe(cfg, prepared)
+    return run_probe(
+        prepared.loaded.model,
+        prepared.train,
+        cfg.model.task,
+        batch_size=cfg.probe.batch_size,
+        samples=cfg.probe.samples,
+        progress=progress,
+        gradnorm=cfg.probe.gradnorm,
+        data_fingerprint=prepared.data_info.get("fingerprint"),
+    )
+
+
+def _streamed_probe(cfg: RunConfig, prepared):
+    """The probe with one block resident at a time (lfdist.probe.stream): run_probe's numbers
+    for models that do not fit this process whole."""
+    from lfdist.probe.run import evenly_spaced
+    from lfdist.probe.stream import stream_probe
+
+    s = prepared.source
+    log.info("probe: streaming the model's blocks one at a time (probe.stream_layers)")
+    result, memory = stream_probe(
+        s.weights_folder(),
+        evenly_spaced(prepared.train, cfg.probe.samples),
+        s.task,
+        num_labels=s.num_labels,
+        dtype=s.dtype,
+        pad_token_id=s.pad_token_id,
+        batch_size=cfg.probe.batch_size,
+        data_fingerprint=prepared.data_info.get("fingerprint"),
+    )
+    result.data_info["streamed"] = memory
     return result
 
 

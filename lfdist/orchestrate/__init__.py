@@ -31,7 +31,7 @@ def __getattr__(name: str):
 
         return ray_train
     if name == "stream_probe":
-        from lfdist.orchestrate.stream import stream_probe
+        from lfdist.probe.stream import stream_probe
 
         return stream_probe
     raise AttributeError(name)

@@ -5,7 +5,7 @@ them into contiguous shards on batch boundaries, so every actor runs exactly the
 in-process probe runs; `merge_results` then only adds float64 sums (and concatenates the
 classifier sketch by global example index). Each actor holds a model replica (`num_gpus=1` where
 the cluster has GPUs, else CPU actors with a set thread count), or with `probe.stream_layers`
-streams the blocks one at a time (`stream.py`). An actor that dies or fails is replaced and its
+streams the blocks one at a time (lfdist.probe.stream). An actor that dies or fails is replaced and its
 shard re-run, up to `max_attempts`; then a UserError names the shard.
 """
 
@@ -72,12 +72,9 @@ def ray_probe(
     mid-probe (os._exit), to exercise the retries.
     """
     from lfdist.orchestrate.cluster import ray_session
+    from lfdist.probe.stream import check_stream
 
-    if cfg.probe.stream_layers and cfg.probe.gradnorm:
-        raise UserError(
-            "probe.gradnorm needs a backward pass through the whole model, which layer "
-            "streaming never holds; turn off probe.stream_layers or probe.gradnorm"
-        )
+    check_stream(cfg.probe)
     t0 = time.perf_counter()
     data, info, model = probe_data(cfg)
     n = int(data["input_ids"].shape[0])
@@ -85,7 +82,7 @@ def ray_probe(
     opts = {
         "batch_size": cfg.probe.batch_size,
         "gradnorm": cfg.probe.gradnorm,
-        "stream": cfg.probe.stream_layers,
+        "stream": bool(cfg.probe.stream_layers),  # Ray's actors stream only when asked
         "fingerprint": info.get("fingerprint"),
     }
     with ray_session(cfg.probe.ray_address, num_cpus=max(os.cpu_count() or 1, len(shards))) as res:
@@ -143,7 +140,7 @@ class ProbeActor:
         )
 
     def _stream(self, shard: dict, start: int, opts: dict, fault: str | None):
-        from lfdist.orchestrate.stream import stream_probe
+        from lfdist.probe.stream import stream_probe
 
         s = self.source
 

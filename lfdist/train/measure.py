@@ -37,6 +37,18 @@ class BackwardTracer:
             h.remove()
 
 
+def available_memory_bytes() -> int | None:
+    """Linux's MemAvailable (free + reclaimable page cache); None where it is not reported."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_memory_bytes(device: torch.device) -> dict[str, int]:
     if device.type == "cuda":
         return {"cuda_max_allocated": torch.cuda.max_memory_allocated(device)}

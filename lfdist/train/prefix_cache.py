@@ -21,6 +21,7 @@ from torch import nn
 
 from lfdist.errors import UserError
 from lfdist.train.collective import all_ranks_agree
+from lfdist.train.measure import available_memory_bytes
 
 DISK_MARGIN = 2**30  # free space a spill leaves on its disk
 
@@ -105,18 +106,6 @@ def _gather(hidden: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, 
     return torch.cat(hs).cpu(), torch.cat(ix).cpu()
 
 
-def _available_bytes() -> int | None:
-    """Linux's MemAvailable (free + reclaimable page cache); None where it is not reported."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def check_spill_dir(spill_dir: str) -> None:
     """The launcher checks this before out/ exists; the ranks again before they map the file."""
     if not os.path.isdir(spill_dir):
@@ -171,7 +160,7 @@ def install_prefix_cache(
                 f"but train.cache_max_gib allows {max_bytes / 2**30:.2f}; raise it, set "
                 "train.cache_spill_dir (a memory-mapped file on disk) or drop --cache-frozen-prefix"
             )
-        free = _available_bytes()
+        free = available_memory_bytes()
         if free is not None and need > free // 2:  # a raised cap still must not take the node down
             raise UserError(
                 f"the frozen-prefix cache needs {need / 2**30:.2f} GiB on every rank but this "

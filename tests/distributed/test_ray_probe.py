@@ -215,7 +215,7 @@ def test_layer_streamed_probe_equals_in_process(cluster):
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_stream_probe_alone_is_bit_exact(tmp_path, name):
     """Without Ray: the streamed statistics are bit-identical to run_probe's (same batches)."""
-    from lfdist.orchestrate.stream import stream_probe
+    from lfdist.probe.stream import stream_probe
 
     cfg = _cfg(name)
     p = prepare(cfg)

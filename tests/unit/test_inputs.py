@@ -309,7 +309,7 @@ def test_prefix_cache_refuses_more_than_the_machine_has(monkeypatch):
     blocks = find_blocks(model).blocks(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    monkeypatch.setattr(prefix_cache, "_available_bytes", lambda: 2 * 2**30)
+    monkeypatch.setattr(prefix_cache, "available_memory_bytes", lambda: 2 * 2**30)
     f32 = torch.float32
     with pytest.raises(UserError, match="needs 1.50 GiB on every rank but this machine has 2.00"):
         prefix_cache.install_prefix_cache(blocks, 4, 3 * 2**20, 128, 1, f32, 2**40)

@@ -8,8 +8,9 @@ blocks); then block 0 is loaded, every batch's hidden state goes through it, it 
 block 1 is loaded, and so on. Resident weights: one block + embeddings + final norm + head.
 
 The statistics are added in run_probe's order (per latent space, batches in order) with the
-same ProbeStats code, so they equal the in-process probe's. No ray here: the Ray actors in
-`probe.py` call `stream_probe` on their data shard.
+same ProbeStats code, so they equal the in-process probe's. No ray here: `lfdist probe` calls
+`stream_probe` in process (probe.stream_layers, by default where the whole model would not
+fit in memory), the Ray actors of lfdist.orchestrate.probe on their data shard.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from lfdist.errors import UserError
 from lfdist.model.info import model_info
-from lfdist.orchestrate.block_loader import StreamedModel
+from lfdist.model.streamed import StreamedModel
 from lfdist.probe import ProbeResult, ProbeStats
 from lfdist.probe.deviation import derive_curves
 from lfdist.probe.hooks import find_final_norm, logit_lens, target_positions
@@ -197,3 +199,30 @@ def stream_probe(
         "total_param_bytes": sizes["total"],
     }
     return ProbeResult(task, stats, info, data_info, timings, derive_curves(stats, info)), memory
+
+
+def streams(pc, source) -> bool:
+    """Whether `lfdist probe` streams the blocks: probe.stream_layers where set; by default
+    where the whole model would take over half the memory available here and no pass needs
+    it whole (gradnorm's backward, pilots)."""
+    check_stream(pc)
+    if pc.stream_layers is not None:
+        return pc.stream_layers
+    if pc.gradnorm or pc.pilots or pc.pilot_steps or pc.critical_steps:
+        return False
+    from lfdist.train.measure import available_memory_bytes
+
+    available = available_memory_bytes()
+    if available is None:
+        return False
+    info = model_info(source.skeleton(), source.task)
+    need = info["total_params"] * torch.empty(0, dtype=source.torch_dtype).element_size()
+    return need > available / 2
+
+
+def check_stream(pc) -> None:
+    if pc.stream_layers and pc.gradnorm:
+        raise UserError(
+            "probe.gradnorm needs a backward pass through the whole model, which layer "
+            "streaming never holds; turn off probe.stream_layers or probe.gradnorm"
+        )

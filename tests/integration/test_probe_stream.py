@@ -1,0 +1,38 @@
+"""`lfdist probe` in process streams the blocks where the whole model would not fit, with the
+whole probe's numbers."""
+
+import torch
+
+from lfdist import pipeline
+from lfdist.config import config_from_dict
+from lfdist.train import measure
+
+
+def _cfg(**probe):
+    return config_from_dict(
+        {
+            "model": {"spec": "tiny:llama"},
+            "data": {"spec": "synthetic:lm:200", "seq_len": 32},
+            "probe": {"samples": 24, "batch_size": 8, **probe},
+        }
+    )
+
+
+def test_probe_streams_where_the_model_would_not_fit(tmp_path, monkeypatch):
+    whole = pipeline.probe(_cfg(), str(tmp_path / "whole.json"), progress=False)
+    assert "streamed" not in whole.data_info  # plenty of memory: the whole model
+    monkeypatch.setattr(measure, "available_memory_bytes", lambda: 10_000)  # nothing fits
+    got = pipeline.probe(_cfg(), str(tmp_path / "streamed.json"), progress=False)
+    memory = got.data_info["streamed"]
+    assert 0 < memory["peak_resident_param_bytes"] < memory["total_param_bytes"] / 3
+    compared = [
+        f for f in ("sum", "sumsq", "ce_sum", "sketch") if getattr(whole.stats, f) is not None
+    ]
+    assert "sum" in compared
+    for field in compared:
+        assert torch.equal(getattr(got.stats, field), getattr(whole.stats, field)), field
+    assert got.curves == whole.curves
+    # asked for whole, or a pass that needs the whole model: not streamed
+    for probe in ({"stream_layers": False}, {"gradnorm": True}):
+        kept = pipeline.probe(_cfg(**probe), str(tmp_path / "kept.json"), True, progress=False)
+        assert "streamed" not in kept.data_info
