@@ -22,6 +22,7 @@ from lfdist.bench.quality_scores import (
     TOLERANCE,
     best_within,
     cheapest_score,
+    estimator_label,
     k_tol,
     separation,
     shortfall,
@@ -52,6 +53,9 @@ class TaskSpec:
     # (0: not scored). The runs here are too short for pilots inside 5%; this shows what the
     # estimator would pick, with its cost fraction printed as it is.
     pilot_steps: int = 0
+    # salf's halving estimator scored OUTSIDE the budget too: a first round of halving_steps
+    # (0: not scored), where the budget allows none; its cost fraction printed as it is
+    halving_steps: int = 0
     # score (b), every strategy at equal trainable blocks; off for the long runs, where each
     # extra plan costs as much as a split of the sweep
     at_budget: bool = True
@@ -114,6 +118,7 @@ LONG_TASKS = [
         seeds=[0, 1],
         ks=[0, 1, 2, 4, 8],
         pilot_steps=0,
+        halving_steps=8,  # 5% of 300 steps allows no round; 8 steps: the short run's pilots
         at_budget=False,
     ),
 ]
@@ -143,6 +148,7 @@ TINY_TASKS = [
         [0, 1],
         ks=[0, 2, 4, 6, 7],
         max_eval=32,
+        halving_steps=2,
     ),
 ]
 
@@ -238,6 +244,9 @@ def run_task(spec: TaskSpec, out: str, reuse: str | None = None) -> dict:
                 errors[s] = str(e)
     pilot = _pilot_pick(spec, cfg, out) if spec.pilot_steps else None
     estimators = _estimators(cfg, out, spec.name, probe)
+    if spec.halving_steps:
+        name = f"halving, {spec.halving_steps}-step first round (over budget)"
+        estimators[name] = _halving_pick(spec, cfg, out)
     salf_k = plans["salf"]["default"].boundary if "salf" in plans else None
     oracle_k = k_tol(spec.task, oracle.splits(seeds))
     budget_k = next(k for k in (salf_k, oracle_k, L // 2) if k)  # 0 would make every plan equal
@@ -324,6 +333,30 @@ def _estimators(cfg, out: str, name: str, probe) -> dict:
         if estimator == "pilot":
             out_[estimator]["predicted"] = sc.get("predicted")
     return out_
+
+
+def _halving_pick(spec: TaskSpec, cfg, out: str) -> dict:
+    """salf's halving estimator from a probe whose first round is spec.halving_steps long
+    (probe.pilot_steps: not sized to the budget, its cost fraction reported as it is)."""
+    from lfdist.select import select_plan
+
+    _log(f"{spec.name}: salf's halving estimator, a first round of {spec.halving_steps} steps")
+    path = os.path.join(out, f"probe-halving-{spec.name}.json")
+    probe, wall = _side_probe(cfg, path, pilot_kind="halving", pilot_steps=spec.halving_steps)
+    plan = select_plan(probe, "salf", options={"estimator": "halving"})
+    t, sc = probe.timings, plan.scores
+    spent = float(t.get("halving_s", 0.0))
+    return {
+        "k": plan.boundary,
+        "over_budget": True,
+        "plan_cost_fraction": sc.get("cost_fraction"),
+        "pilot_plan": sc.get("pilot_plan"),
+        "probe_forward_s": t.get("forward_s", 0.0),
+        "pilots_s": spent,
+        "seconds": float(t.get("forward_s", 0.0)) + spent,
+        "probe_wall_s": wall,
+        "halving": sc["halving"],
+    }
 
 
 def _side_probe(cfg, path: str, **probe_changes):
@@ -425,7 +458,7 @@ def _score(
         picks["salf (pilot, over budget)"] = pilot["k"]
     for name, e in estimators.items():
         if "k" in e:
-            picks[f"salf: {name} (in budget)"] = e["k"]
+            picks[estimator_label(name, e)] = e["k"]
             run_s = spec.steps * splits[e["k"]]["step_s"] if e["k"] in splits else None
             e["wall_fraction"] = e["seconds"] / run_s if run_s else None
     for s, k in picks.items():

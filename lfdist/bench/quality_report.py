@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from lfdist.bench.quality_scores import estimator_label
+
 
 def _q(task: str, x: float) -> str:
     return f"{x:.2f}" if task == "classify" else f"{x:.3f}"
@@ -151,7 +153,8 @@ def _estimators_md(r: dict) -> list[str]:
         return []
     lines = [
         "",
-        f"### salf's estimators inside the 5% budget (oracle k_tol = {r['k_tol']})",
+        f"### salf's estimators inside the 5% budget (oracle k_tol = {r['k_tol']}; over "
+        "budget where the row says so)",
         "",
         "| estimator | pick k | verdict | cost, FLOPs of the run | cost, wall time of the run "
         "| what ran |",
@@ -161,24 +164,26 @@ def _estimators_md(r: dict) -> list[str]:
         if "k" not in e:
             lines.append(f"| {name} | - | not run | - | - | {e['skipped']} |")
             continue
-        c = r["cheapest"].get(f"salf: {name} (in budget)", {})
+        c = r["cheapest"].get(estimator_label(name, e), {})
         flops = "n/a" if e["plan_cost_fraction"] is None else f"{e['plan_cost_fraction']:.1%}"
         wall = "n/a" if e.get("wall_fraction") is None else f"{e['wall_fraction']:.1%}"
         lines.append(
             f"| {name} | {e['k']} | {c.get('verdict', '-')} | {flops} | {wall} "
             f"| {e['pilot_plan']} |"
         )
-    h = est.get("halving", {}).get("halving")
-    if h:
-        lm = r["task"]["task"] == "lm"
-        unit, scale = ("% perplexity", 100.0) if lm else (" accuracy points", 1.0)
+    lm = r["task"]["task"] == "lm"
+    unit, scale = ("% perplexity", 100.0) if lm else (" accuracy points", 1.0)
+    for name, e in est.items():
+        h = e.get("halving")
+        if not h:
+            continue
         lines += [
             "",
-            "Halving rounds (held-out error per candidate k; k = 0 trains every block):",
+            f"Rounds of {name} (held-out error per candidate k; k = 0 trains every block):",
             "",
         ]
         for rd in h["rounds"]:
-            shown = ", ".join(f"k={k}: {e:.4f}" for k, e in zip(rd["candidates"], rd["errors"]))
+            shown = ", ".join(f"k={k}: {x:.4f}" for k, x in zip(rd["candidates"], rd["errors"]))
             lines.append(f"- {rd['steps']} steps: {shown} ({rd['seconds']:.1f} s)")
         gaps = ", ".join(f"k={k}: {scale * g:+.2f}{unit}" for k, g in h["in_metric"].items())
         lines.append(f"- read at the run's {h['run_steps']} steps, gap to k = 0: {gaps}")

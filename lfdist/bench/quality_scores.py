@@ -70,3 +70,8 @@ def separation(task: str, splits: dict[int, dict]) -> list[dict]:
             noise = 100.0 * noise / ref["mean"]  # in percent, like the gap
         rows.append({"k": k, "gap": gap, "spread": noise, "resolved": abs(gap) > noise})
     return rows
+
+
+def estimator_label(name: str, e: dict) -> str:
+    """The pick's name in the scores: in budget unless the estimator's record says over."""
+    return f"salf: {name}" if e.get("over_budget") else f"salf: {name} (in budget)"

@@ -48,6 +48,11 @@ def test_tiny_bench_quality_then_reuse(tmp_path, monkeypatch):
     assert sp["lengths"] == [2, 4] and sp["depths"] == [1, 2, 4, 8]
     assert str(sp["k"]) in bert["oracle"] and bert["cheapest"]["salf (pilot, over budget)"]
     assert llama["salf_pilot"] is None
+    # tiny-llama scores salf's halving estimator outside the budget (a 2-step first round)
+    over = llama["estimators"]["halving, 2-step first round (over budget)"]
+    assert over["over_budget"] and over["halving"]["rounds"][0]["steps"] == 2
+    assert str(over["k"]) in llama["oracle"]
+    assert "salf: halving, 2-step first round (over budget)" in llama["cheapest"]
     # salf's estimators inside the 5% budget: on 8-step runs only the trace fits, and the
     # others say why they did not run
     for r in result["tasks"]:
