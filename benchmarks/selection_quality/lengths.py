@@ -35,8 +35,12 @@ def _rows(path: str) -> list[dict]:
                 "salf_default": r["salf"]["k"],
                 "salf_estimator": r["salf"]["estimator"],
                 "estimators": {
-                    name: e.get("k", f"not run: {e.get('skipped')}") for name, e in est.items()
+                    name: e.get("k", f"not run: {e.get('skipped')}")
+                    for name, e in est.items()
+                    if not e.get("over_budget")
                 },
+                # scored outside the budget where it allows none (e.g. halving's 8-step rounds)
+                "over_budget": {name: e["k"] for name, e in est.items() if e.get("over_budget")},
                 "source": os.path.relpath(path, HERE),
             }
         )
@@ -72,10 +76,13 @@ def main() -> str:
             v = e.get(name, "-")
             return str(v) if isinstance(v, int) else "-" if v == "-" else "not run"
 
+        halving = shown("halving") + "".join(
+            f"; {name}: {k}" for name, k in r["over_budget"].items() if name.startswith("halving")
+        )
         lines.append(
             f"| {r['pair']} | {r['steps']} | {r['full']:.2f} | {gaps} ({unit[r['metric']]}) "
             f"| {r['k_tol']} | {r['salf_default']} ({r['salf_estimator']}) | {shown('trace')} "
-            f"| {shown('pilot')} | {shown('halving')} |"
+            f"| {shown('pilot')} | {halving} |"
         )
     lines += [
         "",
