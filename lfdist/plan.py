@@ -214,5 +214,19 @@ def read_yaml(path: str, what: str) -> Any:
         raise UserError(f"{what} {path!r} is not valid YAML{at}; fix the syntax") from None
 
 
+def read_json(path: str, what: str, missing: str, invalid: str) -> Any:
+    """A JSON file's contents; a missing or malformed file is one line that ends with the fix
+    (`missing`, `invalid`)."""
+    import json
+
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path!r} does not exist; {missing}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} {path!r} is not valid JSON ({e}); {invalid}") from None
+
+
 def load_plan(path: str) -> Plan:
     return Plan.from_dict(read_yaml(path, "plan file"))

@@ -27,6 +27,7 @@ from torch import nn
 
 from lfdist.engines.base import make_optimizer, make_scheduler, trainable_parameters
 from lfdist.errors import UserError
+from lfdist.plan import read_json
 from lfdist.precision import resolve as resolve_precision
 
 TAG = "deepspeed"  # the checkpoint tag inside the folder lfdist hands to save()/load()
@@ -67,13 +68,7 @@ def read_config(cfg) -> dict[str, Any]:
         if not shipped.is_file():
             return template(cfg.zero_stage)
         path = str(shipped)
-    if not os.path.isfile(path):
-        raise UserError(f"deepspeed config {path!r} does not exist; fix train.deepspeed_config")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"deepspeed config {path!r} is not valid JSON ({e}); fix the file") from e
+    data = read_json(path, "deepspeed config", "fix train.deepspeed_config", "fix the file")
     if not isinstance(data, dict):
         raise UserError(f"deepspeed config {path!r} must be a JSON object")
     return data

@@ -147,17 +147,13 @@ class ModelSource:
 
 
 def _config_file(path: str, kwargs: dict):
-    import json
-
     import transformers
 
-    if not os.path.isfile(path):
-        raise UserError(f"model config {path!r} does not exist; check the path")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"model config {path!r} is not valid JSON ({e}); fix it") from None
+    from lfdist.plan import read_json
+
+    d = read_json(path, "model config", "check the path", "fix it")
+    if not isinstance(d, dict):
+        raise UserError(f"model config {path!r} must be a JSON object; give a config.json")
     d = {k: v for k, v in d.items() if not k.startswith("_")}  # our "_comment" lines
     if "model_type" not in d:
         raise UserError(f"model config {path!r} has no model_type; add it (e.g. llama)")
