@@ -111,6 +111,8 @@ class StreamedModel:
             )
             for module, attr in slots:
                 module._parameters[attr] = meta
+        if self.device.type == "cpu":
+            _trim()
 
     def resident_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.is_meta)
@@ -129,3 +131,18 @@ class StreamedModel:
                 resident += size
         total = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return {"max_block": max(blocks), "non_block_resident": resident, "total": total}
+
+
+def _trim() -> None:
+    """Hand the freed block back to the OS. glibc raises its mmap threshold after the first
+    large free, so later blocks (and their fp32 -> bf16 copies) come from the heap and stay
+    resident once freed: on a generated 1.1B Llama the streamed probe's RssAnon grew by about
+    70 MB a block without this (measured). malloc_trim changes nothing for the rest of the
+    process, unlike fixing the threshold (train.cpu_lean_malloc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
