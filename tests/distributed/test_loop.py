@@ -141,8 +141,9 @@ def _check_lisa(engine, ranks, n, period, seed, steps):
         if engine == "ddp":  # all-reduced gradient elements: the drawn blocks + head + norm
             per_step = [sum(x) for x in r["reduced"]]
             assert per_step == [n * _block_elements() + head_and_norm] * steps
-        else:  # a reduce-scatter per drawn block and one for the root, nothing for the rest
-            assert [len(x) for x in r["reduced"]] == [n + 1] * steps
+        else:  # a reduce-scatter per drawn block, one for the untied head's own unit and one
+            # for the root (final norm); nothing for the frozen rest or the embeddings
+            assert [len(x) for x in r["reduced"]] == [n + 2] * steps
         # the optimizer holds the last draw's blocks (9 tensors each) + norm + head, no others
         assert r["optimizer_params"] == r["optimizer_state_params"] == n * 9 + 2
     for name, t in ranks[0]["snapshots"][steps].items():
