@@ -266,12 +266,28 @@ def train(
 
 
 def evaluate_model(cfg: RunConfig) -> dict:
+    from lfdist.probe.stream import stream_eval, streams
     from lfdist.train.evaluate import evaluate
     from lfdist.train.prepare import prepare
 
     check_inputs(cfg)
     prepared = prepare(cfg)
-    scores = evaluate(prepared.loaded.model, prepared.heldout, cfg.model.task, cfg.train.batch_size)
+    s = prepared.source
+    # A language model that would not fit whole is run one block at a time, as the probe is
+    # (probe.stream_layers decides both; None: by the memory available).
+    if cfg.model.task == "lm" and streams(cfg.probe, s):
+        scores, memory = stream_eval(
+            s.weights_folder(),
+            prepared.heldout,
+            dtype=s.dtype,
+            pad_token_id=s.pad_token_id,
+            batch_size=cfg.train.batch_size,
+        )
+        scores["streamed"] = memory
+    else:
+        scores = evaluate(
+            prepared.loaded.model, prepared.heldout, cfg.model.task, cfg.train.batch_size
+        )
     # what was scored, so the JSON says it on its own
     return {"model": cfg.model.spec, "data": cfg.data.eval_spec or cfg.data.spec, **scores}
 

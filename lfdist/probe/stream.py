@@ -226,3 +226,48 @@ def check_stream(pc) -> None:
             "probe.gradnorm needs a backward pass through the whole model, which layer "
             "streaming never holds; turn off probe.stream_layers or probe.gradnorm"
         )
+
+
+@torch.no_grad()
+def stream_eval(
+    folder: str,
+    data: dict[str, torch.Tensor],
+    *,
+    dtype: str = "float32",
+    pad_token_id: int | None = None,
+    batch_size: int = 8,
+    device="cpu",
+) -> tuple[dict, dict]:
+    """A causal LM's held-out loss and perplexity with one block resident at a time: the
+    model's own logits (its head over the final norm, as the logit lens reads the last latent
+    space) and evaluate()'s sums. Returns (evaluate()'s dict, memory facts)."""
+    from lfdist.train.evaluate import lm_sums, scores
+
+    n = int(data["input_ids"].shape[0])
+    if n == 0:
+        return scores(torch.zeros(3, dtype=torch.float64), 0, "lm"), {}
+    sm = StreamedModel(folder, "lm", 2, dtype, pad_token_id, device)
+    batches = [
+        {k: v[s : s + batch_size].to(sm.device) for k, v in data.items()}
+        for s in range(0, n, batch_size)
+    ]
+    sm.load(None)
+    sm.load(0)
+    hidden, calls = _record_calls(sm, batches, _returns_tuple(sm, batches[0]))
+    peak = 0
+    for i, block in enumerate(sm.bmap.blocks(sm.model)):
+        if i:
+            sm.load(i)
+        peak = max(peak, sm.resident_bytes())
+        for b in range(len(batches)):
+            hidden[b] = _call_block(block, calls[b][i], hidden[b])
+        sm.drop(i)
+    head = logit_lens(sm.model, sm.bmap)
+    totals = torch.zeros(3, dtype=torch.float64)
+    for h, batch in zip(hidden, batches):
+        totals += lm_sums(head(h).float(), batch["labels"])
+    sizes = sm.group_bytes()
+    return scores(totals, n, "lm"), {
+        "peak_resident_param_bytes": peak,
+        "total_param_bytes": sizes["total"],
+    }

@@ -15,13 +15,32 @@ def _sums(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     labels = batch.pop("labels")
     logits = model(**batch).logits.float()
     if task == "lm":
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        mask = shift_labels != -100
-        loss = F.cross_entropy(shift_logits[mask], shift_labels[mask], reduction="sum")
-        return torch.tensor([loss.item(), float(mask.sum()), 0.0], dtype=torch.float64)
+        return lm_sums(logits, labels)
     loss = F.cross_entropy(logits, labels, reduction="sum")
     correct = float((logits.argmax(-1) == labels).sum())
     return torch.tensor([loss.item(), float(len(labels)), correct], dtype=torch.float64)
+
+
+def lm_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(loss sum, target count, 0) of next-token prediction, in float64."""
+    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+    mask = shift_labels != -100
+    loss = F.cross_entropy(shift_logits[mask], shift_labels[mask], reduction="sum")
+    return torch.tensor([loss.item(), float(mask.sum()), 0.0], dtype=torch.float64)
+
+
+def scores(totals: torch.Tensor, n: int, task: str) -> dict[str, float]:
+    """evaluate()'s dict from the summed (loss, targets, correct) over n examples."""
+    loss_sum, count, correct = totals.tolist()
+    if count == 0:
+        return {"examples": n, "loss": float("nan")}
+    loss = loss_sum / count
+    out = {"examples": n, "targets": int(count), "loss": loss}
+    if task == "lm":
+        out["perplexity"] = math.exp(min(loss, 50.0))
+    else:
+        out["accuracy"] = correct / count
+    return out
 
 
 @torch.no_grad()
@@ -60,16 +79,7 @@ def evaluate(
         dist.all_reduce(totals)
         totals = totals.cpu()
     model.train(was_training)
-    loss_sum, count, correct = totals.tolist()
-    if count == 0:
-        return {"examples": n, "loss": float("nan")}
-    loss = loss_sum / count
-    out = {"examples": n, "targets": int(count), "loss": loss}
-    if task == "lm":
-        out["perplexity"] = math.exp(min(loss, 50.0))
-    else:
-        out["accuracy"] = correct / count
-    return out
+    return scores(totals, n, task)
 
 
 def _bounded_batch(model, data: dict[str, torch.Tensor], task: str, batch_size: int) -> int:

@@ -1,6 +1,7 @@
 """`lfdist probe` in process streams the blocks where the whole model would not fit, with the
 whole probe's numbers."""
 
+import pytest
 import torch
 
 from lfdist import pipeline
@@ -36,3 +37,16 @@ def test_probe_streams_where_the_model_would_not_fit(tmp_path, monkeypatch):
     for probe in ({"stream_layers": False}, {"gradnorm": True}):
         kept = pipeline.probe(_cfg(**probe), str(tmp_path / "kept.json"), True, progress=False)
         assert "streamed" not in kept.data_info
+
+
+def test_eval_streams_a_language_model_where_it_would_not_fit(monkeypatch):
+    cfg = _cfg()
+    whole = pipeline.evaluate_model(cfg)
+    assert "streamed" not in whole
+    monkeypatch.setattr(measure, "available_memory_bytes", lambda: 10_000)  # nothing fits
+    got = pipeline.evaluate_model(cfg)
+    memory = got.pop("streamed")
+    assert 0 < memory["peak_resident_param_bytes"] < memory["total_param_bytes"] / 3
+    assert got["examples"] == whole["examples"] and got["targets"] == whole["targets"]
+    assert got["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert got["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)
