@@ -1,9 +1,11 @@
 """Engine adapters: the only code that knows ZeRO stages, FSDP units and partitioned shapes.
 
 Each engine module exposes `build(source, cfg, world) -> Engine` (see base.Engine). `source` is
-a lfdist.model.source.ModelSource carrying the plan: the engine builds it on the meta device and
-materializes what its rank holds (lfdist.model.materialize). An already built nn.Module is
-accepted too (in-process training of a loaded model) and wrapped as it is.
+a lfdist.model.source.ModelSource carrying the plan: the engine builds it on the meta device,
+shards it, and fills what its rank holds in its own layout (fsdp.fill_sharded through the stock
+DCP loader, zero3_fill for ZeRO-3 partitions, the Filler of lfdist.model.materialize for the
+values and for replicas). An already built nn.Module is accepted too (in-process training of a
+loaded model) and wrapped as it is.
 """
 
 from __future__ import annotations
