@@ -2,9 +2,9 @@
 
 Each engine module exposes `build(source, cfg, world) -> Engine` (see base.Engine). `source` is
 a lfdist.model.source.ModelSource carrying the plan: the engine builds it on the meta device,
-shards it, and fills what its rank holds in its own layout (fsdp.fill_sharded through the stock
-DCP loader, zero3_fill for ZeRO-3 partitions, the Filler of lfdist.model.materialize for the
-values and for replicas). An already built nn.Module is accepted too (in-process training of a
+shards it, and fills what its rank holds in its own layout: fill.fill_from_files through the
+stock DCP loader (FSDP2 shards, DDP and ZeRO-1/2 replicas), FSDP1 one unit at a time, and
+zero3_fill for ZeRO-3 partitions, all from the values of lfdist.model.materialize's Filler. An already built nn.Module is accepted too (in-process training of a
 loaded model) and wrapped as it is.
 """
 

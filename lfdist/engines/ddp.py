@@ -6,6 +6,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from lfdist.engines.base import compile_blocks, keep_trainable_in, run_precision
+from lfdist.engines.fill import fill_from_files
 from lfdist.engines.native import NativeEngine
 
 
@@ -19,7 +20,7 @@ def build(source, cfg, world):
     if filler is None:
         model = model.to(world.device)
     else:  # a replica by design: each tensor read once, in the training dtype, on the device
-        filler.replicate(model, world.device)
+        fill_from_files(filler, model, world.device)
     if cfg.engine == "ddp" and dist.is_initialized() and world.world_size > 1:
         device_ids = [world.device.index] if world.device.type == "cuda" else None
         # DDP only registers hooks on parameters that require grad, so frozen blocks cost no

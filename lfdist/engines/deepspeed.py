@@ -595,8 +595,10 @@ def build(source, cfg, world) -> DeepSpeedEngineAdapter:
         from lfdist.engines.zero3_fill import fill_partitioned
 
         fill_partitioned(filler, model, world.device, ds_config, keep_out if replicate else None)
-    else:
-        filler.replicate(model, world.device)
+    else:  # ZeRO-1/2 replicate the weights by design
+        from lfdist.engines.fill import fill_from_files
+
+        fill_from_files(filler, model, world.device)
     # DeepSpeed moves the module (buffers included) to its device itself. One group per
     # treatment, each at its own lr, from the parameters materializing made.
     optimizer = make_optimizer(model, cfg)

@@ -2,8 +2,8 @@
 
 The plan is applied before wrapping, so each block unit is all-frozen or all-trainable.
 The model arrives on the meta device; it is sharded first and then each rank fills only the
-shards it holds (the values from lfdist.model.materialize's Filler; FSDP2 reads the files
-through the stock torch.distributed.checkpoint loader).
+shards it holds (FSDP2 through the stock torch.distributed.checkpoint loader, lfdist.engines.fill;
+FSDP1 through the Filler's values, one unit at a time).
 FSDP1 refuses mixed units (its flat parameters cannot mix requires_grad cleanly).
 """
 
@@ -15,6 +15,7 @@ import logging
 from torch import nn
 
 from lfdist.engines.base import compile_blocks, keep_trainable_in, run_precision
+from lfdist.engines.fill import fill_from_files
 from lfdist.engines.native import NativeEngine
 from lfdist.errors import UserError
 from lfdist.model.blocks import find_blocks
@@ -48,57 +49,8 @@ def _fsdp2(model: nn.Module, world, filler=None, precision=None) -> nn.Module:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     if filler is not None:  # sharded on meta: each rank now reads the rows of its shards
-        fill_sharded(filler, model, world.device)
+        fill_from_files(filler, model, world.device)
     return model
-
-
-def fill_sharded(filler, model: nn.Module, device) -> None:
-    """After fully_shard on meta, every rank reads the rows of its own shards only. What the
-    files hold goes through the stock loader (torch.distributed.checkpoint's Hugging Face
-    reader, which reads each shard's slice and casts it to the parameter's dtype); the rest
-    (LoRA adapters, mask scores, a fresh head) is cut from the filler's own values."""
-    import torch
-    from torch.distributed.checkpoint import HuggingFaceStorageReader, load
-    from torch.distributed.tensor import DTensor
-
-    model.to_empty(device=device)
-    from_files, rest, seen = {}, [], set()
-    for module in model.modules():
-        filler.buffers(module, device)
-        for attr, p in module._parameters.items():
-            if p is None or id(p) in seen:
-                continue
-            seen.add(id(p))
-            key = filler.key(module, attr)
-            if key is None:
-                rest.append((module, attr, p))
-            else:
-                from_files[key] = p
-    with torch.no_grad():
-        load(from_files, storage_reader=HuggingFaceStorageReader(filler.reader.folder))
-        for module, attr, p in rest:
-            if isinstance(p, DTensor):
-                local = p.to_local()
-                local.copy_(filler.value(module, attr, _local_rows(p)).to(local.dtype))
-            else:
-                p.copy_(filler.value(module, attr).to(p.dtype))
-
-
-def _local_rows(p) -> tuple[int, int] | None:
-    """Rows [start, stop) of dim 0 that this rank's shard of DTensor `p` holds, from the chunk
-    DTensor describes for distributed checkpoints (its public protocol)."""
-    from torch.distributed.tensor import Replicate, Shard
-
-    if all(isinstance(pl, Replicate) for pl in p.placements):
-        return None
-    if not all(
-        isinstance(pl, Shard | Replicate) and getattr(pl, "dim", 0) == 0 for pl in p.placements
-    ):
-        raise NotImplementedError(f"loading a DTensor sharded as {p.placements}")
-    (chunk,) = p.__create_chunk_list__()
-    if not len(chunk.sizes):  # a 0-d tensor has no rows to cut
-        return None
-    return chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0]
 
 
 def _param_init(filler, device):
