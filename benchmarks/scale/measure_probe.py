@@ -31,7 +31,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from measure_load import GIB, generate  # noqa: E402
+from measure_load import GIB, _rss_anon, generate  # noqa: E402
 
 SETTINGS = {
     "whole": ["probe.stream_layers=false"],
@@ -85,17 +85,6 @@ def measure(folder: str, out: str, extra: list[str]) -> dict:
         "peak_any_process_gib": max(v[1] for v in peaks.values()) / GIB,
         "deviation": deviation,
     }
-
-
-def _rss_anon(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def main(out_dir: str = HERE) -> str:
