@@ -20,7 +20,12 @@ def fill_from_files(filler, model: nn.Module, device) -> None:
     from torch.distributed.checkpoint import HuggingFaceStorageReader, load
     from torch.distributed.tensor import DTensor
 
+    tied = _shared_slots(model)
     model.to_empty(device=device)
+    for slots in tied:  # to_empty makes a new Parameter per module: tie them again
+        module, attr = slots[0]
+        for other, name in slots[1:]:
+            other._parameters[name] = module._parameters[attr]
     from_files, rest, seen = {}, [], set()
     for module in model.modules():
         filler.buffers(module, device)
@@ -41,6 +46,16 @@ def fill_from_files(filler, model: nn.Module, device) -> None:
                 local.copy_(filler.value(module, attr, _local_rows(p)).to(local.dtype))
             else:
                 p.copy_(filler.value(module, attr).to(p.dtype))
+
+
+def _shared_slots(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """(module, attribute) of every parameter that several modules hold (a tied head)."""
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                slots.setdefault(id(p), []).append((module, attr))
+    return [s for s in slots.values() if len(s) > 1]
 
 
 def _local_rows(p) -> tuple[int, int] | None:

@@ -4,9 +4,9 @@
 job's setup (tracer, activation checkpointing, prefix cache); the engine then shards it and
 fills it through the `Filler` here, with the engine's own layout:
 
-- `Filler.replicate`: DDP / ZeRO-1/2 replicas, each tensor read once straight in its dtype;
-- FSDP1's `param_init_fn` and FSDP2's shards (lfdist.engines.fsdp): FSDP2 reads each rank's
-  rows through torch.distributed.checkpoint's Hugging Face reader;
+- FSDP2's shards and DDP / ZeRO-1/2 replicas (lfdist.engines.fill): what the files hold
+  through torch.distributed.checkpoint's Hugging Face reader, the rest from `Filler.value`;
+- FSDP1's `param_init_fn` (lfdist.engines.fsdp): `Filler.fill_module`, one unit at a time;
 - ZeRO-3 partitions (lfdist.engines.zero3_fill).
 
 Values come from the safetensors files; LoRA adapters (drawn by peft from the plan's seed,
@@ -231,8 +231,3 @@ class Filler:
                     done[id(p)] = nn.Parameter(value, requires_grad=p.requires_grad)
                 module._parameters[attr] = done[id(p)]
         self.buffers(module, device)
-
-    def replicate(self, model: nn.Module, device) -> None:
-        done = {}
-        for module in model.modules():
-            self.fill_module(module, device, done)

@@ -26,24 +26,24 @@ TOP2 = ["frozen"] * 6 + ["full"] * 2
 LORA = ["frozen"] * 5 + ["lora", "full", "full"]
 
 
-def _run(tmp_path, name, engine, treatments, whole, **train):
+def _run(tmp_path, name, engine, treatments, whole, arch="llama", **train):
     cfg = config_from_dict(
         {
-            "model": {"spec": "tiny:llama"},
+            "model": {"spec": f"tiny:{arch}"},
             "data": {"spec": "synthetic:lm:200", "seq_len": 32},
             "train": {"engine": engine, "nproc": 2, "steps": 3, "batch_size": 2, "lr": 1e-3}
             | train,
         }
     )
     plan = str(tmp_path / f"{name}.yaml")
-    save_plan(make_plan(build_tiny("llama", "lm"), treatments), plan)
+    save_plan(make_plan(build_tiny(arch, "lm"), treatments), plan)
     debug = Debug(check_frozen=True, load_whole=whole)
     return launch_training(cfg, plan, str(tmp_path / f"{name}-{whole}"), debug=debug)
 
 
-def _same_run(tmp_path, engine, treatments, **train):
-    whole = _run(tmp_path, "p", engine, treatments, True, **train)
-    sharded = _run(tmp_path, "p", engine, treatments, False, **train)
+def _same_run(tmp_path, engine, treatments, arch="llama", **train):
+    whole = _run(tmp_path, "p", engine, treatments, True, arch, **train)
+    sharded = _run(tmp_path, "p", engine, treatments, False, arch, **train)
     assert list(sharded["losses"]) == ["0", "1", "2"]
     for step, loss in whole["losses"].items():
         assert sharded["losses"][step] == pytest.approx(loss, rel=1e-6, abs=0)
@@ -60,6 +60,14 @@ def _same_run(tmp_path, engine, treatments, **train):
 def test_fsdp2_lora_and_activation_checkpointing_same_as_whole_load(tmp_path):
     _, sharded = _same_run(tmp_path, "fsdp2", LORA, activation_checkpointing=True)
     assert sharded["checkpointed_blocks"] == [5, 6, 7]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["fsdp2", "ddp"])
+def test_tied_head_same_as_whole_load(tmp_path, engine):
+    """GPT-2 ties its head to the embeddings: the fill keeps them one parameter (to_empty
+    alone makes one per module, and the embeddings were then never read)."""
+    _same_run(tmp_path, engine, TOP2, arch="gpt2")
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from lfdist.constants import ENCODERS
+from lfdist.engines.fill import fill_from_files
 from lfdist.errors import UserError
 from lfdist.model.blocks import find_blocks, fingerprint
 from lfdist.model.headers import read_index
@@ -54,7 +55,7 @@ def test_replica_from_files_equals_the_whole_load(arch, task, tmp_path, monkeypa
     plan = make_plan(build_tiny(arch, task), treatments)
     whole, _ = prepare(source.with_plan(plan, whole=True))
     meta, filler = prepare(source.with_plan(plan))
-    filler.replicate(meta, torch.device("cpu"))
+    fill_from_files(filler, meta, torch.device("cpu"))  # what DDP and ZeRO-1/2 ranks run
     expected = dict(whole.state_dict())
     got = dict(meta.state_dict())
     assert sorted(got) == sorted(expected)
@@ -137,7 +138,7 @@ def test_head_missing_from_a_base_checkpoint_gets_the_models_init():
     source = _packaged("pkg:minilm-l6", "classify")
     whole = source.load_whole()
     meta, filler = prepare(source.with_plan(make_plan(whole, ["frozen"] * 4 + ["full"] * 2)))
-    filler.replicate(meta, torch.device("cpu"))
+    fill_from_files(filler, meta, torch.device("cpu"))  # what DDP and ZeRO-1/2 ranks run
     expected, got = whole.state_dict(), meta.state_dict()
     # Everything the checkpoint holds is read bit for bit; the new head is drawn from the seed,
     # the same in the whole load (probe, eval, pilots) and in the ranks' fill.
