@@ -141,15 +141,10 @@ def _streamed_probe(cfg: RunConfig, prepared):
     from lfdist.probe.run import evenly_spaced
     from lfdist.probe.stream import stream_probe
 
-    s = prepared.source
     log.info("probe: streaming the model's blocks one at a time (probe.stream_layers)")
     result, memory = stream_probe(
-        s.weights_folder(),
+        prepared.source,
         evenly_spaced(prepared.train, cfg.probe.samples),
-        s.task,
-        num_labels=s.num_labels,
-        dtype=s.dtype,
-        pad_token_id=s.pad_token_id,
         batch_size=cfg.probe.batch_size,
         data_fingerprint=prepared.data_info.get("fingerprint"),
     )
@@ -272,16 +267,11 @@ def evaluate_model(cfg: RunConfig) -> dict:
 
     check_inputs(cfg)
     prepared = prepare(cfg)
-    s = prepared.source
     # A language model that would not fit whole is run one block at a time, as the probe is
     # (probe.stream_layers decides both; None: by the memory available).
-    if cfg.model.task == "lm" and streams(cfg.probe, s):
+    if cfg.model.task == "lm" and streams(cfg.probe, prepared.source):
         scores, memory = stream_eval(
-            s.weights_folder(),
-            prepared.heldout,
-            dtype=s.dtype,
-            pad_token_id=s.pad_token_id,
-            batch_size=cfg.train.batch_size,
+            prepared.source, prepared.heldout, batch_size=cfg.train.batch_size
         )
         scores["streamed"] = memory
     else:

@@ -27,17 +27,18 @@ RESIDENT_GROUPS = {
 class StreamedModel:
     """A meta-device model whose parameters are loaded and dropped by group or by block."""
 
-    def __init__(self, folder: str, task: str, num_labels: int, dtype: str, pad_token_id, device):
+    def __init__(self, source, device):
+        """`source`: the run's lfdist.model.source.ModelSource (no plan)."""
         from lfdist.model.materialize import Reader
-        from lfdist.model.source import ModelSource
 
-        source = ModelSource(folder, task, num_labels, dtype, pad_token_id=pad_token_id)
         model = source.skeleton().eval()  # parameters on meta, buffers (rotary) real
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False  # a KV cache would keep every block's keys and values
-        self.model, self.task, self.device = model, task, torch.device(device)
+        self.model, self.task, self.device = model, source.task, torch.device(device)
         self.bmap: BlockMap = find_blocks(model)
-        self.ckpt = Reader(folder)  # the ranks' safetensors reader (memory-mapped)
+        # the ranks' safetensors reader (memory-mapped); tiny models are written once first,
+        # hub ids fetched (weights and config only)
+        self.ckpt = Reader(source.weights_folder())
         self._slots = self._tied_slots()
 
     def _tied_slots(self) -> dict[str, tuple[list[tuple[nn.Module, str]], str]]:

@@ -142,21 +142,13 @@ class ProbeActor:
     def _stream(self, shard: dict, start: int, opts: dict, fault: str | None):
         from lfdist.probe.stream import stream_probe
 
-        s = self.source
-
         def before_block(i: int) -> None:
             if fault == "exit" and i == 1:  # die after a block was loaded and run
                 os._exit(1)
 
-        # the ranks' safetensors folder: tiny models written once to this node's cache, hub
-        # ids fetched (weights and config only)
         return stream_probe(
-            s.weights_folder(),
+            self.source,
             shard,
-            s.task,
-            num_labels=s.num_labels,
-            dtype=s.dtype,
-            pad_token_id=s.pad_token_id,
             batch_size=opts["batch_size"],
             data_fingerprint=opts["fingerprint"],
             example_offset=start,

@@ -119,8 +119,19 @@ def _returns_tuple(sm: StreamedModel, batch: dict) -> bool:
     return isinstance(out, (tuple, list))
 
 
-def _run_blocks(sm, batches, where, acc, before_block) -> dict:
-    """Latent spaces in order, batches in order within each: run_probe's accumulation order."""
+def _batches(data: dict[str, torch.Tensor], batch_size: int, device) -> list[dict]:
+    n = int(data["input_ids"].shape[0])
+    return [
+        {k: v[s : s + batch_size].to(device) for k, v in data.items()}
+        for s in range(0, n, batch_size)
+    ]
+
+
+def _run_blocks(sm, batches, where=(), acc=None, before_block=None) -> dict:
+    """Every batch through the blocks, one block resident at a time; with `acc`, each latent
+    space's statistics at the positions `where` names, in run_probe's accumulation order
+    (latent spaces in order, batches in order within each). Returns the last hidden states
+    too."""
     sm.load(None)
     sm.load(0)
     hidden, calls = _record_calls(sm, batches, _returns_tuple(sm, batches[0]))
@@ -136,39 +147,34 @@ def _run_blocks(sm, batches, where, acc, before_block) -> dict:
         peak = max(peak, sm.resident_bytes())
         if before_block is not None:
             before_block(i)
-        for b, (bi, ti, y) in enumerate(where):
+        for b in range(len(batches)):
             hidden[b] = _call_block(block, calls[b][i], hidden[b])
+        for b, (bi, ti, y) in enumerate(where):
             acc.add(i + 1, hidden[b][bi, ti], y, ti, feats[b])
         sm.drop(i)
-    return {"feats": feats, "peak": peak, "load_s": load_s}
+    return {"hidden": hidden, "feats": feats, "peak": peak, "load_s": load_s}
 
 
 def stream_probe(
-    folder: str,
+    source,
     data: dict[str, torch.Tensor],
-    task: str,
     *,
-    num_labels: int = 2,
-    dtype: str = "float32",
-    pad_token_id: int | None = None,
     batch_size: int = 8,
     data_fingerprint: str | None = None,
     example_offset: int = 0,
     device="cpu",
     before_block: Callable[[int], None] | None = None,
 ) -> tuple[ProbeResult, dict]:
-    """Probe every example of `data` (already picked) streaming the blocks of the model in
-    `folder`. Returns the result and {peak_resident_param_bytes, max_block_bytes,
-    non_block_resident_bytes, total_param_bytes}. `before_block(i)`: a test hook."""
+    """Probe every example of `data` (already picked) streaming the blocks of the model
+    `source` (a ModelSource) names. Returns the result and {peak_resident_param_bytes,
+    max_block_bytes, non_block_resident_bytes, total_param_bytes}. `before_block(i)`: a test
+    hook."""
     t0 = time.perf_counter()
-    sm = StreamedModel(folder, task, num_labels, dtype, pad_token_id, device)
+    task = source.task
+    sm = StreamedModel(source, device)
     info = model_info(sm.model, task)
     data = _check_data(data, task, info["num_labels"])
-    n = data["input_ids"].shape[0]
-    batches = [
-        {k: v[s : s + batch_size].to(sm.device) for k, v in data.items()}
-        for s in range(0, n, batch_size)
-    ]
+    batches = _batches(data, batch_size, sm.device)
     stats = ProbeStats.empty(
         task, sm.bmap.n_blocks + 1, info["hidden_size"], info["num_labels"] or 0, SKETCH_DIM
     )
@@ -230,44 +236,26 @@ def check_stream(pc) -> None:
 
 @torch.no_grad()
 def stream_eval(
-    folder: str,
-    data: dict[str, torch.Tensor],
-    *,
-    dtype: str = "float32",
-    pad_token_id: int | None = None,
-    batch_size: int = 8,
-    device="cpu",
+    source, data: dict[str, torch.Tensor], *, batch_size: int = 8, device="cpu"
 ) -> tuple[dict, dict]:
     """A causal LM's held-out loss and perplexity with one block resident at a time: the
     model's own logits (its head over the final norm, as the logit lens reads the last latent
-    space) and evaluate()'s sums. Returns (evaluate()'s dict, memory facts)."""
-    from lfdist.train.evaluate import lm_sums, scores
+    space) and evaluate()'s sums, in batches whose logits stay as bounded as evaluate()'s.
+    Returns (evaluate()'s dict, memory facts)."""
+    from lfdist.train.evaluate import bounded_batch, lm_sums, scores
 
     n = int(data["input_ids"].shape[0])
     if n == 0:
         return scores(torch.zeros(3, dtype=torch.float64), 0, "lm"), {}
-    sm = StreamedModel(folder, "lm", 2, dtype, pad_token_id, device)
-    batches = [
-        {k: v[s : s + batch_size].to(sm.device) for k, v in data.items()}
-        for s in range(0, n, batch_size)
-    ]
-    sm.load(None)
-    sm.load(0)
-    hidden, calls = _record_calls(sm, batches, _returns_tuple(sm, batches[0]))
-    peak = 0
-    for i, block in enumerate(sm.bmap.blocks(sm.model)):
-        if i:
-            sm.load(i)
-        peak = max(peak, sm.resident_bytes())
-        for b in range(len(batches)):
-            hidden[b] = _call_block(block, calls[b][i], hidden[b])
-        sm.drop(i)
+    sm = StreamedModel(source, device)
+    batches = _batches(data, bounded_batch(sm.model, data, "lm", batch_size), sm.device)
+    run = _run_blocks(sm, batches)
     head = logit_lens(sm.model, sm.bmap)
     totals = torch.zeros(3, dtype=torch.float64)
-    for h, batch in zip(hidden, batches):
+    for h, batch in zip(run["hidden"], batches):
         totals += lm_sums(head(h).float(), batch["labels"])
     sizes = sm.group_bytes()
     return scores(totals, n, "lm"), {
-        "peak_resident_param_bytes": peak,
+        "peak_resident_param_bytes": run["peak"],
         "total_param_bytes": sizes["total"],
     }

@@ -63,7 +63,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     n = len(data["input_ids"])
-    batch_size = _bounded_batch(model, data, task, batch_size)
+    batch_size = bounded_batch(model, data, task, batch_size)
     mine = torch.arange(rank, n, world)
     n_batches = math.ceil(math.ceil(n / world) / batch_size)
     totals = torch.zeros(3, dtype=torch.float64)
@@ -82,7 +82,7 @@ def evaluate(
     return scores(totals, n, task)
 
 
-def _bounded_batch(model, data: dict[str, torch.Tensor], task: str, batch_size: int) -> int:
+def bounded_batch(model, data: dict[str, torch.Tensor], task: str, batch_size: int) -> int:
     """A batch whose [B, T, V] logits stay under _LOGIT_ELEMENTS, however long the sequences
     and large the vocabulary (the same on every rank: it depends on shapes and config only)."""
     inner = getattr(model, "module", model)  # DDP and DeepSpeed wrap the HF model

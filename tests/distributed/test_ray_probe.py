@@ -215,6 +215,7 @@ def test_layer_streamed_probe_equals_in_process(cluster):
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_stream_probe_alone_is_bit_exact(tmp_path, name):
     """Without Ray: the streamed statistics are bit-identical to run_probe's (same batches)."""
+    from lfdist.model.source import ModelSource
     from lfdist.probe.stream import stream_probe
 
     cfg = _cfg(name)
@@ -223,13 +224,8 @@ def test_stream_probe_alone_is_bit_exact(tmp_path, name):
     model.save_pretrained(tmp_path)
     n_total = p.train["input_ids"].shape[0]
     pick = torch.arange(SAMPLES) * n_total // SAMPLES
-    got, memory = stream_probe(
-        str(tmp_path),
-        {k: v[pick] for k, v in p.train.items()},
-        cfg.model.task,
-        num_labels=model.config.num_labels,
-        batch_size=BATCH,
-    )
+    source = ModelSource(str(tmp_path), cfg.model.task, model.config.num_labels)
+    got, memory = stream_probe(source, {k: v[pick] for k, v in p.train.items()}, batch_size=BATCH)
     ref = run_probe(
         model, p.train, cfg.model.task, batch_size=BATCH, samples=SAMPLES, progress=False
     )

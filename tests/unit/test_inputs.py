@@ -284,10 +284,10 @@ def test_evaluation_batches_keep_logits_bounded(monkeypatch):
     data = {"input_ids": torch.randint(0, 256, (6, 32))}
     data["attention_mask"] = torch.ones_like(data["input_ids"])
     data["labels"] = data["input_ids"].clone()
-    assert ev._bounded_batch(model, data, "lm", 8) == 8  # 2**27 // (32 * 320) = 13107
+    assert ev.bounded_batch(model, data, "lm", 8) == 8  # 2**27 // (32 * 320) = 13107
     full = ev.evaluate(model, data, "lm", batch_size=8)
     monkeypatch.setattr(ev, "_LOGIT_ELEMENTS", 2 * 32 * 320)
-    assert ev._bounded_batch(model, data, "lm", 8) == 2
+    assert ev.bounded_batch(model, data, "lm", 8) == 2
     seen = []
     real = ev._sums
     monkeypatch.setattr(
