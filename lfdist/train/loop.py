@@ -33,6 +33,8 @@ import torch.distributed as dist
 
 from lfdist.errors import UserError
 from lfdist.train.checkpoint import rng_state, set_rng_state
+from lfdist.train.collective import all_finite, all_ranks_agree
+from lfdist.train.feed import StepFeeder
 
 if TYPE_CHECKING:
     from lfdist.config import TrainConfig
@@ -40,8 +42,6 @@ if TYPE_CHECKING:
     from lfdist.train.measure import BackwardTracer
     from lfdist.train.redraw import LisaSchedule
     from lfdist.train.tracking import Tracker
-from lfdist.train.collective import all_finite, all_ranks_agree
-from lfdist.train.feed import StepFeeder
 
 
 @dataclass
