@@ -113,7 +113,7 @@ class Plan:
                 "with `lfdist select`"
             )
         if self.blocks:  # a name is the block at its index (model.layers.3 is index 3)
-            path = self.blocks[0].name.rpartition(".")[0]
+            path = self.block_path
             for b in self.blocks:
                 if b.name != f"{path}.{b.index}":
                     raise UserError(
@@ -125,6 +125,11 @@ class Plan:
             raise UserError(
                 f"plan lists {len(self.blocks)} blocks but its fingerprint says {self.fingerprint.n_blocks}"
             )
+
+    @property
+    def block_path(self) -> str:
+        """The dotted name of the model's block list, e.g. model.layers ('' with no blocks)."""
+        return self.blocks[0].name.rpartition(".")[0] if self.blocks else ""
 
     @property
     def treatments(self) -> list[str]:

@@ -61,9 +61,7 @@ def child(name: str, folder: str, plan: str, out: str) -> None:
             json.dump(ds, f)
     cfg = config_from_dict({"model": {"spec": folder}, "train": train})
     world = World(0, 1, 0, torch.device("cpu"))
-    e = build_engine(
-        cfg.train.engine, ModelSource(folder).with_plan(load_plan(plan)), cfg.train, world
-    )
+    e = build_engine(cfg.train.engine, ModelSource(folder), load_plan(plan), cfg.train, world)
     ids = torch.randint(0, 256, (4, 128), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 

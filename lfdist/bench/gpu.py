@@ -29,16 +29,12 @@ from typing import Any
 
 from lfdist.errors import UserError
 
-GENERATED_1B = dict(  # TinyLlama-1.1B's architecture: 1,100,048,384 parameters
-    vocab_size=32000,
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=22,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    max_position_embeddings=2048,
+# TinyLlama-1.1B's architecture: 1,100,048,384 parameters
+GENERATED_1B = dict(
+    vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+    num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
     tie_word_embeddings=False,
-)
+)  # fmt: skip
 # name -> (source, micro-batch, sequence length)
 GPU_MODELS = {
     "SmolLM2-135M": ("pkg:smollm2-135m", 8, 1024),

@@ -1,11 +1,14 @@
 """Engine adapters: the only code that knows ZeRO stages, FSDP units and partitioned shapes.
 
-Each engine module exposes `build(source, cfg, world) -> Engine` (see base.Engine). `source` is
-a lfdist.model.source.ModelSource carrying the plan: the engine builds it on the meta device,
-shards it, and fills what its rank holds in its own layout: fill.fill_from_files through the
-stock DCP loader (FSDP2 shards, DDP and ZeRO-1/2 replicas), FSDP1 one unit at a time, and
-zero3_fill for ZeRO-3 partitions, all from the values of lfdist.model.materialize's Filler. An already built nn.Module is accepted too (in-process training of a
-loaded model) and wrapped as it is.
+`build_engine(name, source, plan, cfg, world)` is `shard(prepare(source, plan), cfg, world)`:
+lfdist.model.materialize.prepare builds the lfdist.model.source.ModelSource on the meta device
+with the plan applied; each engine module's `shard(unsharded, cfg, world) -> Engine` (see
+base.Engine) wraps it and fills what its rank holds in its own layout: fill.fill_from_files
+through the stock DCP loader (FSDP2 shards, DDP and ZeRO-1/2 replicas), FSDP1 one unit at a
+time, and zero3_fill for ZeRO-3 partitions, all from the values of materialize's Filler. An
+already built nn.Module is accepted too (in-process training of a loaded model) and wrapped
+as it is. A job that changes the module before sharding (the recipe's tracer, activation
+checkpointing and prefix cache) calls prepare and shard_engine itself: data in, data out.
 """
 
 from __future__ import annotations
@@ -19,19 +22,30 @@ if TYPE_CHECKING:
 
     from lfdist.config import TrainConfig
     from lfdist.engines.base import Engine, World
+    from lfdist.model.materialize import Unsharded
     from lfdist.model.source import ModelSource
+    from lfdist.plan import Plan
 
 
 def build_engine(
-    name: str, source: ModelSource | nn.Module, cfg: TrainConfig, world: World
+    name: str, source: ModelSource | nn.Module, plan: Plan | None, cfg: TrainConfig, world: World
 ) -> Engine:
-    """The engine `name` over the model `source` names, materialized on this rank."""
+    """The engine `name` over the model `source` names with `plan` applied, materialized on
+    this rank. A built nn.Module is taken as it is (its plan already applied, if any)."""
+    from lfdist.model.materialize import prepare
+
+    return shard_engine(name, prepare(source, plan), cfg, world)
+
+
+def shard_engine(name: str, unsharded: Unsharded, cfg: TrainConfig, world: World) -> Engine:
+    """The engine `name` over a prepared model (lfdist.model.materialize.prepare), for a job
+    that changes the module between the plan and sharding (lfdist.train.recipe)."""
     if name in ("ddp", "single"):
-        from lfdist.engines.ddp import build
+        from lfdist.engines.ddp import shard
     elif name in ("fsdp2", "fsdp1"):
-        from lfdist.engines.fsdp import build
+        from lfdist.engines.fsdp import shard
     elif name == "deepspeed":
-        from lfdist.engines.deepspeed import build
+        from lfdist.engines.deepspeed import shard
     else:
         raise UserError(f"unknown engine {name!r}; use ddp, fsdp1, fsdp2, deepspeed or single")
-    return build(source, cfg, world)
+    return shard(unsharded, cfg, world)

@@ -164,12 +164,12 @@ def make_optimizer(model_or_params, cfg, scales=None) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **how)
 
 
-def run_precision(source_or_model, cfg) -> Precision:
-    """The run's precision from its model dtype (a ModelSource's, or a built module's) and
-    train.precision."""
-    dtype = getattr(source_or_model, "dtype", None)
-    if isinstance(source_or_model, nn.Module) or dtype is None:
-        floats = [p.dtype for p in source_or_model.parameters() if p.is_floating_point()]
+def run_precision(u, cfg) -> Precision:
+    """The run's precision from its model dtype (the source's, else the module's most common
+    float dtype) and train.precision. `u`: lfdist.model.materialize.Unsharded."""
+    dtype = u.dtype
+    if dtype is None:
+        floats = [p.dtype for p in u.model.parameters() if p.is_floating_point()]
         dtype = str(max(set(floats), key=floats.count)).removeprefix("torch.") if floats else None
     return resolve_precision(dtype or "float32", getattr(cfg, "precision", "auto"))
 

@@ -10,17 +10,16 @@ from lfdist.engines.fill import fill_from_files
 from lfdist.engines.native import NativeEngine
 
 
-def build(source, cfg, world):
-    from lfdist.model.materialize import prepare
-
-    precision = run_precision(source, cfg)
-    model, filler = prepare(source)
-    keep_trainable_in(model, precision, getattr(source, "plan", None))
+def shard(u, cfg, world):
+    """`u` (lfdist.model.materialize.Unsharded) filled on this rank's device and wrapped."""
+    precision = run_precision(u, cfg)
+    model = u.model
+    keep_trainable_in(model, precision, u.plan)
     compile_blocks(model, cfg.compile)
-    if filler is None:
+    if u.filler is None:
         model = model.to(world.device)
     else:  # a replica by design: each tensor read once, in the training dtype, on the device
-        fill_from_files(filler, model, world.device)
+        fill_from_files(u.filler, model, world.device)
     if cfg.engine == "ddp" and dist.is_initialized() and world.world_size > 1:
         device_ids = [world.device.index] if world.device.type == "cuda" else None
         # DDP only registers hooks on parameters that require grad, so frozen blocks cost no

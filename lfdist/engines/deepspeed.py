@@ -569,16 +569,13 @@ def _ds_padding(p, world) -> int:
     return max(0, min(size, start + size - p.ds_numel))
 
 
-def build(source, cfg, world) -> DeepSpeedEngineAdapter:
+def shard(u, cfg, world) -> DeepSpeedEngineAdapter:
     """ZeRO-3 partitions the model as it is materialized, one module at a time (children
     first, `zero.Init(module=...)`); ZeRO-1/2 replicate it by design, read once in the
     training dtype. A built nn.Module (or the debug whole load) is handed over as it is."""
     import deepspeed
 
-    from lfdist.model.materialize import prepare
-
-    stage = cfg.zero_stage
-    model, filler = prepare(source)
+    stage, model, filler = cfg.zero_stage, u.model, u.filler
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     ds_config = fill_config(read_config(cfg), cfg, world.world_size, _model_dtype(model), hidden)
     if not trainable_parameters(model):

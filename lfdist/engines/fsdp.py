@@ -138,17 +138,17 @@ def _root_params(model: nn.Module, units: set[int]) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in inside]
 
 
-def build(source, cfg, world):
-    from lfdist.model.materialize import prepare
-
-    precision = run_precision(source, cfg)
-    model, filler = prepare(source)  # on meta unless whole: frozen and trainable set first
-    keep_trainable_in(model, precision, getattr(source, "plan", None))  # fp32 masters, on meta
+def shard(u, cfg, world):
+    """`u` (lfdist.model.materialize.Unsharded, on meta unless whole: frozen and trainable set
+    first) sharded into FSDP units and filled where this rank holds them."""
+    precision = run_precision(u, cfg)
+    model = u.model
+    keep_trainable_in(model, precision, u.plan)  # fp32 masters, on meta
     compile_blocks(model, cfg.compile)
-    if filler is None:
+    if u.filler is None:
         model = model.to(world.device)
     if cfg.engine == "fsdp2":
-        wrapped = _fsdp2(model, world, filler, precision)
+        wrapped = _fsdp2(model, world, u.filler, precision)
     else:
-        wrapped = _fsdp1(model, world, filler)
+        wrapped = _fsdp1(model, world, u.filler)
     return NativeEngine(cfg.engine, wrapped, cfg, world, precision)

@@ -1,8 +1,9 @@
 """Turn a model built on the meta device into real tensors, each rank filling only what it holds.
 
-`prepare(source)` builds the skeleton, applies the plan (requires_grad, treatments) and the
-job's setup (tracer, activation checkpointing, prefix cache); the engine then shards it and
-fills it through the `Filler` here, with the engine's own layout:
+`prepare(source, plan)` builds the skeleton and applies the plan (requires_grad, treatments);
+the job adds what it needs before sharding (lfdist.train.recipe: tracer, activation
+checkpointing, prefix cache); the engine then shards it and fills it through the `Filler`
+here, in the engine's own layout:
 
 - FSDP2's shards and DDP / ZeRO-1/2 replicas (lfdist.engines.fill): what the files hold
   through torch.distributed.checkpoint's Hugging Face reader, the rest from `Filler.value`;
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,25 +29,35 @@ from torch import nn
 from lfdist.model.treatments import SCORES
 
 
-def prepare(x):
-    """(model, filler): a built nn.Module passes through (filler None); a ModelSource is built
-    on meta (or whole, with its debug switch) with the plan and its setup applied."""
+@dataclass
+class Unsharded:
+    """A model before its engine shards it: on the meta device with its `filler` (or real, with
+    filler None), the plan applied (`applied` counts what trains; None for a module handed in
+    as it is). The job may change the module (tracer, activation checkpointing, prefix cache)
+    before it hands this to an engine's shard()."""
+
+    model: nn.Module
+    filler: Filler | None
+    plan: Any  # lfdist.plan.Plan or None
+    applied: Any  # lfdist.model.apply.Applied or None
+    dtype: str | None  # the source's dtype; None: read from the module
+
+
+def prepare(x, plan=None) -> Unsharded:
+    """A built nn.Module passes through (filler None, plan as given); a ModelSource is built on
+    meta (or whole, with its debug switch) with `plan` applied."""
     if isinstance(x, nn.Module):
-        return x, None
+        return Unsharded(x, None, plan, None, None)
     from lfdist.model.apply import apply_plan
 
     if x.whole:
         model = x.load_whole()
-        applied = apply_plan(model, x.plan)
-        filler = None
-    else:
-        model = x.skeleton()
-        with _adapters_stay_real():
-            applied = apply_plan(model, x.plan)
-        filler = Filler(model, x)  # names are taken before setup wraps any module
-    if x.setup is not None:
-        x.setup(model, applied)
-    return model, filler
+        return Unsharded(model, None, plan, apply_plan(model, plan), x.dtype)
+    model = x.skeleton()
+    with _adapters_stay_real():
+        applied = apply_plan(model, plan)
+    # the filler takes the names now, before the job or the engine wraps any module
+    return Unsharded(model, Filler(model, x), plan, applied, x.dtype)
 
 
 @contextlib.contextmanager
@@ -166,7 +179,7 @@ class Filler:
             for n, t in [*model.named_parameters(), *model.named_buffers()]
             if not t.is_meta
         }
-        # Names are mapped to checkpoint keys now, before setup and sharding wrap any module.
+        # Names are mapped to checkpoint keys now, before the job and sharding wrap any module.
         self.reader = Reader(source.weights_folder())
         located = locate(model, self.reader.index)
         self._keys = {name: key for name, (key, _) in located.items()}

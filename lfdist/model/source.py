@@ -10,11 +10,8 @@ safetensors folder, so every world size reads the same weights.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from lfdist.errors import UserError
 from lfdist.model.specs import DTYPES, resolve_folder
@@ -31,14 +28,7 @@ class ModelSource:
     dtype: str = "float32"
     seed: int = 0
     pad_token_id: int | None = None
-    plan: Any = None  # lfdist.plan.Plan, applied before sharding
-    # The job's changes after the plan and before sharding (tracer, activation checkpointing,
-    # prefix cache): setup(model, applied).
-    setup: Callable | None = None
     whole: bool = False  # debug/benchmark: every rank loads the whole model (the old path)
-
-    def with_plan(self, plan, setup: Callable | None = None, whole: bool = False) -> ModelSource:
-        return dataclasses.replace(self, plan=plan, setup=setup, whole=whole)
 
     @property
     def torch_dtype(self):

@@ -13,14 +13,10 @@ N_BLOCKS = 8
 HIDDEN = 64
 VOCAB = 320  # >= ByteTokenizer.vocab_size
 
-_DECODER = dict(
-    vocab_size=VOCAB,
-    hidden_size=HIDDEN,
-    num_hidden_layers=N_BLOCKS,
-    num_attention_heads=4,
-    intermediate_size=128,
-    max_position_embeddings=512,
+_COMMON = dict(
+    vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=N_BLOCKS, num_attention_heads=4
 )
+_DECODER = dict(_COMMON, intermediate_size=128, max_position_embeddings=512)
 TINY = {
     "llama": ("LlamaConfig", dict(_DECODER, num_key_value_heads=2, tie_word_embeddings=False)),
     "mistral": ("MistralConfig", dict(_DECODER, num_key_value_heads=2, sliding_window=None)),
@@ -31,34 +27,19 @@ TINY = {
     "falcon": (
         "FalconConfig",
         dict(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            num_hidden_layers=N_BLOCKS,
-            num_attention_heads=4,
+            _COMMON,
             new_decoder_architecture=False,
             multi_query=True,
             parallel_attn=True,
             bias=False,
         ),
     ),
-    "gpt2": (
-        "GPT2Config",
-        dict(
-            vocab_size=VOCAB,
-            n_embd=HIDDEN,
-            n_layer=N_BLOCKS,
-            n_head=4,
-            n_inner=128,
-            n_positions=512,
-        ),
-    ),
+    # GPT2Config maps hidden_size, num_hidden_layers, ... to n_embd, n_layer, ...
+    "gpt2": ("GPT2Config", dict(_COMMON, n_inner=128, n_positions=512)),
     "opt": (
         "OPTConfig",
         dict(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            num_hidden_layers=N_BLOCKS,
-            num_attention_heads=4,
+            _COMMON,
             ffn_dim=128,
             word_embed_proj_dim=HIDDEN,
             max_position_embeddings=512,

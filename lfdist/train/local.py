@@ -115,8 +115,8 @@ def train_plan(
         if lisa:
             from lfdist.train.redraw import LisaSchedule
 
-            redraw = LisaSchedule(plan, target)
-        engine = build_engine("single", target, tc, world)
+            redraw = LisaSchedule(plan)
+        engine = build_engine("single", target, None, tc, world)
         feeder = StepFeeder(train_data, tc.batch_size, tc.grad_accum, 1, 0, seed)
         result = train_loop(
             engine, feeder, tc, world, 0, save=lambda step: None, log=_quiet, redraw=redraw

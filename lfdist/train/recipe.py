@@ -13,19 +13,20 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from lfdist.config import RunConfig, TrainConfig
-from lfdist.engines import build_engine
+from lfdist.engines import shard_engine
 from lfdist.engines.base import with_treatment_lrs
 from lfdist.errors import UserError
 from lfdist.job import Job, write_report
 from lfdist.model.blocks import find_blocks
 from lfdist.model.checkpointing import checkpoint_trainable_blocks
+from lfdist.model.materialize import prepare as prepare_model
 from lfdist.plan import Plan, load_plan
 from lfdist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lfdist.train.evaluate import evaluate
@@ -40,32 +41,22 @@ from lfdist.train.stops import step_boundary, stop_signal
 from lfdist.train.tracking import Tracker
 
 
-@dataclass
-class BeforeSharding:
+@dataclass(frozen=True)
+class Added:
     """What the job adds to the model after the plan and before the engine shards it: the
-    backward tracer, activation checkpointing, the frozen-prefix cache and LISA's schedule.
-    The engine calls it once with the model and the applied plan; the parts stay here."""
+    backward tracer, activation checkpointing and the frozen-prefix cache."""
 
-    plan: Plan
-    prepared: Prepared
-    cfg: RunConfig
-    applied: Any = None
-    tracer: BackwardTracer | None = None
-    checkpointed: list[int] = field(default_factory=list)
-    cache: Any = None
-    redraw: LisaSchedule | None = None
+    tracer: BackwardTracer
+    checkpointed: list[int]
+    cache: Any  # lfdist.train.prefix_cache's cache, or None
 
-    def __call__(self, model, applied) -> None:
-        tc = self.cfg.train
-        self.applied = applied
-        self.tracer = BackwardTracer(find_blocks(model).blocks(model))
-        self.checkpointed = (
-            checkpoint_trainable_blocks(model) if tc.activation_checkpointing else []
-        )
-        if tc.cache_frozen_prefix:
-            self.cache = _prefix_cache(model, self.plan, self.prepared, self.cfg)
-        if self.plan.strategy == "lisa":
-            self.redraw = LisaSchedule(self.plan, model)
+
+def add_before_sharding(model, plan: Plan, prepared: Prepared, cfg: RunConfig) -> Added:
+    tc = cfg.train
+    tracer = BackwardTracer(find_blocks(model).blocks(model))
+    checkpointed = checkpoint_trainable_blocks(model) if tc.activation_checkpointing else []
+    cache = _prefix_cache(model, plan, prepared, cfg) if tc.cache_frozen_prefix else None
+    return Added(tracer, checkpointed, cache)
 
 
 @dataclass
@@ -78,8 +69,10 @@ class Run:
     tc: TrainConfig  # cfg.train with the plan's treatment lrs
     plan: Plan
     prepared: Prepared
-    source: Any  # lfdist.model.source.ModelSource with the plan
-    built: BeforeSharding
+    source: Any  # lfdist.model.source.ModelSource
+    applied: Any  # lfdist.model.apply.Applied: the plan's trainable and frozen counts
+    added: Added
+    redraw: LisaSchedule | None
     engine: Any
     build_s: float
     start: int = 0  # the first step (a resumed run's checkpoint step)
@@ -115,13 +108,27 @@ def setup(job: Job, world) -> Run:
     resume_from = latest_checkpoint(os.path.join(job.out, "checkpoints")) if job.resume else None
     if resume_from is not None:  # again here (the launcher checked and printed the changes)
         check_resume(resume_from, cfg.record(), plan)
-    built = BeforeSharding(plan, prepared, cfg)
     # The engine materializes the model from its source: only what this rank holds.
-    source = prepared.source.with_plan(plan, built, whole=job.debug.load_whole)
+    source = dataclasses.replace(prepared.source, whole=job.debug.load_whole)
     t_build = time.perf_counter()
-    engine = build_engine(tc.engine, source, tc, world)
+    unsharded = prepare_model(source, plan)  # on the meta device unless whole
+    added = add_before_sharding(unsharded.model, plan, prepared, cfg)
+    engine = shard_engine(tc.engine, unsharded, tc, world)
+    redraw = LisaSchedule(plan) if plan.strategy == "lisa" else None
+    build_s = time.perf_counter() - t_build
     run = Run(
-        job, world, cfg, tc, plan, prepared, source, built, engine, time.perf_counter() - t_build
+        job,
+        world,
+        cfg,
+        tc,
+        plan,
+        prepared,
+        source,
+        unsharded.applied,
+        added,
+        redraw,
+        engine,
+        build_s,
     )
     if world.is_main:
         print(f"{tc.engine}: model materialized and wrapped in {run.build_s:.1f} s", flush=True)
@@ -129,9 +136,9 @@ def setup(job: Job, world) -> Run:
     if job.debug.check_frozen:
         run.frozen_before = digest(engine.full_frozen_state())
     if resume_from is not None:
-        if built.redraw is not None:  # the checkpoint's optimizer holds the draw of its step
-            built.redraw.at(engine, _checkpoint_step(resume_from))
-        with _every_block(built.redraw, engine):
+        if redraw is not None:  # the checkpoint's optimizer holds the draw of its step
+            redraw.at(engine, _checkpoint_step(resume_from))
+        with _every_block(redraw, engine):
             run.start = load_checkpoint(resume_from, engine, world)["step"]
     if world.is_main:
         os.makedirs(run.ckpt_root, exist_ok=True)
@@ -143,7 +150,7 @@ def setup(job: Job, world) -> Run:
 
 def train(run: Run) -> dict:
     """The loop from run.start to the last step (or a simulated preemption's step)."""
-    tc, built = run.tc, run.built
+    tc, added = run.tc, run.added
     feeder = StepFeeder(
         run.prepared.train,
         tc.batch_size,
@@ -160,14 +167,14 @@ def train(run: Run) -> dict:
         run.world,
         run.start,
         lambda step: _save(run, step),
-        built.tracer,
-        before_micro=built.cache.select if built.cache else None,
+        added.tracer,
+        before_micro=added.cache.select if added.cache else None,
         stop=step_boundary(run.job, run.world),
-        redraw=built.redraw,
+        redraw=run.redraw,
         tracker=tracker,
     )
     tracker.close()
-    built.tracer.remove()
+    added.tracer.remove()
     return result
 
 
@@ -191,8 +198,8 @@ def finish(run: Run, result: dict) -> None:
         "stopped": {"step": done, "signal": stop_signal(run.job.out)} if stopped else None,
         "eval": None,
     }
-    if run.built.cache is not None:
-        run.built.cache.off()
+    if run.added.cache is not None:
+        run.added.cache.off()
     if _evaluates(run) and not stopped:  # a stopped job ends as soon as it can
         ended["eval"] = _evaluate(run)
     if world.is_main:
@@ -206,7 +213,7 @@ def _save(run: Run, step: int) -> None:
         "num_labels": int(run.source.num_labels),
         "config": run.cfg.record(),  # what a --resume may not change (lfdist/train/resume.py)
     }
-    with _every_block(run.built.redraw, run.engine):  # lisa: every block may have trained
+    with _every_block(run.redraw, run.engine):  # lisa: every block may have trained
         save_checkpoint(run.ckpt_root, step, run.engine, run.world, run.job.plan, extra)
 
 

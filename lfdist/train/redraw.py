@@ -21,17 +21,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from torch import nn
-
 from lfdist.engines.base import clean_name
 from lfdist.errors import UserError
 from lfdist.lisa_draw import lisa_blocks
-from lfdist.model.blocks import find_blocks
+from lfdist.model.blocks import BlockMap
 from lfdist.plan import Plan
 
 
 class LisaSchedule:
-    def __init__(self, plan: Plan, model: nn.Module):
+    def __init__(self, plan: Plan):
         opts = plan.options
         missing = [k for k in ("n", "period", "seed") if not isinstance(opts.get(k), int)]
         if missing:
@@ -40,8 +38,9 @@ class LisaSchedule:
                 "--strategy lisa`"
             )
         self.n, self.period, self.seed = opts["n"], opts["period"], opts["seed"]
-        self.bmap = find_blocks(model)  # the unwrapped model: original parameter names
         self.n_blocks = len(plan.blocks)
+        # the plan's block names are the original (unwrapped) parameter names' prefixes
+        self.bmap = BlockMap(plan.block_path, self.n_blocks)
 
     def blocks_at(self, step: int) -> list[int]:
         return lisa_blocks(self.n_blocks, self.n, self.period, self.seed, step)

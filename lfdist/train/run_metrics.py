@@ -17,8 +17,8 @@ from lfdist.plan import atomic_write_text
 def run_metrics(run, result: dict, ended: dict) -> dict:
     """`run`: the rank's Run (lfdist.train.recipe); `ended`: what finish() measured after the
     loop (done, stopped signal, per_rank, eval, frozen digest after)."""
-    cfg, tc, plan, built, engine = run.cfg, run.tc, run.plan, run.built, run.engine
-    cache = built.cache
+    cfg, tc, plan, added, engine = run.cfg, run.tc, run.plan, run.added, run.engine
+    cache = added.cache
     return {
         "engine": tc.engine,
         "zero_stage": tc.zero_stage if tc.engine == "deepspeed" else None,
@@ -36,7 +36,7 @@ def run_metrics(run, result: dict, ended: dict) -> dict:
             "boundary": plan.boundary,
             "predicted": plan.predicted,
         },
-        "params": {"trainable": built.applied.trainable, "frozen": built.applied.frozen},
+        "params": {"trainable": run.applied.trainable, "frozen": run.applied.frozen},
         "losses": {str(k): v for k, v in result["losses"].items()},
         "step_times": result["step_times"],
         "engine_build_seconds": run.build_s,
@@ -45,7 +45,7 @@ def run_metrics(run, result: dict, ended: dict) -> dict:
         "eval": ended["eval"],
         "eval_before": run.eval_before,
         "resumed_from": run.start,
-        "checkpointed_blocks": built.checkpointed,
+        "checkpointed_blocks": added.checkpointed,
         "prefix_cache": (
             {"hits": cache.hits, "misses": cache.misses, "spilled": cache.spilled}
             if cache
@@ -55,7 +55,7 @@ def run_metrics(run, result: dict, ended: dict) -> dict:
         "comms": engine.comm_volume(),
         "lrs": optimizer_lrs(engine.optimizer),  # peak lr of each treatment's group
         "trained_blocks": (
-            {str(k): v for k, v in result["trained_blocks"].items()} if built.redraw else None
+            {str(k): v for k, v in result["trained_blocks"].items()} if run.redraw else None
         ),
         "stopped": ended["stopped"],
     }

@@ -167,7 +167,7 @@ def _max_diff(a: dict, b: dict) -> float:
 def run_case(stage: int, case: str, world, tmp: str) -> dict:
     import torch.distributed as dist
 
-    from lfdist.engines.deepspeed import build
+    from lfdist.engines import build_engine
 
     kind, frozen, resume, replicate = CASES[case]
     cfg = _config(stage, replicate)
@@ -182,7 +182,7 @@ def run_case(stage: int, case: str, world, tmp: str) -> dict:
     }
     frozen_ptrs = {n: p.data_ptr() for n, p in model.named_parameters() if not p.requires_grad}
     t0 = time.perf_counter()
-    engine = build(model, cfg, world)
+    engine = build_engine("deepspeed", model, None, cfg, world)
     build_s = time.perf_counter() - t0
     record: dict = {}
     t0 = time.perf_counter()
@@ -215,7 +215,7 @@ def run_case(stage: int, case: str, world, tmp: str) -> dict:
     }
     if resume:
         # A fresh model and engine, restored from the checkpoint, must redo the last step exactly.
-        engine2 = build(make_model(kind, frozen), cfg, world)
+        engine2 = build_engine("deepspeed", make_model(kind, frozen), None, cfg, world)
         engine2.load(folder)
         out["resumed_losses"] = _train(engine2, world.rank, [STEPS - 1])
         out["resumed_weight_max_diff"] = _max_diff(after, engine2.full_trainable_state())

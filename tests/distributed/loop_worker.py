@@ -55,8 +55,8 @@ def _scenario(rank: int, world_size: int, sc: dict) -> dict:
     if plan.strategy == "lisa":
         from lfdist.train.redraw import LisaSchedule
 
-        redraw = LisaSchedule(plan, model)
-    engine = build_engine(tc.engine, model, tc, world)
+        redraw = LisaSchedule(plan)
+    engine = build_engine(tc.engine, model, None, tc, world)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 320, (64, 16), generator=g)
     data = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}

@@ -137,8 +137,8 @@ def _fsdp2_rank(rank, store, cache, results):
             return super()._process_read_request(f, req, planner)
 
     dcp.HuggingFaceStorageReader = CountingReader
-    source = ModelSource("tiny:llama").with_plan(make_plan(build_tiny("llama", "lm"), TOP2))
-    model, filler = prepare(source)
+    u = prepare(ModelSource("tiny:llama"), make_plan(build_tiny("llama", "lm"), TOP2))
+    model, filler = u.model, u.filler
     _fsdp2(model, World(rank, 2, rank, torch.device("cpu")), filler)
     local = sum(p.to_local().numel() for p in model.parameters() if isinstance(p, DTensor))
     full = {k: v.full_tensor() for k, v in model.state_dict().items()}
@@ -194,8 +194,8 @@ def _zero3_rank(rank, store, cache, results):
         return t
 
     Reader.get = get
-    source = ModelSource("tiny:llama").with_plan(make_plan(build_tiny("llama", "lm"), TOP2))
-    model, filler = prepare(source)
+    u = prepare(ModelSource("tiny:llama"), make_plan(build_tiny("llama", "lm"), TOP2))
+    model, filler = u.model, u.filler
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     fill_partitioned(filler, model, torch.device("cpu"), config)
     # What this rank may read of each tensor: its partition's elements, widened to whole rows

@@ -237,7 +237,7 @@ def test_tied_head_is_reported_and_stays_frozen(tmp_path, capsys):
     applied = apply_plan(model, plan)
     assert applied.trainable == 2 * 36_992 + 64
     tc = TrainConfig(engine="single", nproc=1, steps=3, batch_size=2, lr=1e-2, log_every=0)
-    engine = build_engine("single", model, tc, World(0, 1, 0, torch.device("cpu")))
+    engine = build_engine("single", model, None, tc, World(0, 1, 0, torch.device("cpu")))
     ids = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     train_loop(

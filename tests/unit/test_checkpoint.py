@@ -34,7 +34,7 @@ def _engine(treatments=PREFIX, seed=0):
     torch.manual_seed(seed)
     model = build_tiny("llama", "lm")
     apply_plan(model, make_plan(model, treatments))
-    return build_engine("single", model, TrainConfig(engine="single", lr=1e-2), WORLD)
+    return build_engine("single", model, None, TrainConfig(engine="single", lr=1e-2), WORLD)
 
 
 def _step(engine, seed=0):

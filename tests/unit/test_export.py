@@ -27,7 +27,7 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
     model = ModelSource("tiny:llama").load_whole()
     apply_plan(model, make_plan(model, TOP2))
-    engine = build_engine("single", model, TrainConfig(engine="single", lr=1e-2), WORLD)
+    engine = build_engine("single", model, None, TrainConfig(engine="single", lr=1e-2), WORLD)
     x = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     engine.micro_step({"input_ids": x, "labels": x}, 1.0)
     engine.optimizer_step()

@@ -9,6 +9,7 @@
   are booby-trapped while it runs on a generated checkpoint folder.
 """
 
+import dataclasses
 import json
 import os
 
@@ -53,8 +54,9 @@ def test_replica_from_files_equals_the_whole_load(arch, task, tmp_path, monkeypa
     n = find_blocks(build_tiny(arch, task)).n_blocks
     treatments = ["frozen"] * (n - 3) + ["lora", "mask", "full"]
     plan = make_plan(build_tiny(arch, task), treatments)
-    whole, _ = prepare(source.with_plan(plan, whole=True))
-    meta, filler = prepare(source.with_plan(plan))
+    whole = prepare(dataclasses.replace(source, whole=True), plan).model
+    u = prepare(source, plan)
+    meta, filler = u.model, u.filler
     fill_from_files(filler, meta, torch.device("cpu"))  # what DDP and ZeRO-1/2 ranks run
     expected = dict(whole.state_dict())
     got = dict(meta.state_dict())
@@ -137,7 +139,8 @@ def test_validate_refuses_weights_that_do_not_fit_the_config(tmp_path):
 def test_head_missing_from_a_base_checkpoint_gets_the_models_init():
     source = _packaged("pkg:minilm-l6", "classify")
     whole = source.load_whole()
-    meta, filler = prepare(source.with_plan(make_plan(whole, ["frozen"] * 4 + ["full"] * 2)))
+    u = prepare(source, make_plan(whole, ["frozen"] * 4 + ["full"] * 2))
+    meta, filler = u.model, u.filler
     fill_from_files(filler, meta, torch.device("cpu"))  # what DDP and ZeRO-1/2 ranks run
     expected, got = whole.state_dict(), meta.state_dict()
     # Everything the checkpoint holds is read bit for bit; the new head is drawn from the seed,

@@ -22,9 +22,9 @@ def _engine():
     treatments = ["full" if i in (2, 6) else "frozen" for i in range(8)]
     plan = make_plan(model, treatments, strategy="lisa", options=OPTIONS)
     apply_plan(model, plan)
-    schedule = LisaSchedule(plan, model)
+    schedule = LisaSchedule(plan)
     tc = config_from_dict({"train": {"engine": "single", "nproc": 1, "lr": 1e-3}}).train
-    engine = build_engine("single", model, tc, World(0, 1, 0, torch.device("cpu")))
+    engine = build_engine("single", model, None, tc, World(0, 1, 0, torch.device("cpu")))
     return engine, schedule
 
 
@@ -70,7 +70,7 @@ def test_schedule_needs_the_plans_options():
     model = build_tiny("llama", "lm")
     plan = make_plan(model, ["frozen"] * 6 + ["full"] * 2, strategy="lisa")
     with pytest.raises(UserError, match="lisa plan has no integer option 'n'"):
-        LisaSchedule(replace(plan, options={"period": 2, "seed": 0}), model)
+        LisaSchedule(replace(plan, options={"period": 2, "seed": 0}))
 
 
 def test_bias_treatment_groups_biases_on_a_model_with_biases():
