@@ -314,19 +314,13 @@ def dispatch(args) -> int:
             plot_plan(plan, args.png, probe)
             print(f"wrote {args.png}")
     elif args.command == "train":
+        from lfdist.job import Job
         from lfdist.launch.commands import Nodes
 
         cfg = _config(args)
         nodes = Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint, args.hostfile)
-        metrics = pipeline.train(
-            cfg,
-            args.plan,
-            args.out,
-            resume=args.resume,
-            dry_run=args.dry_run,
-            nodes=nodes,
-            overwrite=args.overwrite,
-        )
+        job = Job(cfg, args.plan, args.out, resume=args.resume)
+        metrics = pipeline.train(job, dry_run=args.dry_run, nodes=nodes, overwrite=args.overwrite)
         if metrics is not None:
             from lfdist.summary import train_summary
 

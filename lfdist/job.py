@@ -50,8 +50,8 @@ class Debug:
 @dataclass(frozen=True)
 class Job:
     config: RunConfig
-    plan: str  # absolute path of the plan file
-    out: str  # absolute path of the run folder
+    plan: str  # the plan file (job.json holds its absolute path)
+    out: str  # the run folder (job.json holds its absolute path)
     resume: bool = False
     evaluate: bool = True
     debug: Debug = field(default_factory=Debug)
@@ -59,8 +59,8 @@ class Job:
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config.record(),
-            "plan": self.plan,
-            "out": self.out,
+            "plan": os.path.abspath(self.plan),  # the ranks' (and Ray workers') cwd may differ
+            "out": os.path.abspath(self.out),
             "resume": self.resume,
             "evaluate": self.evaluate,
             "debug": asdict(self.debug),
@@ -78,19 +78,6 @@ class Job:
             evaluate=bool(data.get("evaluate", True)),
             debug=Debug(**debug, inject_faults=faults),
         )
-
-
-def new_job(
-    cfg: RunConfig,
-    plan_path: str,
-    out: str,
-    resume: bool = False,
-    evaluate: bool = True,
-    debug: Debug | None = None,
-) -> Job:
-    return Job(
-        cfg, os.path.abspath(plan_path), os.path.abspath(out), resume, evaluate, debug or Debug()
-    )
 
 
 def job_path(out: str) -> str:

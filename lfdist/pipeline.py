@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from lfdist.config import RunConfig
 from lfdist.errors import UserError
+from lfdist.job import Job
 from lfdist.plan import Plan, atomic_write_text, save_plan
 
 log = logging.getLogger(__name__)
@@ -226,38 +227,23 @@ def select(
     return plan
 
 
-def train(
-    cfg: RunConfig,
-    plan_path: str,
-    out: str,
-    resume: bool = False,
-    dry_run: bool = False,
-    nodes=None,
-    overwrite: bool = False,
-) -> dict | None:
+def train(job: Job, dry_run: bool = False, nodes=None, overwrite: bool = False) -> dict | None:
+    """`lfdist train`: the job under torchrun/deepspeed, or Ray Train (train.launcher)."""
     from lfdist.launch.commands import Nodes
     from lfdist.launch.run import launch_training
 
-    check_out_folder(out)
-    check_inputs(cfg)
-    cfg = one_process_for_single(cfg)
-    if cfg.train.launcher == "ray":
+    check_out_folder(job.out)
+    check_inputs(job.config)
+    job = replace(job, config=one_process_for_single(job.config))
+    if job.config.train.launcher == "ray":
         from lfdist.orchestrate.train import ray_train
 
         if dry_run:
             raise UserError(
                 "--dry-run prints torchrun/deepspeed commands; Ray Train has none to print"
             )
-        return ray_train(cfg, plan_path, out, resume=resume, overwrite=overwrite)
-    return launch_training(
-        cfg,
-        plan_path,
-        out,
-        resume=resume,
-        dry_run=dry_run,
-        nodes=nodes or Nodes(),
-        overwrite=overwrite,
-    )
+        return ray_train(job, overwrite=overwrite)
+    return launch_training(job, dry_run=dry_run, nodes=nodes or Nodes(), overwrite=overwrite)
 
 
 def evaluate_model(cfg: RunConfig) -> dict:
@@ -333,7 +319,7 @@ def _run(cfg: RunConfig, compare_full: bool, resume: bool, overwrite: bool = Fal
     result = {
         "plan": plan_path,
         "train": train(
-            cfg, plan_path, os.path.join(out, "train"), resume=resume, overwrite=overwrite
+            Job(cfg, plan_path, os.path.join(out, "train"), resume=resume), overwrite=overwrite
         ),
     }
     if compare_full:
@@ -361,7 +347,7 @@ def train_full_reference(
     log.info(
         "full fine-tuning for comparison (%s): every block, same engine, steps and data", full_plan
     )
-    return train(cfg, full_plan, os.path.join(out, "train-all"), overwrite=overwrite)
+    return train(Job(cfg, full_plan, os.path.join(out, "train-all")), overwrite=overwrite)
 
 
 def _select_options(cfg: RunConfig) -> dict:

@@ -229,7 +229,7 @@ def read_json(path: str, what: str, missing: str, invalid: str) -> Any:
     try:
         with open(path) as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{what} {path!r} is not valid JSON ({e}); {invalid}") from None
 
 

@@ -29,6 +29,7 @@ import threading
 import time
 
 from lfdist.bench.gpu import GENERATED_1B  # noqa: E402
+from lfdist.job import Job
 
 GIB = 2**30
 LAYERS_PER_SHARD = 2
@@ -140,7 +141,7 @@ def child(folder: str, plan: str, out: str, engine: str, whole: bool) -> None:
             "train": train,
         }
     )
-    metrics = launch_training(cfg, plan, out, evaluate=False, debug=Debug(load_whole=whole))
+    metrics = launch_training(Job(cfg, plan, out, evaluate=False, debug=Debug(load_whole=whole)))
     print("LOSSES", json.dumps(metrics["losses"]), flush=True)
 
 

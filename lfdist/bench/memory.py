@@ -73,6 +73,7 @@ def _predict(info, treatments, engine, stage, dtype="float32"):
 
 def _distributed(info, plans, workdir) -> list[dict]:
     from lfdist.config import config_from_dict
+    from lfdist.job import Job
     from lfdist.launch.run import launch_training
     from lfdist.model.tiny import build_tiny
     from lfdist.plan import save_plan
@@ -106,7 +107,7 @@ def _distributed(info, plans, workdir) -> list[dict]:
                 }
             )
             out = os.path.join(workdir, f"{engine}{stage or ''}{'r' if replicate else ''}-{name}")
-            m = launch_training(cfg, plan_path, out, evaluate=False)
+            m = launch_training(Job(cfg, plan_path, out, evaluate=False))
             pred = _predict(info, treatments, engine, stage)
             r0 = m["per_rank"][0]
             rows.append(

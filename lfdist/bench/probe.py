@@ -151,13 +151,14 @@ def measure_probes(p: dict) -> tuple[list[dict], object]:
 
 
 def measure_training(p: dict, probe_result, workdir: str) -> dict:
+    from lfdist.job import Job
     from lfdist.launch.run import launch_training
     from lfdist.plan import save_plan
     from lfdist.select import select_plan
 
     plan_path = os.path.join(workdir, "plan-all.yaml")
     save_plan(select_plan(probe_result, "all"), plan_path)
-    m = launch_training(_config(p), plan_path, os.path.join(workdir, "train"), evaluate=False)
+    m = launch_training(Job(_config(p), plan_path, os.path.join(workdir, "train"), evaluate=False))
     steps = m["step_times"][2:]  # after warm-up
     return {
         "engine": "fsdp2",

@@ -34,21 +34,25 @@ STRATEGIES = ("salf", "top", "bottom", "random", "gradnorm", "critical", "lisa",
 
 @dataclass(frozen=True)
 class TaskSpec:
+    """One task of the benchmark: what is trained, on what, with which recipe and seeds."""
+
     name: str
-    model: str
-    data: str
+    model: str  # a model spec (pkg:, tiny:, a folder)
+    data: str  # a data spec (pkg:, synthetic:, a file)
     task: str
+    # The recipe of every run (oracle splits and strategies' plans alike)
     seq_len: int
     steps: int
     lr: float
     batch: int
     seeds: list[int]
-    ks: list[int] | None = None  # None: every split 0..L-1
-    max_examples: int | None = None
-    max_eval: int | None = None
-    probe_samples: int = 64
-    critical_steps: int = 10
     warmup: int = 0
+    ks: list[int] | None = None  # the oracle's splits; None: every split 0..L-1
+    max_examples: int | None = None  # data.max_examples
+    max_eval: int | None = None  # data.max_eval_examples (held-out examples scored)
+    # The probe behind every strategy's plan
+    probe_samples: int = 64
+    critical_steps: int = 10  # critical's all-block pilot
     # salf's pilot estimator scored OUTSIDE the budget: pilots of pilot_steps/2 and pilot_steps
     # (0: not scored). The runs here are too short for pilots inside 5%; this shows what the
     # estimator would pick, with its cost fraction printed as it is.

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 
 from lfdist.config import RunConfig
 from lfdist.errors import JobFailed, UserError
-from lfdist.job import Debug, new_job, raise_reported_error, read_metrics, read_reports, write_job
+from lfdist.job import Job, raise_reported_error, read_metrics, read_reports, write_job
 from lfdist.launch.commands import Nodes, deepspeed_command, shell_line, torchrun_command
 from lfdist.launch.folder import check_run_folder, make_run_folder, open_run
 from lfdist.launch.supervise import (
@@ -120,31 +121,27 @@ def build_command(cfg: RunConfig, job_path: str, nodes: Nodes, cuda: bool):
 
 
 def launch_training(
-    cfg: RunConfig,
-    plan_path: str,
-    out: str,
-    resume: bool = False,
+    job: Job,
     dry_run: bool = False,
     nodes: Nodes = Nodes(),
-    evaluate: bool = True,
     validate_first: bool = True,
-    debug: Debug | None = None,
     overwrite: bool = False,
 ) -> dict | None:
-    """Validate, lock out/, write out/job.json, run the job; returns out/metrics.json.
+    """Validate, lock job.out, write out/job.json, run the job; returns out/metrics.json.
 
     Bad input raises UserError before anything is written; a job that fails, dies or is
     stopped by a signal raises JobFailed with one line that says how, and how to resume.
     """
     import torch
 
-    cfg = keep_checkpoint_settings(cfg, out, resume)
+    out = job.out
+    cfg = keep_checkpoint_settings(job.config, out, job.resume)
+    job = replace(job, config=cfg)
     cuda = torch.cuda.is_available()
     argv, env = build_command(cfg, os.path.join(out, "job.json"), nodes, cuda)
     world_size = cfg.train.nproc * nodes.nnodes
     if validate_first:
-        validate(cfg, plan_path, out, resume, overwrite, world_size)
-    job = new_job(cfg, plan_path, out, resume, evaluate, debug)
+        validate(cfg, job.plan, out, job.resume, overwrite, world_size)
     if dry_run:  # the job file the command names, so the printed line runs as it is
         make_run_folder(out)
         write_job(job)

@@ -15,6 +15,8 @@ DDP, FSDP2 and DeepSpeed see ordinary parameters.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -306,4 +308,20 @@ def check_engine_supports(plan: Plan, engine: str) -> None:
         raise UserError(
             f"fsdp1 cannot train the {partial[0]} treatment: its blocks mix frozen and trainable "
             "parameters in one FSDP1 unit; use --engine fsdp2"
+        )
+
+
+def check_lora_options(rank: Any, alpha: Any, dropout: Any, targets: Any, who: str = "") -> None:
+    """LoRA's options as a plan stores them; `who` names the strategy in the message (spafit)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise UserError(f"{who}lora_rank={rank!r} must be a whole number >= 1, e.g. lora_rank=8")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise UserError(f"{who}lora_alpha={alpha!r} must be a number > 0, e.g. lora_alpha=16")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise UserError(f"{who}lora_dropout={dropout!r} must be in [0, 1)")
+    if targets is not None and (
+        not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets)
+    ):
+        raise UserError(
+            f"{who}lora_targets={targets!r} must be a list of module names, e.g. [q_proj, v_proj]"
         )

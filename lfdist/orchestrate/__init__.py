@@ -10,28 +10,17 @@
 Importing this package imports neither ray nor torch; the submodules do, when called.
 """
 
+from lfdist.lazy import lazy_exports
+
 __all__ = ["ray_pilots", "ray_probe", "ray_session", "ray_train", "stream_probe"]
 
 
-def __getattr__(name: str):
-    if name == "ray_probe":
-        from lfdist.orchestrate.probe import ray_probe
-
-        return ray_probe
-    if name == "ray_pilots":
-        from lfdist.orchestrate.pilot import ray_pilots
-
-        return ray_pilots
-    if name == "ray_session":
-        from lfdist.orchestrate.cluster import ray_session
-
-        return ray_session
-    if name == "ray_train":
-        from lfdist.orchestrate.train import ray_train
-
-        return ray_train
-    if name == "stream_probe":
-        from lfdist.probe.stream import stream_probe
-
-        return stream_probe
-    raise AttributeError(name)
+__getattr__ = lazy_exports(
+    {  # name -> module
+        "ray_pilots": "lfdist.orchestrate.pilot",
+        "ray_probe": "lfdist.orchestrate.probe",
+        "ray_session": "lfdist.orchestrate.cluster",
+        "ray_train": "lfdist.orchestrate.train",
+        "stream_probe": "lfdist.probe.stream",
+    }
+)

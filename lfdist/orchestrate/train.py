@@ -15,31 +15,26 @@ import os
 import sys
 import threading
 import time
+from dataclasses import replace
 
 from lfdist.config import RunConfig
 from lfdist.errors import JobFailed, UserError
-from lfdist.job import Debug, Job, new_job, raise_reported_error, read_metrics
+from lfdist.job import Job, raise_reported_error, read_metrics
 
 
-def ray_train(
-    cfg: RunConfig,
-    plan_path: str,
-    out: str,
-    resume: bool = False,
-    debug: Debug | None = None,
-    evaluate: bool = True,
-    overwrite: bool = False,
-) -> dict:
-    """Train `plan_path` as cfg says on `cfg.train.nproc` Ray Train workers; returns metrics.json.
-
-    Joins `cfg.probe.ray_address` / RAY_ADDRESS when given, else starts a local Ray for the run.
+def ray_train(job: Job, overwrite: bool = False) -> dict:
+    """Train `job.plan` as job.config says on `train.nproc` Ray Train workers; returns
+    metrics.json. Joins `probe.ray_address` / RAY_ADDRESS when given, else starts a local Ray
+    for the run.
     """
     from lfdist.launch.folder import open_run
     from lfdist.launch.run import keep_checkpoint_settings, validate
     from lfdist.orchestrate.cluster import ray_session
 
-    cfg = keep_checkpoint_settings(cfg, out, resume)
-    validate(cfg, plan_path, out, resume, overwrite)  # nothing is written on bad input
+    out = job.out
+    cfg = keep_checkpoint_settings(job.config, out, job.resume)
+    job = replace(job, config=cfg)
+    validate(cfg, job.plan, out, job.resume, overwrite)  # nothing is written on bad input
     nproc = cfg.train.nproc
     failure = None
     with ray_session(cfg.probe.ray_address, num_cpus=max(os.cpu_count() or 1, nproc)) as res:
@@ -51,7 +46,6 @@ def ray_train(
                 f"the Ray cluster has {have:g} {kind} but train.nproc={nproc} workers need "
                 f"{nproc}; lower train.nproc or add nodes"
             )
-        job = new_job(cfg, plan_path, out, resume, evaluate, debug)
         with open_run(job, overwrite):
             with _stop_requests(out) as received:
                 try:

@@ -26,12 +26,13 @@ from lfdist.probe.pilot import (
     ModelLike,
     _error,
     _materialize,
+    estimator_record,
     run_depth,
     score_base,
     split_calibration,
     stderr_log,
 )
-from lfdist.probe.pilot_budget import plan_halving
+from lfdist.probe.pilot_budget import Sizing, plan_halving
 from lfdist.probe.run import _check_data
 
 # (candidates k, steps) -> one run_depth result per candidate, in that order
@@ -56,8 +57,8 @@ def size_halving(
     """(plan_halving's plan with the record's run facts, pilot training data, held-out data)."""
     data = _check_data(data, task, info["num_labels"])
     n, seq_len = int(data["input_ids"].shape[0]), int(data["input_ids"].shape[1])
-    sizes = (seq_len, n, heldout_samples, probe_examples, ks, keep, budget, steps, min_share)
-    plan = plan_halving(info, tc, *sizes)
+    sz = Sizing(seq_len, n, heldout_samples, probe_examples, budget, steps, min_share)
+    plan = plan_halving(info, tc, ks, keep, sz)
     train, heldout = split_calibration(data, plan["heldout_examples"])
     plan.update(
         train_examples=int(train["input_ids"].shape[0]),
@@ -119,14 +120,9 @@ def run_rounds(
                 break
     base_pass = held * plan["forward_flops_per_example"]  # the pre-trained model's score
     total = sum(r["flops"] for r in rounds) + base_pass
-    return {
-        **plan,
-        "rounds": rounds,
-        "flops_total": total,
-        "base": base,
-        "base_error": _error(task, base),
-        "seconds": [r["seconds"] for r in rounds],
-    }
+    return estimator_record(
+        plan, task, base, _error(task, base), rounds, rounds=rounds, flops_total=total
+    )
 
 
 def run_halving(

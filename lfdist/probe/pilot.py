@@ -30,6 +30,7 @@ from lfdist.model.info import model_info
 from lfdist.probe.pilot_budget import (  # noqa: F401  (PILOT_BUDGET, MIN_STEPS: re-exported)
     MIN_STEPS,
     PILOT_BUDGET,
+    Sizing,
     example_flops,
     global_batch,
     plan_pilots,
@@ -107,6 +108,21 @@ def _error(task: str, quality: dict) -> float:
     return quality["loss"] if task == "lm" else 1.0 - quality["accuracy"]
 
 
+def estimator_record(plan: dict, task: str, base: dict, base_error, runs: list[dict], **fields):
+    """An estimator's probe record: its plan, the metric, the pre-trained model's score and
+    each run's (or round's) seconds, with the estimator's own `fields`."""
+    seconds = [r["seconds"] for r in runs]
+    metric = "loss" if task == "lm" else "accuracy"
+    return {
+        **plan,
+        **fields,
+        "metric": metric,
+        "base": base,
+        "base_error": base_error,
+        "seconds": seconds,
+    }
+
+
 def run_depth(
     model: ModelLike,
     train: dict[str, torch.Tensor],
@@ -159,18 +175,19 @@ def assemble_pilots(results: list[dict], plan: dict, task: str, base: dict, extr
     deepest = _error(task, results[-1]["quality"][-1])
     # Binomial spread of an accuracy on `held` examples; the loss gets its spread from the fit.
     noise = math.sqrt(max(deepest * (1 - deepest), 0.0) / held) if task == "classify" else 0.0
-    return {
-        **plan,
+    by_length = range(len(lengths))
+    return estimator_record(
+        plan,
+        task,
+        base,
+        _error(task, base) if task == "lm" else None,  # classifiers: gains from the deepest
+        results,
         **extra,
-        "metric": "loss" if task == "lm" else "accuracy",
-        "errors": [[_error(task, r["quality"][j]) for r in results] for j in range(len(lengths))],
-        "quality": [[r["quality"][j] for r in results] for j in range(len(lengths))],
-        "train_losses": [r["train_losses"] for r in results],
-        "base": base,
-        "base_error": _error(task, base) if task == "lm" else None,
-        "noise": noise,
-        "seconds": [r["seconds"] for r in results],
-    }
+        errors=[[_error(task, r["quality"][j]) for r in results] for j in by_length],
+        quality=[[r["quality"][j] for r in results] for j in by_length],
+        train_losses=[r["train_losses"] for r in results],
+        noise=noise,
+    )
 
 
 def size_pilots(
@@ -190,8 +207,8 @@ def size_pilots(
     spec = depths if isinstance(depths, str) else ",".join(map(str, depths))
     n, seq_len = int(data["input_ids"].shape[0]), int(data["input_ids"].shape[1])
     ds = pilot_depths(spec, info["n_blocks"])
-    sizes = (seq_len, n, heldout_samples, probe_examples, ds, budget, steps, min_share)
-    plan = plan_pilots(info, tc, *sizes)
+    sz = Sizing(seq_len, n, heldout_samples, probe_examples, budget, steps, min_share)
+    plan = plan_pilots(info, tc, ds, sz)
     train, heldout = split_calibration(data, plan["heldout_examples"])
     extra = {"train_examples": int(train["input_ids"].shape[0]), "seq_len": seq_len}
     extra.update(run_steps=tc.steps, lr=tc.lr, seed=tc.seed)

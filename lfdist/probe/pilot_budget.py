@@ -6,6 +6,8 @@ example, so the sizing is the same on any machine and is reported in the probe f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from lfdist.cost import predict
 from lfdist.plan import DEFAULT_MODULES
 from lfdist.probe.stats import LENS_STRIDE
@@ -118,31 +120,32 @@ def _too_few(global_batch: int, left: int) -> str:
     )
 
 
-def plan_pilots(
-    info: dict,
-    tc,
-    seq_len: int,
-    n_examples: int,
-    n_heldout: int,
-    probe_examples: int,
-    depths: list[int],
-    budget: float = PILOT_BUDGET,
-    steps: int | None = None,
-    min_share: float | None = None,
-) -> dict:
-    """Which depths, lengths and held-out examples the budget allows: probe + pilots at most
-    `budget` of the run that trains the fewest blocks salf may pick (2; 1 on a 1-block model).
+@dataclass(frozen=True)
+class Sizing:
+    """What an estimator is sized from: the calibration set and its share of the run."""
 
-    `n_examples`: the calibration examples (held-out ones included); `n_heldout`: the most
-    held-out examples. `steps`: an explicit longer length (the budget is reported, not enforced).
-    Before the pilots get shorter than MIN_STEPS, interior depths are dropped (1, the deepest
-    and one between stay), then the held-out set halves down to MIN_HELDOUT; with
-    nothing left, `skipped` says why; also when the longer pilot is under `min_share` (default
-    INFORMATIVE_SHARE) of the run.
+    seq_len: int
+    n_examples: int  # the calibration examples, held-out ones included
+    n_heldout: int  # the most held-out examples
+    probe_examples: int
+    budget: float = PILOT_BUDGET  # probe + estimator as a share of the cheapest run
+    steps: int | None = None  # an explicit length: the budget is reported, not enforced
+    min_share: float | None = None  # None: INFORMATIVE_SHARE
+
+
+def plan_pilots(info: dict, tc, depths: list[int], sz: Sizing) -> dict:
+    """Which depths, lengths and held-out examples the budget allows: probe + pilots at most
+    `sz.budget` of the run that trains the fewest blocks salf may pick (2; 1 on a 1-block model).
+
+    `sz.steps`: an explicit longer length. Before the pilots get shorter than MIN_STEPS,
+    interior depths are dropped (1, the deepest and one between stay), then the held-out set
+    halves down to MIN_HELDOUT; with nothing left, `skipped` says why; also when the longer
+    pilot is under `sz.min_share` (default INFORMATIVE_SHARE) of the run.
     """
-    L = info["n_blocks"]
-    flops, gb, run, probe = _run_and_probe(info, tc, seq_len, probe_examples)
+    L, budget, steps, min_share = info["n_blocks"], sz.budget, sz.steps, sz.min_share
+    flops, gb, run, probe = _run_and_probe(info, tc, sz.seq_len, sz.probe_examples)
     allowed = budget * run
+    n_examples = sz.n_examples
 
     def cost(ds: list[int], s2: int, held: int) -> float:  # + the pre-trained model's pass
         train = (s2 + s2 // 2) * gb * sum(flops["train"][L - n] for n in ds)
@@ -152,7 +155,7 @@ def plan_pilots(
         per_step = 1.5 * gb * sum(flops["train"][L - n] for n in ds)
         return int((allowed - probe - cost(ds, 0, held)) // per_step)
 
-    depths, held = list(depths), min(n_heldout, max(1, n_examples // 4))
+    depths, held = list(depths), min(sz.n_heldout, max(1, n_examples // 4))
     if steps is None:
         while longest(depths, held) < MIN_STEPS and len(depths) > 3:
             depths.pop(most_crowded(depths))
@@ -227,28 +230,17 @@ def halving_counts(m: int) -> list[int]:
     return counts if len(counts) > 1 else counts * 2
 
 
-def plan_halving(
-    info: dict,
-    tc,
-    seq_len: int,
-    n_examples: int,
-    n_heldout: int,
-    probe_examples: int,
-    ks: list[int],
-    keep: set[int],
-    budget: float = PILOT_BUDGET,
-    steps: int | None = None,
-    min_share: float | None = None,
-) -> dict:
-    """The halving estimator's rounds inside `budget` of the run (as `plan_pilots`): candidate
-    splits `ks` (k = 0 first), round r trains the survivors for s * 2^r steps, each from the
-    pre-trained weights. Priced as if the deepest candidates survived every round, so what runs
-    never costs more than planned. Before the first round gets shorter than MIN_STEPS // 2,
-    candidates not in `keep` are dropped (the most crowded first), then the held-out set
-    halves down to MIN_HELDOUT. `steps`: an explicit first-round length (not sized)."""
-    L = info["n_blocks"]
-    flops, gb, run, probe = _run_and_probe(info, tc, seq_len, probe_examples)
+def plan_halving(info: dict, tc, ks: list[int], keep: set[int], sz: Sizing) -> dict:
+    """The halving estimator's rounds inside `sz.budget` of the run (as `plan_pilots`):
+    candidate splits `ks` (k = 0 first), round r trains the survivors for s * 2^r steps, each
+    from the pre-trained weights. Priced as if the deepest candidates survived every round, so
+    what runs never costs more than planned. Before the first round gets shorter than
+    MIN_STEPS // 2, candidates not in `keep` are dropped (the most crowded first), then the
+    held-out set halves down to MIN_HELDOUT. `sz.steps`: an explicit first-round length."""
+    L, budget, steps, min_share = info["n_blocks"], sz.budget, sz.steps, sz.min_share
+    flops, gb, run, probe = _run_and_probe(info, tc, sz.seq_len, sz.probe_examples)
     allowed = budget * run
+    n_examples = sz.n_examples
 
     def cost(cands: list[int], s0: int, held: int) -> float:
         counts = halving_counts(len(cands))
@@ -260,7 +252,7 @@ def plan_halving(
         per_step = cost(cands, 1, held) - cost(cands, 0, held)
         return int((allowed - probe - cost(cands, 0, held)) // per_step)
 
-    ks, held = sorted(ks), min(n_heldout, max(1, n_examples // 4))
+    ks, held = sorted(ks), min(sz.n_heldout, max(1, n_examples // 4))
     first = MIN_STEPS // 2
     if steps is None:
         while longest(ks, held) < first and len(ks) > 2:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lfdist.errors import UserError
-from lfdist.plan import Fingerprint, atomic_write_text
+from lfdist.plan import Fingerprint, atomic_write_text, read_json
 from lfdist.probe.stats import ProbeStats, merge_all, stats_from_dict, stats_to_dict
 
 PROBE_VERSION = 1
@@ -73,17 +73,9 @@ class ProbeResult:
 def load_probe(path: str) -> ProbeResult:
     if os.path.isdir(path):
         path = os.path.join(path, PROBE_FILE)
-    if not os.path.isfile(path):
-        raise UserError(
-            f"probe file {path!r} does not exist; run `lfdist probe` first or check the path"
-        )
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(
-            f"probe file {path!r} is not valid JSON ({e}); rerun `lfdist probe`"
-        ) from None
+    d = read_json(
+        path, "probe file", "run `lfdist probe` first or check the path", "rerun `lfdist probe`"
+    )
     if not isinstance(d, dict) or d.get("version") != PROBE_VERSION:
         version = d.get("version") if isinstance(d, dict) else None
         raise UserError(

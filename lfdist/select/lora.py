@@ -11,27 +11,9 @@ at their own learning rate (train.lr_lora; 10x train.lr by default, see lfdist.e
 
 from __future__ import annotations
 
-from typing import Any
-
-from lfdist.errors import UserError
-from lfdist.model.treatments import LORA_DEFAULTS
+from lfdist.model.treatments import LORA_DEFAULTS, check_lora_options
 from lfdist.select.base import Choice, Context
 from lfdist.select.registry import register_strategy
-
-
-def check_lora_options(rank: Any, alpha: Any, dropout: Any, targets: Any) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise UserError(f"lora_rank={rank!r} must be a whole number >= 1, e.g. lora_rank=8")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise UserError(f"lora_alpha={alpha!r} must be a number > 0, e.g. lora_alpha=16")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise UserError(f"lora_dropout={dropout!r} must be in [0, 1)")
-    if targets is not None and (
-        not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets)
-    ):
-        raise UserError(
-            f"lora_targets={targets!r} must be a list of module names, e.g. [q_proj, v_proj]"
-        )
 
 
 @register_strategy("lora")

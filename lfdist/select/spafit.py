@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from lfdist.errors import UserError
-from lfdist.model.treatments import LORA_DEFAULTS
+from lfdist.model.treatments import LORA_DEFAULTS, check_lora_options
 from lfdist.select.base import Choice, Context
 from lfdist.select.registry import register_strategy
 
@@ -61,21 +61,6 @@ def resolve_cuts(ctx: Context, cuts: Any) -> tuple[int, int, dict]:
     return c1, c2, {}
 
 
-def _check_lora(rank: Any, alpha: Any, dropout: Any, targets: Any) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise UserError(f"spafit lora_rank={rank!r} must be a whole number >= 1")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise UserError(f"spafit lora_alpha={alpha!r} must be a number > 0")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise UserError(f"spafit lora_dropout={dropout!r} must be in [0, 1)")
-    if targets is not None and (
-        not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets)
-    ):
-        raise UserError(
-            f"spafit lora_targets={targets!r} must be a list of module names, e.g. [q_proj, v_proj]"
-        )
-
-
 @register_strategy("spafit")
 def spafit(
     ctx: Context,
@@ -86,7 +71,7 @@ def spafit(
     lora_targets: list[str] | None = None,
 ) -> Choice:
     """cuts: [c1, c2] as block counts or fractions (default [1/3, 2/3]), or `salf`."""
-    _check_lora(lora_rank, lora_alpha, lora_dropout, lora_targets)
+    check_lora_options(lora_rank, lora_alpha, lora_dropout, lora_targets, who="spafit ")
     L = ctx.n_blocks
     c1, c2, extra = resolve_cuts(ctx, cuts)
     if c1 >= L:

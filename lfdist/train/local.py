@@ -64,24 +64,9 @@ def restored(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def train_split(
-    model: nn.Module,
-    treatments: list[str],
-    train_data: dict[str, torch.Tensor],
-    heldout: dict[str, torch.Tensor] | None,
-    task: str,
-    tc,
-    seed: int,
-    eval_batch_size: int | None = None,
-    after: Callable[[nn.Module], None] | None = None,
-) -> dict:
-    """Train the blocks `treatments` names with the run's recipe `tc` (a TrainConfig) and `seed`.
-
-    Returns quality (evaluate()'s dict on `heldout`, or None), losses (per step), step_times,
-    median_step_s (the median after the first step, which pays for warm-up), trainable params.
-    """
-    plan = plan_for(model, treatments)
-    return train_plan(model, plan, train_data, heldout, task, tc, seed, eval_batch_size, after)
+def train_split(model: nn.Module, treatments: list[str], *args, **kwargs) -> dict:
+    """`train_plan` for the plan that trains the blocks `treatments` names (nothing else)."""
+    return train_plan(model, plan_for(model, treatments), *args, **kwargs)
 
 
 def train_plan(
@@ -95,8 +80,13 @@ def train_plan(
     eval_batch_size: int | None = None,
     after: Callable[[nn.Module], None] | None = None,
 ) -> dict:
-    """`train_split` for a strategy's plan as `lfdist select` wrote it: its PEFT treatments at
-    their own lr (the plan's lr_scale, as a real run resolves it) and lisa's re-drawing."""
+    """Train `plan` (a strategy's, as `lfdist select` wrote it) with the run's recipe `tc` (a
+    TrainConfig) and `seed`: its PEFT treatments at their own lr (the plan's lr_scale, as a
+    real run resolves it) and lisa's re-drawing.
+
+    Returns quality (evaluate()'s dict on `heldout`, or None), losses (per step), step_times,
+    median_step_s (the median after the first step, which pays for warm-up), trainable params.
+    """
     from lfdist.engines.base import with_treatment_lrs
 
     tc = replace(tc, engine="single", nproc=1, seed=seed, save_every=0, log_every=0)

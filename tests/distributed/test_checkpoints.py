@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lfdist.config import config_from_dict
-from lfdist.job import Debug
+from lfdist.job import Debug, Job
 from lfdist.launch.run import launch_training
 from lfdist.model.tiny import build_tiny
 from lfdist.plan import save_plan
@@ -39,7 +39,7 @@ def straight(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("straight")
     plan = str(tmp / "plan.yaml")
     save_plan(make_plan(build_tiny("llama", "lm"), PREFIX), plan)
-    metrics = launch_training(_cfg(), plan, str(tmp / "run"), evaluate=False)
+    metrics = launch_training(Job(_cfg(), plan, str(tmp / "run"), evaluate=False))
     return tmp, plan, metrics
 
 
@@ -67,10 +67,10 @@ def test_each_rank_writes_its_own_shards(straight):
 def test_resume_on_another_world_size_gives_the_same_losses(straight, tmp_path, engine):
     _, plan, undisturbed = straight  # FSDP2's losses: every engine gives them (to 1e-5)
     out = str(tmp_path / "resumed")
-    launch_training(_cfg(engine), plan, out, evaluate=False, debug=Debug(stop_after=3))
+    launch_training(Job(_cfg(engine), plan, out, evaluate=False, debug=Debug(stop_after=3)))
     # One rank, the same global batch (1 x 4 = 2 x 2): DCP reshards the 2-rank checkpoint.
     one = _cfg(engine, nproc=1, batch_size=4)
-    resumed = launch_training(one, plan, out, resume=True, evaluate=False)
+    resumed = launch_training(Job(one, plan, out, resume=True, evaluate=False))
     assert resumed["resumed_from"] == 3
     assert resumed["world_size"] == 1
     assert list(resumed["losses"]) == [str(i) for i in range(6)]

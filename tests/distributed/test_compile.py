@@ -5,6 +5,7 @@ import pytest
 
 from lfdist.config import config_from_dict
 from lfdist.errors import UserError
+from lfdist.job import Job
 from lfdist.launch.run import launch_training
 from lfdist.model.tiny import build_tiny
 from lfdist.plan import save_plan
@@ -22,7 +23,7 @@ def _run(tmp_path, compile_: bool):
     )  # fmt: skip
     plan = str(tmp_path / "plan.yaml")
     save_plan(make_plan(build_tiny("llama", "lm"), ["frozen"] * 5 + ["full"] * 3), plan)
-    return launch_training(cfg, plan, str(tmp_path / f"run-{compile_}"), evaluate=False)
+    return launch_training(Job(cfg, plan, str(tmp_path / f"run-{compile_}"), evaluate=False))
 
 
 def test_compiled_blocks_train_with_the_eager_losses(tmp_path):

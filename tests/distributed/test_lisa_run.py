@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lfdist.config import config_from_dict
-from lfdist.job import Debug
+from lfdist.job import Debug, Job
 from lfdist.launch.run import launch_training
 from lfdist.lisa_draw import lisa_blocks
 from lfdist.model.tiny import build_tiny
@@ -41,16 +41,16 @@ def test_lisa_run_resumes_exactly_and_keeps_every_block(tmp_path, engine):
     plan = make_plan(build_tiny("llama", "lm"), treatments, strategy="lisa", options=OPTIONS)
     save_plan(plan, str(tmp_path / "plan.yaml"))
     plan_path = str(tmp_path / "plan.yaml")
-    straight = launch_training(_cfg(engine), plan_path, str(tmp_path / "a"), evaluate=False)
+    straight = launch_training(Job(_cfg(engine), plan_path, str(tmp_path / "a"), evaluate=False))
     expected = {"0": [2, 6], "1": [2, 6], "2": [6, 7], "3": [6, 7], "4": [3, 5], "5": [3, 5]}
     assert straight["trained_blocks"] == expected
     assert straight["lrs"] == {"full": 1e-3}
     # stopped at step 3, inside the [6, 7] period (block 6 carried over with its state)
     launch_training(
-        _cfg(engine), plan_path, str(tmp_path / "b"), evaluate=False, debug=Debug(stop_after=3)
+        Job(_cfg(engine), plan_path, str(tmp_path / "b"), evaluate=False, debug=Debug(stop_after=3))
     )
     resumed = launch_training(
-        _cfg(engine), plan_path, str(tmp_path / "b"), resume=True, evaluate=False
+        Job(_cfg(engine), plan_path, str(tmp_path / "b"), resume=True, evaluate=False)
     )
     assert resumed["resumed_from"] == 3
     assert resumed["losses"] == straight["losses"]  # bit for bit

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lfdist.config import config_from_dict
-from lfdist.job import Debug
+from lfdist.job import Debug, Job
 from lfdist.launch.run import launch_training
 from lfdist.model.tiny import build_tiny
 from lfdist.plan import save_plan
@@ -38,7 +38,7 @@ def _run(tmp_path, name, engine, treatments, whole, arch="llama", **train):
     plan = str(tmp_path / f"{name}.yaml")
     save_plan(make_plan(build_tiny(arch, "lm"), treatments), plan)
     debug = Debug(check_frozen=True, load_whole=whole)
-    return launch_training(cfg, plan, str(tmp_path / f"{name}-{whole}"), debug=debug)
+    return launch_training(Job(cfg, plan, str(tmp_path / f"{name}-{whole}"), debug=debug))
 
 
 def _same_run(tmp_path, engine, treatments, arch="llama", **train):

@@ -13,7 +13,7 @@ import torch
 
 from lfdist.config import config_from_dict
 from lfdist.errors import UserError
-from lfdist.job import Debug
+from lfdist.job import Debug, Job
 from lfdist.launch.run import launch_training
 from lfdist.model.tiny import build_tiny
 from lfdist.plan import save_plan
@@ -50,7 +50,7 @@ def _plan(tmp_path, treatments, name="plan.yaml"):
 def _train(tmp_path, engine, treatments, out="run", **kw):
     debug = Debug(check_frozen=True, stop_after=kw.pop("stop_after", None))
     return launch_training(
-        _cfg(engine, **kw), _plan(tmp_path, treatments), str(tmp_path / out), debug=debug
+        Job(_cfg(engine, **kw), _plan(tmp_path, treatments), str(tmp_path / out), debug=debug)
     )
 
 
@@ -66,10 +66,12 @@ def single_reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
     return {
         name: launch_training(
-            _cfg("single", nproc=1, batch_size=4),
-            _plan(tmp, t, f"{name}.yaml"),
-            str(tmp / name),
-            debug=Debug(check_frozen=True),
+            Job(
+                _cfg("single", nproc=1, batch_size=4),
+                _plan(tmp, t, f"{name}.yaml"),
+                str(tmp / name),
+                debug=Debug(check_frozen=True),
+            )
         )
         for name, t in (("prefix", PREFIX), ("gappy", GAPPY), ("full", FULL))
     }
@@ -150,7 +152,12 @@ def test_resume_is_exact(tmp_path, engine):
     straight = _train(tmp_path, engine, PREFIX, out="straight", steps=6)
     _train(tmp_path, engine, PREFIX, out="resumed", steps=6, stop_after=3)
     resumed = launch_training(
-        _cfg(engine, steps=6), str(tmp_path / "plan.yaml"), str(tmp_path / "resumed"), resume=True
+        Job(
+            _cfg(engine, steps=6),
+            str(tmp_path / "plan.yaml"),
+            str(tmp_path / "resumed"),
+            resume=True,
+        )
     )
     assert resumed["resumed_from"] == 3
     assert list(resumed["losses"]) == [str(i) for i in range(6)]
@@ -217,10 +224,12 @@ def test_deepspeed_zero3_resume_is_exact(tmp_path):
         stop_after=3,
     )
     resumed = launch_training(
-        _cfg("deepspeed", steps=6, zero_stage=3),
-        str(tmp_path / "plan.yaml"),
-        str(tmp_path / "resumed"),
-        resume=True,
+        Job(
+            _cfg("deepspeed", steps=6, zero_stage=3),
+            str(tmp_path / "plan.yaml"),
+            str(tmp_path / "resumed"),
+            resume=True,
+        )
     )
     assert resumed["resumed_from"] == 3
     for step in straight["losses"]:
@@ -256,9 +265,11 @@ def test_nan_loss_stops_before_the_step_and_writes_no_exploded_checkpoint(tmp_pa
     # step-000001 was written with those weights and --resume failed the same way at once).
     with pytest.raises(UserError, match="loss became nan at step 1, before its optimizer step"):
         launch_training(
-            _cfg("ddp", steps=4, save_every=1, lr=1e30, max_grad_norm=0.0),
-            _plan(tmp_path, PREFIX),
-            str(tmp_path / "run"),
+            Job(
+                _cfg("ddp", steps=4, save_every=1, lr=1e30, max_grad_norm=0.0),
+                _plan(tmp_path, PREFIX),
+                str(tmp_path / "run"),
+            )
         )
     root = tmp_path / "run/checkpoints"
     assert not root.exists() or not [p for p in root.iterdir() if p.name.startswith("step-")]
@@ -285,7 +296,9 @@ def test_prefix_cache_gives_the_same_losses_over_two_epochs(tmp_path, engine):
                 },
             }
         )
-        return launch_training(cfg, _plan(tmp_path, PREFIX), str(tmp_path / out), evaluate=True)
+        return launch_training(
+            Job(cfg, _plan(tmp_path, PREFIX), str(tmp_path / out), evaluate=True)
+        )
 
     plain = run("plain")
     assert plain["data"]["n_examples"] == 20  # capped: 5 steps an epoch, 11 steps span 3 epochs

@@ -5,6 +5,7 @@ import pytest
 
 from lfdist.config import config_from_dict
 from lfdist.errors import UserError
+from lfdist.job import Job
 from lfdist.launch.run import launch_training
 from lfdist.model.tiny import build_tiny
 from lfdist.plan import save_plan
@@ -42,7 +43,7 @@ def test_every_engine_trains_each_treatment_at_its_lr(tmp_path, engine, stage):
     # the plan's lr_scale (as select writes it) and a config override: lora 4x, bias 2e-3
     plan = _plan(tmp_path, PEFT, options={"lr_scale": {"lora": 4.0, "bias": 10.0}})
     cfg = _cfg(engine, zero_stage=stage, lr_bias=2e-3)
-    m = launch_training(cfg, plan, str(tmp_path / "run"), evaluate=False)
+    m = launch_training(Job(cfg, plan, str(tmp_path / "run"), evaluate=False))
     assert m["lrs"] == {"full": 1e-3, "bias": 2e-3, "lora": 4e-3}
     assert sorted(m["losses"]) == ["0", "1"]
 
@@ -58,5 +59,5 @@ def test_deepspeed_refuses_lisa_before_launching(tmp_path):
         UserError,
         match="lisa re-draws its trainable blocks every period, which DeepSpeed cannot do",
     ):
-        launch_training(_cfg("deepspeed"), plan, str(tmp_path / "run"))
+        launch_training(Job(_cfg("deepspeed"), plan, str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()  # refused before anything was written

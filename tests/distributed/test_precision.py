@@ -5,7 +5,7 @@ gradients and fp32 AdamW states for its trainable parameters only; frozen parame
 import pytest
 
 from lfdist.config import config_from_dict
-from lfdist.job import Debug
+from lfdist.job import Debug, Job
 from lfdist.launch.run import launch_training
 from lfdist.model.tiny import build_tiny
 from lfdist.plan import save_plan
@@ -33,7 +33,7 @@ def _run(tmp_path, engine, precision="auto", nproc=2, batch_size=2, **train):
     plan = str(tmp_path / "plan.yaml")
     save_plan(make_plan(build_tiny("llama", "lm"), PREFIX), plan)
     out = str(tmp_path / f"{engine}-{precision}-{nproc}")
-    return launch_training(cfg, plan, out, evaluate=False, debug=Debug(check_frozen=True))
+    return launch_training(Job(cfg, plan, out, evaluate=False, debug=Debug(check_frozen=True)))
 
 
 def _totals(metrics, when):

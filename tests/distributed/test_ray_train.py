@@ -13,6 +13,7 @@ import pytest
 
 from lfdist.config import config_from_dict
 from lfdist.errors import UserError
+from lfdist.job import Job
 from lfdist.model.tiny import build_tiny
 from lfdist.plan import save_plan
 from tests.helpers import make_plan, slow_job_script
@@ -64,11 +65,13 @@ def _train(tmp_path, engine: str, check_frozen: bool = True) -> dict:
     plan = str(tmp_path / "plan.yaml")
     save_plan(make_plan(build_tiny("llama", "lm"), PREFIX), plan)
     return ray_train(
-        _cfg(engine),
-        plan,
-        str(tmp_path / "run"),
-        evaluate=False,
-        debug=Debug(check_frozen=check_frozen),
+        Job(
+            _cfg(engine),
+            plan,
+            str(tmp_path / "run"),
+            evaluate=False,
+            debug=Debug(check_frozen=check_frozen),
+        )
     )
 
 
@@ -117,7 +120,7 @@ def test_bad_plan_is_refused_before_ray_starts(tmp_path):
 
     out = tmp_path / "run"
     with pytest.raises(UserError, match="does not exist"):
-        ray_train(_cfg("fsdp2"), str(tmp_path / "missing.yaml"), str(out))
+        ray_train(Job(_cfg("fsdp2"), str(tmp_path / "missing.yaml"), str(out)))
     assert not os.path.exists(out)
 
 
@@ -160,6 +163,6 @@ def test_sigterm_stops_ray_train_at_a_step_with_a_checkpoint(tmp_path):
     line = stderr.strip().splitlines()[-1]
     assert line.startswith(f"lfdist: stopped by SIGTERM; checkpoint after step {step} in "), line
     assert not (out / ".stop").exists()  # the request does not outlive the job
-    resumed = ray_train(config_from_dict(cfg), plan, str(out), resume=True, evaluate=False)
+    resumed = ray_train(Job(config_from_dict(cfg), plan, str(out), resume=True, evaluate=False))
     assert resumed["resumed_from"] == step
     assert list(resumed["losses"]) == [str(i) for i in range(40)]

@@ -7,7 +7,7 @@ import pytest
 
 from lfdist import pipeline
 from lfdist.config import config_from_dict
-from lfdist.job import Debug
+from lfdist.job import Debug, Job
 from lfdist.launch.run import launch_training
 from lfdist.plan import load_plan
 
@@ -67,7 +67,7 @@ def test_strategy_trains_on_two_ranks(tmp_path, probes, model, strategy):
     pipeline.select(probes[model], strategy, {}, {"engine": "fsdp2", "world_size": 2}, plan_path)
     plan = load_plan(plan_path)
     m = launch_training(
-        cfg, plan_path, str(tmp_path / "run"), evaluate=False, debug=Debug(check_frozen=True)
+        Job(cfg, plan_path, str(tmp_path / "run"), evaluate=False, debug=Debug(check_frozen=True))
     )
     assert m["frozen_digest"]["before"] == m["frozen_digest"]["after"] is not None
     assert list(m["losses"]) == ["0", "1"]  # both steps ran (a non-finite loss stops the run)

@@ -14,7 +14,7 @@ import pytest
 
 from lfdist.config import config_from_dict
 from lfdist.errors import UserError
-from lfdist.job import Debug, Fault
+from lfdist.job import Debug, Fault, Job
 from lfdist.launch.run import launch_training
 from tests.helpers import slow_job_script
 
@@ -122,7 +122,7 @@ def test_sigterm_stops_the_whole_job_with_a_checkpoint_that_resume_continues(tmp
         f"lfdist: stopped by SIGTERM; checkpoint after step {step} in "
         f"{out}/checkpoints/{latest}; continue with: the same `lfdist train` command with --resume"
     )
-    resumed = launch_training(_cfg(steps=40), plan, str(out), resume=True, evaluate=False)
+    resumed = launch_training(Job(_cfg(steps=40), plan, str(out), resume=True, evaluate=False))
     assert resumed["resumed_from"] == step
     assert list(resumed["losses"]) == [str(i) for i in range(40)]
 
@@ -191,7 +191,7 @@ def test_bad_input_found_on_one_rank_is_one_line_once(tmp_path, plan):
     debug = Debug(inject_faults=(Fault("user", 1, rank=1),))
     out = tmp_path / "run"
     with pytest.raises(UserError) as e:
-        launch_training(_cfg(steps=3), plan, str(out), evaluate=False, debug=debug)
+        launch_training(Job(_cfg(steps=3), plan, str(out), evaluate=False, debug=debug))
     assert str(e.value) == "injected bad input on rank 1 at step 1"
     # Rank 0's traceback (the broken collective) stays in its log, not on the terminal.
     assert "Traceback" in (out / "logs" / "rank-0.log").read_text()
@@ -212,7 +212,7 @@ def test_a_killed_rank_is_named_under_the_deepspeed_launcher(tmp_path, plan):
     debug = Debug(inject_faults=(Fault("kill", 2, rank=1),))
     out = tmp_path / "run"
     with pytest.raises(JobFailed) as e:
-        launch_training(cfg, plan, str(out), evaluate=False, debug=debug)
+        launch_training(Job(cfg, plan, str(out), evaluate=False, debug=debug))
     assert str(e.value) == (
         f"rank 1 was killed by SIGKILL; its output is in {out}/logs/rank-1.log; continue from "
         "the last checkpoint with: the same `lfdist train` command with --resume"

@@ -7,7 +7,7 @@ import pytest
 
 from lfdist import pipeline
 from lfdist.config import config_from_dict
-from lfdist.job import Debug
+from lfdist.job import Debug, Job
 from lfdist.launch.run import launch_training
 from lfdist.plan import load_plan
 
@@ -46,7 +46,9 @@ def test_structural_strategy_trains_on_two_ranks(
     )
     assert load_plan(plan_path).treatments == treatments
     m = launch_training(
-        _cfg(), plan_path, str(tmp_path / "run"), evaluate=False, debug=Debug(check_frozen=True)
+        Job(
+            _cfg(), plan_path, str(tmp_path / "run"), evaluate=False, debug=Debug(check_frozen=True)
+        )
     )
     assert m["plan"]["treatments"] == treatments
     assert m["frozen_digest"]["before"] == m["frozen_digest"]["after"] is not None

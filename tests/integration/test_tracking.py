@@ -7,6 +7,7 @@ import pytest
 
 from lfdist.config import config_from_dict
 from lfdist.errors import UserError
+from lfdist.job import Job
 from lfdist.launch.run import launch_training
 from lfdist.model.tiny import build_tiny
 from lfdist.plan import save_plan
@@ -23,7 +24,7 @@ def _run(tmp_path, **train):
     )
     plan = str(tmp_path / "plan.yaml")
     save_plan(make_plan(build_tiny("llama", "lm"), ["frozen"] * 6 + ["full"] * 2), plan)
-    return launch_training(cfg, plan, str(tmp_path / "run"), evaluate=False)
+    return launch_training(Job(cfg, plan, str(tmp_path / "run"), evaluate=False))
 
 
 def test_metrics_jsonl_and_tensorboard_from_rank_zero(tmp_path):

@@ -17,7 +17,7 @@ from lfdist.model.tokenizer import ByteTokenizer
 from lfdist.probe import load_probe, run_probe
 from lfdist.probe.halving import run_halving
 from lfdist.probe.pilot import attach
-from lfdist.probe.pilot_budget import halving_counts, plan_halving
+from lfdist.probe.pilot_budget import Sizing, halving_counts, plan_halving
 from lfdist.select import select_plan
 from lfdist.select.salf import explain
 from lfdist.select.salf_halving import candidates, end_gap, pick, survivors
@@ -93,7 +93,7 @@ def test_plan_halving_by_hand():
     # 2400 per example) in rounds of 4 -> 3 -> 2, priced as if the dearest survive:
     # s (14400 + 2 x 12000 + 4 x 8800) = 73600 s, + 10 held-out passes of 4 x 1600 -> s < 2:
     # drop the most crowded (k = 2: depths 8/4 vs 6/2), then 3 -> 2: 26400 s + 6 x 6400
-    plan = plan_halving(INFO, tc, 1, 100, 4, 10, [0, 2, 4, 6], {0}, min_share=0)
+    plan = plan_halving(INFO, tc, [0, 2, 4, 6], {0}, Sizing(1, 100, 4, 10, min_share=0))
     assert plan["candidates"] == [0, 4, 6] and plan["counts"] == [3, 2]
     assert plan["lengths"] == [2, 4] and plan["flops_planned"] == 2 * 26400 + 6 * 6400
     assert plan["planned_fraction"] == pytest.approx((16000 + 91200) / 2_400_000)
@@ -101,17 +101,13 @@ def test_plan_halving_by_hand():
     long = plan_halving(
         INFO,
         TrainConfig(steps=10000, batch_size=1, nproc=1),
-        1,
-        100,
-        4,
-        10,
         [0, 2, 4, 6],
         {0},
-        min_share=0,
+        Sizing(1, 100, 4, 10, min_share=0),
     )
     assert long["candidates"] == [0, 2, 4, 6] and long["lengths"] == [15, 30, 60]
     short = plan_halving(
-        INFO, TrainConfig(steps=100, batch_size=1, nproc=1), 1, 100, 4, 10, [0, 6], {0}
+        INFO, TrainConfig(steps=100, batch_size=1, nproc=1), [0, 6], {0}, Sizing(1, 100, 4, 10)
     )
     assert short["lengths"] == [] and "fewer than 2" in short["skipped"]
 

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(lfdist.__file__)
 
 # Bottom to top; a module may import its own layer's other packages only where listed below.
 LAYERS = [
-    {"errors"},
+    {"errors", "lazy"},
     {"constants", "precision", "plan", "lisa_draw", "activations"},
     {"config", "job"},
     {"model", "data", "cost", "plan_cost", "summary"},

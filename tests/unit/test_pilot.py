@@ -21,6 +21,7 @@ from lfdist.probe.pilot import (
     run_pilots,
     split_calibration,
 )
+from lfdist.probe.pilot_budget import Sizing
 from lfdist.select import select_plan
 from lfdist.train.local import train_split
 from tests.helpers import fake_probe
@@ -82,7 +83,7 @@ def test_plan_pilots_by_hand():
     # 4 x 1600 = 6400 (one for the pre-trained model, two per depth). Depths 1,2,4,8: 1.5 s x
     # (2000+2400+3200+4800) + 9 x 6400 fits s = 3.1 < 4: drop 2 (4/1 ties 8/2: the first);
     # 1,4,8: 1.5 s x 10000 + 7 x 6400 -> s = 4.75 -> pilots of 2 and 4 steps
-    plan = plan_pilots(INFO, tc, 1, 100, 4, 10, [1, 2, 4, 8], min_share=0.0)
+    plan = plan_pilots(INFO, tc, [1, 2, 4, 8], Sizing(1, 100, 4, 10, min_share=0.0))
     assert plan["depths"] == [1, 4, 8] and plan["lengths"] == [2, 4]
     assert plan["flops_total"] == 6 * 10000 + 7 * 6400  # 104800
     assert plan["probe_flops"] == 16000
@@ -91,19 +92,24 @@ def test_plan_pilots_by_hand():
         "allowed pilots of 2 and 4 steps at depths 1,4,8, scored on 4 held-out"
         in (plan["budget_note"])
     )
-    short = plan_pilots(INFO, TrainConfig(steps=100, batch_size=1, nproc=1), 1, 100, 4, 10, [1, 8])
+    short = plan_pilots(
+        INFO, TrainConfig(steps=100, batch_size=1, nproc=1), [1, 8], Sizing(1, 100, 4, 10)
+    )
     assert short["lengths"] == [] and "fewer than 4" in short["skipped"]
-    explicit = plan_pilots(INFO, tc, 1, 100, 4, 10, [1, 8], steps=10)
+    explicit = plan_pilots(INFO, tc, [1, 8], Sizing(1, 100, 4, 10, steps=10))
     assert explicit["lengths"] == [5, 10] and "skipped" not in explicit
     # 3000 steps allow 360000; 3 pilots at 64 held-out examples pay 7 x 64 x 1600 = 716800 for
     # their held-out passes alone, at 32 still 358400; at 16: (360000 - 179200) / 13800 -> 13
     halved = plan_pilots(
-        INFO, TrainConfig(steps=3000, batch_size=1, nproc=1), 1, 400, 64, 0, [1, 2, 8], min_share=0
+        INFO,
+        TrainConfig(steps=3000, batch_size=1, nproc=1),
+        [1, 2, 8],
+        Sizing(1, 400, 64, 0, min_share=0),
     )
     assert (halved["heldout_examples"], halved["lengths"]) == (16, [6, 13])
     assert halved["depths"] == [1, 2, 8]
     # by default, pilots of 4 steps are not worth 5% of an 1100-step run: under 10% of it
-    unread = plan_pilots(INFO, tc, 1, 100, 4, 10, [1, 2, 4, 8])
+    unread = plan_pilots(INFO, tc, [1, 2, 4, 8], Sizing(1, 100, 4, 10))
     assert unread["lengths"] == [] and unread["skipped"] == (
         "the 5% budget of a 1100-step run allows pilots of at most 4 steps (0.4% of it), and "
         "pilots under 10% of the run measure how fast training starts, not where it ends; raise "
