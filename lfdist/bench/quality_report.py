@@ -62,8 +62,10 @@ def _task_md(r: dict) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for s, c in r["cheapest"].items():
-        share = "n/a" if c["saved_share"] is None else f"{100 * c['saved_share']:.0f}%"
-        if c.get("saved_share_flops") is not None:
+        # a pick deeper than k_tol saves more than k_tol by losing quality: no share to read
+        too_deep = c["pick"] > c["k_tol"]
+        share = "n/a" if c["saved_share"] is None or too_deep else f"{100 * c['saved_share']:.0f}%"
+        if c.get("saved_share_flops") is not None and not too_deep:
             share += f" ({100 * c['saved_share_flops']:.0f}%)"
         lines.append(
             f"| {s} | {c['pick']} | {c['k_tol']} | {c['verdict']} | {c['shortfall']:.2f} "

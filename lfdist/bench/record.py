@@ -68,9 +68,17 @@ def write_result(
 ) -> str:
     """verb heads the Markdown: "Measured", or "Computed" for predictions that measure nothing."""
     os.makedirs(out_dir, exist_ok=True)
-    env = result.setdefault("environment", environment())
+    result.setdefault("environment", environment())
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
+    return write_markdown(out_dir, name, result, markdown, verb)
+
+
+def write_markdown(
+    out_dir: str, name: str, result: dict, markdown: str, verb: str = "Measured"
+) -> str:
+    """name.md: a line saying when, where and with what `result` was measured, then `markdown`."""
+    env = result["environment"]
     head = (
         f"{verb} {env['date']} at commit {env['commit']} on {env['hardware']['cpu']} "
         f"({env['hardware']['cpu_count']} cores, GPU: {env['hardware']['gpu'] or 'none'}); "

@@ -84,3 +84,21 @@ def test_imports_point_down_and_bench_is_the_cli_s_alone():
         if dst == "bench" and src != "cli":
             wrong.append(f"{path}: the library imports bench")
     assert wrong == []
+
+
+def test_the_recipe_and_the_engines_are_read_in_small_functions():
+    # issue 16: the training recipe reads top to bottom, setup -> train -> finish
+    long = []
+    for package in ("train", "engines"):
+        for name in sorted(os.listdir(os.path.join(ROOT, package))):
+            if name.endswith(".py"):
+                path = os.path.join(ROOT, package, name)
+                with open(path) as f:
+                    tree = ast.parse(f.read())
+                long += [
+                    f"{package}/{name}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
+                    for n in ast.walk(tree)
+                    if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+                    and n.end_lineno - n.lineno + 1 >= 60
+                ]
+    assert long == []
