@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from lfdist.errors import UserError
-from lfdist.train.collective import all_finite, all_ranks_agree
+from lfdist.train.collective import all_finite, all_ranks_agree, gather_objects
 
 CHECKSUMS = "checksums.json"
 FORMAT = 2
@@ -127,11 +127,7 @@ def _checksums(folder: str, world) -> dict[str, str]:
     """Every rank hashes its share of the files (the shards are as many as the ranks)."""
     files = _all_files(folder)
     mine = {f: _sha256(os.path.join(folder, f)) for f in files[world.rank :: world.world_size]}
-    if not dist.is_initialized():
-        return mine
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, mine)
-    return {k: v for part in parts for k, v in sorted(part.items())}
+    return {k: v for part in gather_objects(mine) for k, v in sorted(part.items())}
 
 
 def _all_files(folder: str) -> list[str]:
@@ -178,10 +174,8 @@ def verify(folder: str, world=None) -> None:
     if world is not None:
         names = names[world.rank :: world.world_size]
     bad = [n for n in names if _sha256(os.path.join(folder, n)) != sums[n]]
-    if world is not None and dist.is_initialized():
-        found = [None] * dist.get_world_size()
-        dist.all_gather_object(found, bad[:1])
-        bad = sorted(n for part in found for n in part)
+    if world is not None:
+        bad = sorted(n for part in gather_objects(bad[:1]) for n in part)
     if bad:
         raise UserError(
             f"checkpoint file {os.path.join(folder, bad[0])!r} is corrupt (checksum mismatch); "

@@ -1,5 +1,5 @@
-"""The collectives the training code shares: every rank agreeing on one yes/no, and one check
-that a rank's tensors are finite."""
+"""The collectives the training code shares: every rank agreeing on one yes/no, every rank's
+small Python object gathered, and one check that a rank's tensors are finite."""
 
 from __future__ import annotations
 
@@ -22,6 +22,15 @@ def all_ranks_agree(flag: bool) -> bool:
     t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank; [obj] outside a process group."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_finite(tensors) -> bool:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from lfdist.config import RunConfig, TrainConfig
 from lfdist.engines import shard_engine
@@ -29,6 +28,7 @@ from lfdist.model.checkpointing import checkpoint_trainable_blocks
 from lfdist.model.materialize import prepare as prepare_model
 from lfdist.plan import Plan, load_plan
 from lfdist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lfdist.train.collective import gather_objects
 from lfdist.train.evaluate import evaluate
 from lfdist.train.feed import StepFeeder
 from lfdist.train.loop import train_loop
@@ -192,7 +192,7 @@ def finish(run: Run, result: dict) -> None:
         "frozen_after": (
             digest(run.engine.full_frozen_state()) if run.job.debug.check_frozen else None
         ),
-        "per_rank": _gather(
+        "per_rank": gather_objects(
             {"rank": world.rank, **result["counts"], "memory": peak_memory_bytes(world.device)}
         ),
         "stopped": {"step": done, "signal": stop_signal(run.job.out)} if stopped else None,
@@ -230,14 +230,6 @@ def _evaluate(run: Run) -> dict:
     return evaluate(
         run.engine.model, p.heldout, run.cfg.model.task, run.tc.batch_size, run.world.device
     )
-
-
-def _gather(obj) -> list:
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _checkpoint_step(folder: str) -> int:
