@@ -42,12 +42,12 @@ SLOW_JOB = """
 import sys
 from lfdist.config import config_from_dict
 from lfdist.errors import JobFailed
-from lfdist.job import Debug, Fault
+from lfdist.job import Debug, Fault, Job
 from {module} import {launcher}
 cfg = config_from_dict({cfg!r})
 try:
-    {launcher}(cfg, {plan!r}, {out!r}, evaluate=False,
-               debug=Debug(inject_faults=(Fault("sleep", 0, seconds=0.3),)))
+    {launcher}(Job(cfg, {plan!r}, {out!r}, evaluate=False,
+                   debug=Debug(inject_faults=(Fault("sleep", 0, seconds=0.3),))))
 except JobFailed as e:
     print(f"lfdist: {{e}}", file=sys.stderr)
     sys.exit(e.exit_code)
