@@ -253,9 +253,9 @@ def evaluate_model(cfg: RunConfig) -> dict:
 
     check_inputs(cfg)
     prepared = prepare(cfg)
-    # A language model that would not fit whole is run one block at a time, as the probe is
+    # A model that would not fit whole is run one block at a time, as the probe is
     # (probe.stream_layers decides both; None: by the memory available).
-    if cfg.model.task == "lm" and streams(cfg.probe, prepared.source):
+    if streams(cfg.probe, prepared.source, whole_passes=False):
         scores, memory = stream_eval(
             prepared.source, prepared.heldout, batch_size=cfg.train.batch_size
         )

@@ -218,13 +218,7 @@ class Filler:
         return full if rows is None else full[rows[0] : rows[1]]
 
     def _initialized(self, module: nn.Module, attr: str) -> torch.Tensor:
-        """A parameter the checkpoint lacks (a task head): the model's init, seeded (the same on
-        every rank)."""
-        tmp = copy.deepcopy(module).to_empty(device="cpu", recurse=False)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.source.seed)
-            self.model._init_weights(tmp)
-        return getattr(tmp, attr).detach()
+        return initialized(self.model, module, attr, self.source.seed)
 
     def buffers(self, module: nn.Module, device) -> None:
         """`module`'s buffers as the skeleton computed them (or the checkpoint saved them)."""
@@ -244,3 +238,13 @@ class Filler:
                     done[id(p)] = nn.Parameter(value, requires_grad=p.requires_grad)
                 module._parameters[attr] = done[id(p)]
         self.buffers(module, device)
+
+
+def initialized(model: nn.Module, module: nn.Module, attr: str, seed: int) -> torch.Tensor:
+    """A parameter the checkpoint lacks (a task head on a base model): the model's own init,
+    seeded, so every rank, the whole load and the streamed eval draw the same values."""
+    tmp = copy.deepcopy(module).to_empty(device="cpu", recurse=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model._init_weights(tmp)
+    return getattr(tmp, attr).detach()

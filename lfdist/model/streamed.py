@@ -17,24 +17,28 @@ from lfdist.errors import UserError
 from lfdist.model.blocks import BlockMap, find_blocks
 
 # The non-block parameter groups a probe reads: the logit lens needs the head, a classifier's
-# centroid features only the final norm.
+# centroid features only the final norm. Evaluation runs the model's own head (EVAL_GROUPS).
 RESIDENT_GROUPS = {
     "lm": ("embeddings", "final_norm", "head"),
     "classify": ("embeddings", "final_norm"),
 }
+EVAL_GROUPS = ("embeddings", "final_norm", "head")
 
 
 class StreamedModel:
     """A meta-device model whose parameters are loaded and dropped by group or by block."""
 
-    def __init__(self, source, device):
-        """`source`: the run's lfdist.model.source.ModelSource (no plan)."""
+    def __init__(self, source, device, groups: tuple[str, ...] | None = None):
+        """`source`: the run's lfdist.model.source.ModelSource; `groups`: the non-block
+        parameter groups load(None) loads (RESIDENT_GROUPS[task] when None)."""
         from lfdist.model.materialize import Reader
 
         model = source.skeleton().eval()  # parameters on meta, buffers (rotary) real
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False  # a KV cache would keep every block's keys and values
         self.model, self.task, self.device = model, source.task, torch.device(device)
+        self.groups = groups or RESIDENT_GROUPS[source.task]
+        self.seed = source.seed  # a head the checkpoint lacks gets the model's seeded init
         self.bmap: BlockMap = find_blocks(model)
         # the ranks' safetensors reader (memory-mapped); tiny models are written once first,
         # hub ids fetched (weights and config only)
@@ -65,31 +69,47 @@ class StreamedModel:
     def _names(self, block: int | None) -> list[str]:
         if block is not None:
             return [n for n in self._slots if self.bmap.block_of(n) == block]
-        groups = RESIDENT_GROUPS[self.task]
         return [
             n
             for n in self._slots
-            if self.bmap.block_of(n) is None and self.bmap.group_of(n) in groups
+            if self.bmap.block_of(n) is None and self.bmap.group_of(n) in self.groups
         ]
 
     def load(self, block: int | None = None) -> None:
         """Load block `block`'s parameters, or with None the non-block ones the probe needs."""
         names = self._names(block)
-        missing = [n for n in names if self._slots[n][1] is None]
+        fresh = [n for n in names if self._fresh_head(n)]
+        missing = [n for n in names if self._slots[n][1] is None and n not in fresh]
         if missing:
             raise UserError(
                 f"the checkpoint has no tensor for parameter {missing[0]!r}; layer streaming needs "
                 "a folder saved by save_pretrained for this architecture"
             )
-        tensors = self._read([self._slots[n][1] for n in names])
+        tensors = self._read([self._slots[n][1] for n in names if n not in fresh])
         for n in names:
             slots, key = self._slots[n]
             like = getattr(*slots[0])
-            p = nn.Parameter(tensors[key].to(like.dtype), requires_grad=False)
+            value = tensors[key] if n not in fresh else self._initialized(*slots[0])
+            p = nn.Parameter(value.to(self.device, like.dtype), requires_grad=False)
             for module, attr in slots:
                 module._parameters[attr] = p
         if block is None:
             self._load_buffers()
+
+    def _fresh_head(self, name: str) -> bool:
+        """A classifier's head that a base checkpoint lacks (from_pretrained draws it)."""
+        from lfdist.model.source import HEAD_PREFIXES
+
+        return (
+            self._slots[name][1] is None
+            and self.task == "classify"
+            and name.startswith(HEAD_PREFIXES)
+        )
+
+    def _initialized(self, module: nn.Module, attr: str) -> torch.Tensor:
+        from lfdist.model.materialize import initialized
+
+        return initialized(self.model, module, attr, self.seed)
 
     def _load_buffers(self) -> None:
         # Buffers are built at init (rotary frequencies); a checkpoint's saved copy wins.
@@ -128,7 +148,7 @@ class StreamedModel:
             i = self.bmap.block_of(n)
             if i is not None:
                 blocks[i] += size
-            elif self.bmap.group_of(n) in RESIDENT_GROUPS[self.task]:
+            elif self.bmap.group_of(n) in self.groups:
                 resident += size
         total = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return {"max_block": max(blocks), "non_block_resident": resident, "total": total}

@@ -15,6 +15,7 @@ fit in memory), the Ray actors of lfdist.orchestrate.probe on their data shard.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -134,7 +135,8 @@ def _run_blocks(sm, batches, where=(), acc=None, before_block=None) -> dict:
     too."""
     sm.load(None)
     sm.load(0)
-    hidden, calls = _record_calls(sm, batches, _returns_tuple(sm, batches[0]))
+    returns = _returns_tuple(sm, batches[0])
+    hidden, calls = _record_calls(sm, batches, returns)
     feats: list[list] = [[] for _ in batches]
     for b, (bi, ti, y) in enumerate(where):
         acc.add(0, hidden[b][bi, ti], y, ti, feats[b])
@@ -152,7 +154,7 @@ def _run_blocks(sm, batches, where=(), acc=None, before_block=None) -> dict:
         for b, (bi, ti, y) in enumerate(where):
             acc.add(i + 1, hidden[b][bi, ti], y, ti, feats[b])
         sm.drop(i)
-    return {"hidden": hidden, "feats": feats, "peak": peak, "load_s": load_s}
+    return {"hidden": hidden, "feats": feats, "peak": peak, "load_s": load_s, "tuple": returns}
 
 
 def stream_probe(
@@ -207,14 +209,15 @@ def stream_probe(
     return ProbeResult(task, stats, info, data_info, timings, derive_curves(stats, info)), memory
 
 
-def streams(pc, source) -> bool:
-    """Whether `lfdist probe` streams the blocks: probe.stream_layers where set; by default
-    where the whole model would take over half the memory available here and no pass needs
-    it whole (gradnorm's backward, pilots)."""
-    check_stream(pc)
+def streams(pc, source, whole_passes: bool = True) -> bool:
+    """Whether to stream the blocks: probe.stream_layers where set; by default where the whole
+    model would take over half the memory available here and, with `whole_passes` (the
+    probe), no pass needs it whole (gradnorm's backward, pilots). Evaluation has none."""
+    if whole_passes:
+        check_stream(pc)
     if pc.stream_layers is not None:
         return pc.stream_layers
-    if pc.gradnorm or pc.pilots or pc.pilot_steps or pc.critical_steps:
+    if whole_passes and (pc.gradnorm or pc.pilots or pc.pilot_steps or pc.critical_steps):
         return False
     from lfdist.train.measure import available_memory_bytes
 
@@ -238,24 +241,49 @@ def check_stream(pc) -> None:
 def stream_eval(
     source, data: dict[str, torch.Tensor], *, batch_size: int = 8, device="cpu"
 ) -> tuple[dict, dict]:
-    """A causal LM's held-out loss and perplexity with one block resident at a time: the
-    model's own logits (its head over the final norm, as the logit lens reads the last latent
-    space) and evaluate()'s sums, in batches whose logits stay as bounded as evaluate()'s.
-    Returns (evaluate()'s dict, memory facts)."""
-    from lfdist.train.evaluate import bounded_batch, lm_sums, scores
+    """Held-out quality (evaluate()'s dict) with one block resident at a time. The blocks run
+    layer-major as the probe's do; then the model's own forward runs once more per batch with
+    its blocks replayed (each hands its input on, the last returns the streamed hidden state),
+    so the final norm, pooling and head are the model's own, for language models and
+    classifiers alike. Batches stay as bounded as evaluate()'s. Returns (scores, memory facts)."""
+    from lfdist.model.streamed import EVAL_GROUPS
+    from lfdist.train.evaluate import batch_sums, bounded_batch, scores
 
-    n = int(data["input_ids"].shape[0])
+    task, n = source.task, int(data["input_ids"].shape[0])
     if n == 0:
-        return scores(torch.zeros(3, dtype=torch.float64), 0, "lm"), {}
-    sm = StreamedModel(source, device)
-    batches = _batches(data, bounded_batch(sm.model, data, "lm", batch_size), sm.device)
+        return scores(torch.zeros(3, dtype=torch.float64), 0, task), {}
+    sm = StreamedModel(source, device, groups=EVAL_GROUPS)
+    batches = _batches(data, bounded_batch(sm.model, data, task, batch_size), sm.device)
     run = _run_blocks(sm, batches)
-    head = logit_lens(sm.model, sm.bmap)
     totals = torch.zeros(3, dtype=torch.float64)
-    for h, batch in zip(run["hidden"], batches):
-        totals += lm_sums(head(h).float(), batch["labels"])
+    with _replayed(sm, run["tuple"]) as last:
+        for h, batch in zip(run["hidden"], batches):
+            last[0] = h
+            totals += batch_sums(sm.model, dict(batch), task)
     sizes = sm.group_bytes()
-    return scores(totals, n, "lm"), {
+    return scores(totals, n, task), {
         "peak_resident_param_bytes": run["peak"],
         "total_param_bytes": sizes["total"],
     }
+
+
+@contextlib.contextmanager
+def _replayed(sm: StreamedModel, returns_tuple: bool):
+    """Every block's forward replaced: the last returns `last[0]`, the others their input."""
+    blocks = sm.bmap.blocks(sm.model)
+    last: list = [None]
+
+    def replay(i: int):
+        def forward(*args, **kwargs):
+            h = last[0] if i == len(blocks) - 1 else (args[0] if args else kwargs["hidden_states"])
+            return (h,) if returns_tuple else h
+
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = replay(i)
+    try:
+        yield last
+    finally:
+        for block in blocks:
+            del block.forward

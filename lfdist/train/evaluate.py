@@ -10,8 +10,8 @@ import torch.nn.functional as F
 _LOGIT_ELEMENTS = 2**27  # logits of one evaluation forward: at most 512 MB in fp32
 
 
-def _sums(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-    """(loss sum, target count, correct count) of one batch, in float64."""
+def batch_sums(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """(loss sum, target count, correct count) of one batch, in float64 (pops its labels)."""
     labels = batch.pop("labels")
     logits = model(**batch).logits.float()
     if task == "lm":
@@ -71,7 +71,7 @@ def evaluate(
         idx = mine[b * batch_size : (b + 1) * batch_size]
         real = len(idx) > 0
         idx = idx if real else torch.arange(min(batch_size, n))
-        sums = _sums(model, {k: v[idx].to(device) for k, v in data.items()}, task)
+        sums = batch_sums(model, {k: v[idx].to(device) for k, v in data.items()}, task)
         if real:
             totals += sums
     if world > 1:

@@ -50,3 +50,29 @@ def test_eval_streams_a_language_model_where_it_would_not_fit(monkeypatch):
     assert got["examples"] == whole["examples"] and got["targets"] == whole["targets"]
     assert got["loss"] == pytest.approx(whole["loss"], rel=1e-5)
     assert got["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "spec, data",
+    [
+        ("tiny:bert", "synthetic:classify:300"),  # pooler + classifier on [CLS]
+        ("tiny:llama", "synthetic:classify:300"),  # score on the last real token
+        ("pkg:minilm-l6", "pkg:bbc-news"),  # a base checkpoint: the head is the model's seeded init
+    ],
+)
+def test_eval_streams_a_classifier_through_its_own_head(spec, data, monkeypatch):
+    cfg = config_from_dict(
+        {
+            "model": {"spec": spec, "task": "classify"},
+            "data": {"spec": data, "seq_len": 32, "max_eval_examples": 24},
+        }
+    )
+    whole = pipeline.evaluate_model(cfg)
+    assert "streamed" not in whole
+    monkeypatch.setattr(measure, "available_memory_bytes", lambda: 10_000)  # nothing fits
+    got = pipeline.evaluate_model(cfg)
+    memory = got.pop("streamed")
+    assert 0 < memory["peak_resident_param_bytes"] < memory["total_param_bytes"]
+    assert got["examples"] == whole["examples"] == 24
+    assert got["accuracy"] == whole["accuracy"]
+    assert got["loss"] == pytest.approx(whole["loss"], rel=1e-5)

@@ -289,9 +289,9 @@ def test_evaluation_batches_keep_logits_bounded(monkeypatch):
     monkeypatch.setattr(ev, "_LOGIT_ELEMENTS", 2 * 32 * 320)
     assert ev.bounded_batch(model, data, "lm", 8) == 2
     seen = []
-    real = ev._sums
+    real = ev.batch_sums
     monkeypatch.setattr(
-        ev, "_sums", lambda m, b, t: seen.append(len(b["input_ids"])) or real(m, b, t)
+        ev, "batch_sums", lambda m, b, t: seen.append(len(b["input_ids"])) or real(m, b, t)
     )
     bounded = ev.evaluate(model, data, "lm", batch_size=8)
     assert seen == [2, 2, 2]  # three forwards of 2 rows instead of one of 6
