@@ -3,9 +3,10 @@
 `build_engine(name, source, plan, cfg, world)` is `shard(prepare(source, plan), cfg, world)`:
 lfdist.model.materialize.prepare builds the lfdist.model.source.ModelSource on the meta device
 with the plan applied; each engine module's `shard(unsharded, cfg, world) -> Engine` (see
-base.Engine) wraps it and fills what its rank holds in its own layout: fill.fill_from_files
-through the stock DCP loader (FSDP2 shards, DDP and ZeRO-1/2 replicas), FSDP1 one unit at a
-time, and zero3_fill for ZeRO-3 partitions, all from the values of materialize's Filler. An
+base.Engine) wraps it and fills what its rank holds in its own layout: through the stock DCP
+loader (engines/fill.py: FSDP2 shards, DDP and ZeRO-1/2 replicas, FSDP1 one unit at a time
+before it flattens it) for what the files hold, with materialize's Filler for the rest, and
+zero3_fill for ZeRO-3 partitions (rows read by the Filler's reader). An
 already built nn.Module is accepted too (in-process training of a loaded model) and wrapped
 as it is. A job that changes the module before sharding (the recipe's tracer, activation
 checkpointing and prefix cache) calls prepare and shard_engine itself: data in, data out.

@@ -2,8 +2,8 @@
 
 The plan is applied before wrapping, so each block unit is all-frozen or all-trainable.
 The model arrives on the meta device; it is sharded first and then each rank fills only the
-shards it holds (FSDP2 through the stock torch.distributed.checkpoint loader, lfdist.engines.fill;
-FSDP1 through the Filler's values, one unit at a time).
+shards it holds through the stock torch.distributed.checkpoint loader (lfdist.engines.fill):
+FSDP2 after sharding (each rank reads its rows), FSDP1 one unit at a time before it flattens it.
 FSDP1 refuses mixed units (its flat parameters cannot mix requires_grad cleanly).
 """
 
@@ -15,7 +15,7 @@ import logging
 from torch import nn
 
 from lfdist.engines.base import compile_blocks, keep_trainable_in, run_precision
-from lfdist.engines.fill import fill_from_files
+from lfdist.engines.fill import fill_from_files, unit_filler
 from lfdist.engines.native import NativeEngine
 from lfdist.errors import UserError
 from lfdist.model.blocks import find_blocks
@@ -51,12 +51,6 @@ def _fsdp2(model: nn.Module, world, filler=None, precision=None) -> nn.Module:
     if filler is not None:  # sharded on meta: each rank now reads the rows of its shards
         fill_from_files(filler, model, world.device)
     return model
-
-
-def _param_init(filler, device):
-    """FSDP1's param_init_fn: it calls it per module of a unit before flattening that unit."""
-    done = {}
-    return lambda module: filler.fill_module(module, device, done)
 
 
 def _outside_units(model: nn.Module) -> list[nn.Module]:
@@ -116,7 +110,7 @@ def _fsdp1(model: nn.Module, world, filler=None) -> nn.Module:
     # An explicit device (CPU included) is what lets FSDP1 run on CPU with gloo.
     # On meta, FSDP1 calls param_init_fn per module of a unit before flattening and sharding
     # it: one unit is whole at a time, never the model.
-    init = _param_init(filler, world.device) if filler is not None else None
+    init = unit_filler(filler, world.device) if filler is not None else None
     return FSDP(
         model,
         auto_wrap_policy=policy,

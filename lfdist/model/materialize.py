@@ -7,7 +7,7 @@ here, in the engine's own layout:
 
 - FSDP2's shards and DDP / ZeRO-1/2 replicas (lfdist.engines.fill): what the files hold
   through torch.distributed.checkpoint's Hugging Face reader, the rest from `Filler.value`;
-- FSDP1's `param_init_fn` (lfdist.engines.fsdp): `Filler.fill_module`, one unit at a time;
+- FSDP1's `param_init_fn` (lfdist.engines.fill.unit_filler): the same, one module at a time;
 - ZeRO-3 partitions (lfdist.engines.zero3_fill).
 
 Values come from the safetensors files; LoRA adapters (drawn by peft from the plan's seed,

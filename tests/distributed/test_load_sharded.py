@@ -63,7 +63,7 @@ def test_fsdp2_lora_and_activation_checkpointing_same_as_whole_load(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["fsdp2", "ddp"])
+@pytest.mark.parametrize("engine", ["fsdp2", "ddp", "fsdp1"])
 def test_tied_head_same_as_whole_load(tmp_path, engine):
     """GPT-2 ties its head to the embeddings: the fill keeps them one parameter (to_empty
     alone makes one per module, and the embeddings were then never read)."""
