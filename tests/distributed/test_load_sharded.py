@@ -111,7 +111,6 @@ def _fsdp2_rank(rank, store, cache, results):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     import math
 
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.tensor import DTensor
 
     from lfdist.engines.base import World
@@ -129,14 +128,16 @@ def _fsdp2_rank(rank, store, cache, results):
 
     Reader.get = get
 
-    class CountingReader(dcp.HuggingFaceStorageReader):
-        """The stock reader, counting the elements of every slice it reads."""
+    from lfdist.engines import fill
+
+    class CountingReader(fill._Reader):
+        """The stock reader (as the fill uses it), counting the elements of every slice it reads."""
 
         def _process_read_request(self, f, req, planner):
             read.append((req.storage_index.fqn, math.prod(req.lengths)))
             return super()._process_read_request(f, req, planner)
 
-    dcp.HuggingFaceStorageReader = CountingReader
+    fill._Reader = CountingReader
     u = prepare(ModelSource("tiny:llama"), make_plan(build_tiny("llama", "lm"), TOP2))
     model, filler = u.model, u.filler
     _fsdp2(model, World(rank, 2, rank, torch.device("cpu")), filler)
