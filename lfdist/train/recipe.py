@@ -108,28 +108,8 @@ def setup(job: Job, world) -> Run:
     resume_from = latest_checkpoint(os.path.join(job.out, "checkpoints")) if job.resume else None
     if resume_from is not None:  # again here (the launcher checked and printed the changes)
         check_resume(resume_from, cfg.record(), plan)
-    # The engine materializes the model from its source: only what this rank holds.
-    source = dataclasses.replace(prepared.source, whole=job.debug.load_whole)
-    t_build = time.perf_counter()
-    unsharded = prepare_model(source, plan)  # on the meta device unless whole
-    added = add_before_sharding(unsharded.model, plan, prepared, cfg)
-    engine = shard_engine(tc.engine, unsharded, tc, world)
-    redraw = LisaSchedule(plan) if plan.strategy == "lisa" else None
-    build_s = time.perf_counter() - t_build
-    run = Run(
-        job,
-        world,
-        cfg,
-        tc,
-        plan,
-        prepared,
-        source,
-        unsharded.applied,
-        added,
-        redraw,
-        engine,
-        build_s,
-    )
+    run = _build(job, world, cfg, tc, plan, prepared)
+    engine, redraw = run.engine, run.redraw
     if world.is_main:
         print(f"{tc.engine}: model materialized and wrapped in {run.build_s:.1f} s", flush=True)
     torch.manual_seed(tc.seed)  # dropout draws start from the seed, whatever loading consumed
@@ -146,6 +126,20 @@ def setup(job: Job, world) -> Run:
     if _evaluates(run) and run.start == 0 and tc.eval_before:
         run.eval_before = _evaluate(run)
     return run
+
+
+def _build(job: Job, world, cfg: RunConfig, tc: TrainConfig, plan: Plan, prepared) -> Run:
+    """The engine materializes the model from its source, only what this rank holds: the
+    skeleton with the plan, what the job adds before sharding, then the engine's own layout."""
+    source = dataclasses.replace(prepared.source, whole=job.debug.load_whole)
+    t_build = time.perf_counter()
+    unsharded = prepare_model(source, plan)  # on the meta device unless whole
+    added = add_before_sharding(unsharded.model, plan, prepared, cfg)
+    engine = shard_engine(tc.engine, unsharded, tc, world)
+    redraw = LisaSchedule(plan) if plan.strategy == "lisa" else None
+    build_s = time.perf_counter() - t_build
+    applied = unsharded.applied
+    return Run(job, world, cfg, tc, plan, prepared, source, applied, added, redraw, engine, build_s)
 
 
 def train(run: Run) -> dict:
