@@ -2,9 +2,10 @@
 
 Unchecked, huggingface_hub retries an unreachable hub 5 times (about 70 s) before transformers
 prints an error naming the host. Here a hub id is checked once per process with a connect of
-at most CONNECT_TIMEOUT_S: reachable, nothing changes; unreachable, a model in the local
-Hugging Face cache is read from it (offline mode, for this process and the ranks it starts),
-and any other id is one line at once.
+at most CONNECT_TIMEOUT_S: reachable, the id is used as it is; unreachable, a model in the
+local Hugging Face cache is read from its snapshot folder (a plain local folder: no global
+offline switch, and every process, Ray workers included, resolves it the same way), and any
+other id is one line at once.
 """
 
 from __future__ import annotations
@@ -19,21 +20,18 @@ CONNECT_TIMEOUT_S = 3.0
 _reachable: dict[str, bool] = {}
 
 
-def check_hub_id(spec: str) -> None:
-    """Called for a spec that can only be a hub id, before anything asks the hub for it."""
+def check_hub_id(spec: str) -> str:
+    """Where to read a spec that can only be a hub id: the id itself, or, where the hub cannot
+    be reached, the cached snapshot folder. Called before anything asks the hub for it."""
     from huggingface_hub import constants
 
     if constants.is_offline_mode():
-        return  # the user's choice: huggingface_hub reads the cache only and fails at once
+        return spec  # the user's choice: huggingface_hub reads the cache only and fails at once
     if hub_reachable(constants.ENDPOINT):
-        return
-    if _cached(spec, constants.HF_HUB_CACHE):
-        # Read the cached copy without the retries. The ranks started from here read the
-        # environment variable; this process imported huggingface_hub already, which reads it
-        # at import only, so its switch is set too (the one is_offline_mode() returns).
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        constants.HF_HUB_OFFLINE = True
-        return
+        return spec
+    folder = _cached_folder(spec, constants.HF_HUB_CACHE)
+    if folder is not None:
+        return folder
     raise UserError(
         f"model {spec!r} is not a local folder nor in the Hugging Face cache "
         f"({constants.HF_HUB_CACHE}), and the hub ({constants.ENDPOINT}) cannot be reached from "
@@ -54,7 +52,9 @@ def hub_reachable(endpoint: str) -> bool:
     return _reachable[endpoint]
 
 
-def _cached(spec: str, cache_dir: str) -> bool:
+def _cached_folder(spec: str, cache_dir: str) -> str | None:
+    """The snapshot folder the cache holds for `spec` (its main revision), or None."""
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(spec, "config.json", cache_dir=cache_dir), str)
+    config = try_to_load_from_cache(spec, "config.json", cache_dir=cache_dir)
+    return os.path.dirname(config) if isinstance(config, str) else None

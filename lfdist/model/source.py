@@ -103,10 +103,13 @@ class ModelSource:
         folder = resolve_folder(self.spec)
         if folder is not None:
             return folder
+        where = self._where()
+        if os.path.isdir(where):  # the cached copy of a hub id the hub cannot serve now
+            return where
         from huggingface_hub import snapshot_download
 
         patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
-        return snapshot_download(self._where(), allow_patterns=patterns)
+        return snapshot_download(where, allow_patterns=patterns)
 
     def check_weights(self) -> None:
         """The checkpoint's headers against the skeleton: every parameter present, same shape."""

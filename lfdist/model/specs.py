@@ -60,7 +60,8 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def check_spec(spec: str) -> str:
-    """A spec with no local folder must be a hub id (transformers resolves and caches it)."""
+    """A spec with no local folder must be a hub id (transformers resolves and caches it).
+    Returns where to read it: the id, or its cached folder where the hub cannot be reached."""
     if _looks_like_path(spec) or spec.startswith("pkg:"):
         raise UserError(
             f"model path {spec!r} does not exist; give an existing folder, a hub id, tiny:<arch> or pkg:<name>"
@@ -71,8 +72,8 @@ def check_spec(spec: str) -> str:
         )
     from lfdist.model.hub import check_hub_id
 
-    check_hub_id(spec)  # an unreachable hub is one line in seconds, not minutes of retries
-    return spec
+    # an unreachable hub is one line in seconds (not minutes of retries), or the cached folder
+    return check_hub_id(spec)
 
 
 def tokenizer_for(spec: str):

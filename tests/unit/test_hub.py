@@ -46,9 +46,12 @@ def test_cached_hub_id_is_read_from_the_cache_when_the_hub_is_unreachable(tmp_pa
     t0 = time.perf_counter()
     done = _run(
         "import os\nfrom lfdist.model.positions import model_config\n"
-        "print(model_config('someorg/tiny')['model_type'], os.environ['HF_HUB_OFFLINE'])",
+        "from lfdist.model.specs import check_spec\n"
+        "print(model_config('someorg/tiny')['model_type'], check_spec('someorg/tiny'),"
+        " os.environ.get('HF_HUB_OFFLINE'))",
         tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["llama", "1"]  # read from the cache; ranks inherit offline
+    # read from the cached snapshot folder, a plain local folder: nothing process-wide is set
+    assert done.stdout.split() == ["llama", str(snapshot), "None"]
     assert time.perf_counter() - t0 < 30
