@@ -49,7 +49,7 @@ def unit_filler(filler, device):
     shards); the calls for the unit's other modules find them done."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    done: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(meta) -> (meta, real)
+    done: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
     reader, filled = _Reader(filler.reader.folder), set()
 
     def init(module: nn.Module) -> None:
@@ -57,22 +57,29 @@ def unit_filler(filler, device):
         while stack:  # the unit: stop at the units already wrapped inside it
             m = stack.pop()
             stack += [c for c in m.children() if not isinstance(c, FullyShardedDataParallel)]
-            if id(m) in filled:
-                continue
-            filled.add(id(m))
-            for attr, p in list(m._parameters.items()):
-                if p is not None and id(p) not in done:  # the meta one is kept: ids stay unique
-                    done[id(p)] = (
-                        p,
-                        nn.Parameter(torch.empty_like(p, device=device), p.requires_grad),
-                    )
-                    fresh.append((m, attr, done[id(p)][1]))
-                if p is not None:
-                    m._parameters[attr] = done[id(p)][1]
-            filler.buffers(m, device)
+            if id(m) not in filled:
+                filled.add(id(m))
+                fresh += make_empty(filler, m, device, done)
         _fill(filler, fresh, reader, no_dist=True)
 
     return init
+
+
+def make_empty(filler, module: nn.Module, device, done: dict) -> list:
+    """Every direct parameter of `module` made real on `device`, allocated but not written
+    (untouched pages are not resident), a tied one once and then shared; its buffers as the
+    filler keeps them. Returns the (module, attr, parameter) made here. `done` maps id(meta) to
+    (meta, real): holding the meta parameter keeps its id from being reused."""
+    fresh = []
+    for attr, p in list(module._parameters.items()):
+        if p is None:
+            continue
+        if id(p) not in done:
+            done[id(p)] = (p, nn.Parameter(torch.empty_like(p, device=device), p.requires_grad))
+            fresh.append((module, attr, done[id(p)][1]))
+        module._parameters[attr] = done[id(p)][1]
+    filler.buffers(module, device)
+    return fresh
 
 
 def _fill(filler, items: list, reader, no_dist: bool = False) -> None:

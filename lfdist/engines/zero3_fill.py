@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from lfdist.engines.fill import make_empty
+
 
 def fill_partitioned(
     filler, model: nn.Module, device, ds_config: dict, before_partition=None
@@ -34,27 +36,14 @@ def fill_partitioned(
                 filler.fill_module(module, device, done)
                 filled.update(done)
                 before_partition(module)
-            else:
-                _empty(filler, module, device, done)
+            else:  # allocated, not written: zero.Init (no broadcast) copies this rank's part
+                make_empty(filler, module, device, done)
             if any(p is not None for p in module._parameters.values()):
                 deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
             for attr, p in module._parameters.items():
                 if p is not None and id(p) not in filled:
                     filled.add(id(p))
                     _fill_partition(filler, module, attr, p, rank, world)
-
-
-def _empty(filler, module: nn.Module, device, done: dict) -> None:
-    """Every direct parameter of `module` allocated, not written: untouched pages are not
-    resident, and zero.Init (without its broadcast) copies only this rank's part."""
-    for attr, p in list(module._parameters.items()):
-        if p is None:
-            continue
-        if id(p) not in done:
-            empty = torch.empty(p.shape, dtype=p.dtype, device=device)
-            done[id(p)] = nn.Parameter(empty, requires_grad=p.requires_grad)
-        module._parameters[attr] = done[id(p)]
-    filler.buffers(module, device)
 
 
 def _fill_partition(filler, module: nn.Module, attr: str, p, rank: int, world: int) -> None:

@@ -187,7 +187,7 @@ class Filler:
             for attr, _ in module.named_parameters(recurse=False):
                 name = self.name(module, attr)
                 if attr != SCORES and name not in self.keep and self._keys.get(name) is None:
-                    self.keep[name] = self._initialized(module, attr)
+                    self.keep[name] = initialized(model, module, attr, source.seed)
 
     def name(self, module: nn.Module, attr: str) -> str:
         prefix = self.qualname[id(module)]
@@ -216,9 +216,6 @@ class Filler:
             else:
                 raise KeyError(f"no value for parameter {name!r}")
         return full if rows is None else full[rows[0] : rows[1]]
-
-    def _initialized(self, module: nn.Module, attr: str) -> torch.Tensor:
-        return initialized(self.model, module, attr, self.source.seed)
 
     def buffers(self, module: nn.Module, device) -> None:
         """`module`'s buffers as the skeleton computed them (or the checkpoint saved them)."""

@@ -20,6 +20,11 @@ from lfdist.model.specs import DTYPES, resolve_folder
 HEAD_PREFIXES = ("score.", "classifier.", "pooler.", "qa_outputs.")
 
 
+def fresh_head(task: str, name: str) -> bool:
+    """Whether parameter `name` is a classifier head a base checkpoint may lack."""
+    return task == "classify" and name.startswith(HEAD_PREFIXES)
+
+
 @dataclass(frozen=True)
 class ModelSource:
     spec: str
@@ -126,7 +131,7 @@ class ModelSource:
         index = read_index(folder)
         for name, (key, shape) in locate(self.skeleton(), index).items():
             if key is None:
-                if self.task == "classify" and name.startswith(HEAD_PREFIXES):
+                if fresh_head(self.task, name):
                     continue
                 raise UserError(
                     f"the checkpoint in {folder!r} has no tensor for parameter {name!r}; "

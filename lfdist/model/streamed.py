@@ -15,6 +15,8 @@ from torch import nn
 
 from lfdist.errors import UserError
 from lfdist.model.blocks import BlockMap, find_blocks
+from lfdist.model.materialize import Reader, initialized
+from lfdist.model.source import fresh_head
 
 # The non-block parameter groups a probe reads: the logit lens needs the head, a classifier's
 # centroid features only the final norm. Evaluation runs the model's own head (EVAL_GROUPS).
@@ -31,8 +33,6 @@ class StreamedModel:
     def __init__(self, source, device, groups: tuple[str, ...] | None = None):
         """`source`: the run's lfdist.model.source.ModelSource; `groups`: the non-block
         parameter groups load(None) loads (RESIDENT_GROUPS[task] when None)."""
-        from lfdist.model.materialize import Reader
-
         model = source.skeleton().eval()  # parameters on meta, buffers (rotary) real
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False  # a KV cache would keep every block's keys and values
@@ -89,7 +89,9 @@ class StreamedModel:
         for n in names:
             slots, key = self._slots[n]
             like = getattr(*slots[0])
-            value = tensors[key] if n not in fresh else self._initialized(*slots[0])
+            value = (
+                tensors[key] if n not in fresh else initialized(self.model, *slots[0], self.seed)
+            )
             p = nn.Parameter(value.to(self.device, like.dtype), requires_grad=False)
             for module, attr in slots:
                 module._parameters[attr] = p
@@ -97,19 +99,7 @@ class StreamedModel:
             self._load_buffers()
 
     def _fresh_head(self, name: str) -> bool:
-        """A classifier's head that a base checkpoint lacks (from_pretrained draws it)."""
-        from lfdist.model.source import HEAD_PREFIXES
-
-        return (
-            self._slots[name][1] is None
-            and self.task == "classify"
-            and name.startswith(HEAD_PREFIXES)
-        )
-
-    def _initialized(self, module: nn.Module, attr: str) -> torch.Tensor:
-        from lfdist.model.materialize import initialized
-
-        return initialized(self.model, module, attr, self.seed)
+        return self._slots[name][1] is None and fresh_head(self.task, name)
 
     def _load_buffers(self) -> None:
         # Buffers are built at init (rotary frequencies); a checkpoint's saved copy wins.

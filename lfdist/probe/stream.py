@@ -70,9 +70,7 @@ def _record_calls(
 
         return forward
 
-    for i, block in enumerate(blocks):
-        block.forward = recorder(i)
-    try:
+    with _forwards(blocks, recorder):
         for batch in batches:
             calls.append([])
             try:
@@ -81,10 +79,19 @@ def _record_calls(
                 pass
             else:
                 raise RuntimeError("the forward pass never reached the last block")
+    return h0, calls
+
+
+@contextlib.contextmanager
+def _forwards(blocks: nn.ModuleList, forward_of: Callable[[int], Callable]):
+    """Block i's forward is `forward_of(i)` inside; each block's own forward again after."""
+    for i, block in enumerate(blocks):
+        block.forward = forward_of(i)
+    try:
+        yield
     finally:
         for block in blocks:
             del block.forward
-    return h0, calls
 
 
 class _Accumulator:
@@ -280,10 +287,5 @@ def _replayed(sm: StreamedModel, returns_tuple: bool):
 
         return forward
 
-    for i, block in enumerate(blocks):
-        block.forward = replay(i)
-    try:
+    with _forwards(blocks, replay):
         yield last
-    finally:
-        for block in blocks:
-            del block.forward
